@@ -1,0 +1,17 @@
+"""Voice API providers: one module each, behind the `VoiceSession` interface."""
+
+from __future__ import annotations
+
+from ivr_bridge.providers.base import VoiceSession
+from ivr_bridge.settings import Settings
+
+
+def new_session(settings: Settings) -> VoiceSession:
+    """A fresh, unconnected session with the configured provider, for one call."""
+    if settings.provider == "nextevi":
+        from ivr_bridge.providers.nextevi import NextEviSession
+
+        return NextEviSession(settings)
+    from ivr_bridge.providers.echo import EchoSession
+
+    return EchoSession()

@@ -1,0 +1,98 @@
+"""HTTP and WebSocket routes: thin adapters between Starlette and the call orchestrator."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from ivr_bridge.call import Call
+from ivr_bridge.settings import Settings
+
+log = logging.getLogger("ivr_bridge")
+
+# Call details handed on to the stream as <Parameter>s (they arrive in start.customParameters).
+FORWARDED_PARAMETERS = ("CallSid", "From", "To")
+MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
+
+
+class StarletteTwilioSocket:
+    """Adapts Starlette's WebSocket to the orchestrator's `TwilioSocket`."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+        self._closed = False
+
+    async def receive(self) -> str | bytes | None:
+        if self._closed:
+            return None
+        message = await self._ws.receive()
+        if message["type"] == "websocket.disconnect":
+            self._closed = True
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes", b"")
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._ws.send_text(text)
+        except (WebSocketDisconnect, RuntimeError) as exc:
+            self._closed = True
+            raise ConnectionError("Twilio socket closed") from exc
+
+    async def close(self, code: int = 1000) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._ws.close(code)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                pass  # already gone
+
+
+def twiml_for_call(settings: Settings, params: dict[str, str]) -> str:
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=settings.stream_url)
+    for name in FORWARDED_PARAMETERS:
+        if params.get(name):
+            stream.parameter(name=name, value=params[name][:MAX_PARAMETER_CHARS])
+    response.append(connect)
+    return str(response)
+
+
+def create_app(settings: Settings) -> Starlette:
+    active: set[Call] = set()
+
+    async def twiml(request: Request) -> Response:
+        params = dict(request.query_params)
+        if request.method == "POST":
+            params.update({k: v for k, v in (await request.form()).items() if isinstance(v, str)})
+        return Response(twiml_for_call(settings, params), media_type="application/xml")
+
+    async def media_stream(websocket: WebSocket) -> None:
+        await websocket.accept()
+        call = Call(settings, StarletteTwilioSocket(websocket))
+        active.add(call)
+        try:
+            await call.run()
+        finally:
+            active.discard(call)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "active_calls": len(active)})
+
+    app = Starlette(
+        routes=[
+            Route("/twiml", twiml, methods=["GET", "POST"]),
+            WebSocketRoute("/media-stream", media_stream),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
+    app.state.settings = settings
+    app.state.active_calls = active
+    return app

@@ -1,0 +1,354 @@
+"""One phone call: joins the Twilio stream, the audio converters and a voice session.
+
+Two tasks per call. `_from_twilio` parses caller frames, converts mu-law 8 kHz to PCM16
+24 kHz and forwards it upstream in `IVR_UPSTREAM_CHUNK_MS` chunks. `_from_voice_api`
+turns voice events into Twilio frames: speech into whole 20 ms mu-law frames, each chunk
+followed by a mark; an interruption into `clear` at once. When either side ends, the
+other is closed and both tasks are cancelled and awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ivr_bridge.audio import BotAudio, CallerAudio
+from ivr_bridge.media_stream import (
+    Connected,
+    DtmfReceived,
+    MarkEchoed,
+    MediaReceived,
+    MediaStream,
+    MediaStreamError,
+    StreamStarted,
+    StreamStopped,
+)
+from ivr_bridge.playback import Playback, Response
+from ivr_bridge.providers import new_session
+from ivr_bridge.providers.base import (
+    NORMAL_CLOSE,
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Emotions,
+    Interruption,
+    ProviderError,
+    Ready,
+    Skipped,
+    TurnEvent,
+    UserTranscript,
+    VoiceEvent,
+    VoiceSession,
+)
+from ivr_bridge.settings import Settings
+
+log = logging.getLogger("ivr_bridge.call")
+
+PCM_BYTES_PER_MS = 48  # 24 kHz PCM16 mono
+MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
+# The last few ms of a reply wait in the resampler and frame buffer for more audio. They
+# are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
+TAIL_MARGIN_S = 0.06
+TAIL_IDLE_S = 0.25
+
+
+class TwilioSocket(Protocol):
+    """The Twilio side of a call's WebSocket, as the orchestrator needs it."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next frame, or None once the socket has closed."""
+
+    async def send(self, text: str) -> None:
+        """Send a text frame; raises ConnectionError if the socket has gone."""
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None: ...
+
+
+class CallLog(logging.LoggerAdapter):
+    def process(self, msg: object, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
+        return f"[{self.extra['call']}] {msg}", kwargs  # type: ignore[index]
+
+
+@dataclass(slots=True)
+class TranscriptLine:
+    at: float  # seconds since the call started
+    role: str  # "user" | "assistant" | "dtmf"
+    text: str
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    barge_ins: int = 0
+    bad_frames: int = 0
+    skipped_upstream: int = 0
+    provider_errors: int = 0
+    early_audio_dropped_ms: int = 0
+    emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
+
+
+class Call:
+    def __init__(
+        self,
+        settings: Settings,
+        twilio: TwilioSocket,
+        session_factory: Callable[[Settings], VoiceSession] = new_session,
+    ) -> None:
+        self.settings = settings
+        self.twilio = twilio
+        self.stream = MediaStream()
+        self.playback = Playback()
+        self.stats = CallStats()
+        self.transcript: list[TranscriptLine] = []
+        self.outcome = "not started"
+        self.call_sid = ""
+        self.custom_parameters: dict[str, str] = {}
+        self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
+        self._session_factory = session_factory
+        self._session: VoiceSession | None = None
+        self._caller_audio = CallerAudio()
+        self._bot_audio = BotAudio()
+        self._upstream = bytearray()
+        self._chunk_bytes = settings.upstream_chunk_ms * PCM_BYTES_PER_MS
+        self._connected = asyncio.Event()
+        self._started_at = time.monotonic()
+        # Reply state on the outbound side.
+        self._response: Response | None = None
+        self._response_number = 0  # the voice session's number for the reply now playing
+        self._dropped_through = 0  # replies up to this number were interrupted: drop their audio
+        self._playout_end = 0.0  # loop time at which Twilio will have played all we sent
+        self._last_audio_at = 0.0
+        self._assistant_text: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if not await self._wait_for_start():
+            self.outcome = "closed before start"
+            return
+        self._session = self._session_factory(self.settings)
+        self.log.info(
+            "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
+        )
+        tasks = {
+            asyncio.create_task(self._from_twilio(), name="from-twilio"),
+            asyncio.create_task(self._from_voice_api(), name="from-voice-api"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    self.outcome = "error"
+                    self.log.error("call failed", exc_info=task.exception())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._session.close(NORMAL_CLOSE)
+            await self.twilio.close(NORMAL_CLOSE)
+            self._log_summary()
+
+    async def _wait_for_start(self) -> bool:
+        while True:
+            frame = await self.twilio.receive()
+            if frame is None:
+                return False
+            try:
+                event = self.stream.receive(frame)
+            except MediaStreamError as exc:
+                self._bad_frame(exc)
+                continue
+            if isinstance(event, StreamStarted):
+                self.call_sid = event.call_sid
+                self.custom_parameters = event.custom_parameters
+                self.log = CallLog(log, {"call": event.call_sid})
+                return True
+            if not isinstance(event, Connected):
+                self._bad_frame(MediaStreamError(f"{type(event).__name__} before start"))
+
+    # -- caller -> voice API -------------------------------------------------------------
+
+    async def _from_twilio(self) -> None:
+        session = self._session
+        assert session is not None
+        while True:
+            frame = await self.twilio.receive()
+            if frame is None:
+                self.outcome = "caller hung up"
+                return
+            try:
+                event = self.stream.receive(frame)
+            except MediaStreamError as exc:
+                self._bad_frame(exc)
+                continue
+            if isinstance(event, MediaReceived):
+                self.stats.frames_in += 1
+                self._upstream += self._caller_audio.process(event.payload)
+                if len(self._upstream) >= self._chunk_bytes:
+                    if self._connected.is_set():
+                        chunk = bytes(self._upstream)
+                        self._upstream.clear()
+                        await session.send_audio(chunk)
+                    elif len(self._upstream) > MAX_EARLY_AUDIO_MS * PCM_BYTES_PER_MS:
+                        excess = len(self._upstream) - MAX_EARLY_AUDIO_MS * PCM_BYTES_PER_MS
+                        del self._upstream[:excess]
+                        self.stats.early_audio_dropped_ms += excess // PCM_BYTES_PER_MS
+            elif isinstance(event, MarkEchoed):
+                if self.playback.echoed(event.name).response is None:
+                    self.log.debug("echo of a mark this call never sent: %.40r", event.name)
+            elif isinstance(event, DtmfReceived):
+                self.log.info("caller pressed %s", event.digit)
+                self._note("dtmf", event.digit)
+            elif isinstance(event, StreamStopped):
+                self.outcome = "stream stopped"
+                return
+
+    # -- voice API -> caller -------------------------------------------------------------
+
+    async def _from_voice_api(self) -> None:
+        session = self._session
+        assert session is not None
+        try:
+            await session.connect()
+        except ConnectionError as exc:
+            self.outcome = "voice API unreachable"
+            self.log.error("%s; ending the call", exc)
+            return
+        self._connected.set()
+        try:
+            await self._relay_voice_events(session)
+        except ConnectionError:
+            self.outcome = "caller hung up"
+
+    async def _relay_voice_events(self, session: VoiceSession) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self._tail_deadline()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    event = await session.receive()
+            except TimeoutError:
+                await self._finish_response()
+                continue
+            if isinstance(event, Closed):
+                await self._finish_response()
+                if event.normal:
+                    self.outcome = "voice API ended the session"
+                    self.log.info("voice API closed the session normally")
+                else:
+                    self.outcome = f"voice API failed ({event.code})"
+                    self.log.error("voice API closed the session with code %d %s", event.code, event.reason)
+                return
+            await self._handle(event, loop.time())
+
+    async def _handle(self, event: VoiceEvent, now: float) -> None:
+        if isinstance(event, AssistantAudio):
+            await self._speak(event, now)
+        elif isinstance(event, Interruption):
+            await self._barge_in(event.reason)
+        elif isinstance(event, UserTranscript):
+            if event.final:
+                await self._finish_response()
+                self._note("user", event.text)
+        elif isinstance(event, AssistantText):
+            text = self._assistant_text.get(event.response_id, "")
+            # The final chunk may repeat the whole reply or carry only its last piece.
+            text = event.text if event.text.startswith(text) and text else text + event.text
+            self._assistant_text[event.response_id] = text
+            if event.final:
+                self._note("assistant", self._assistant_text.pop(event.response_id))
+        elif isinstance(event, TurnEvent):
+            await self._finish_response()
+        elif isinstance(event, Emotions):
+            self.stats.emotions.append((self._elapsed(), event.top[:3]))
+        elif isinstance(event, ProviderError):
+            self.stats.provider_errors += 1
+            self.log.warning("voice API error %s: %s", event.code, event.message)
+        elif isinstance(event, Skipped):
+            self.stats.skipped_upstream += 1
+            self.log.warning("skipped a voice API message: %s", event.reason)
+        elif isinstance(event, Ready):
+            self.log.debug("voice API %s", event.detail)
+
+    async def _speak(self, event: AssistantAudio, now: float) -> None:
+        if event.response <= self._dropped_through:
+            return  # the rest of a reply the caller talked over
+        if event.response != self._response_number:
+            await self._finish_response()
+            self._response_number = event.response
+            self._response = self.playback.start_response()
+        await self._send_audio(self._bot_audio.process(event.pcm), now)
+        self._last_audio_at = now
+
+    async def _finish_response(self) -> None:
+        """End of a reply: flush the audio still in the converter so its last words play."""
+        if self._response is not None:
+            await self._send_audio(self._bot_audio.flush(), asyncio.get_running_loop().time())
+            self._response = None
+
+    async def _send_audio(self, ulaw: bytes, now: float) -> None:
+        if not ulaw or self._response is None:
+            return
+        await self.twilio.send(self.stream.media(ulaw))
+        await self.twilio.send(self.stream.mark(self.playback.sent(self._response, len(ulaw))))
+        frames = len(ulaw) // 160
+        self.stats.frames_out += frames
+        self.stats.bytes_out += len(ulaw)
+        self._playout_end = max(self._playout_end, now) + len(ulaw) / 8000
+
+    def _tail_deadline(self) -> float | None:
+        if self._response is None:
+            return None
+        return max(self._playout_end - TAIL_MARGIN_S, self._last_audio_at + TAIL_IDLE_S)
+
+    async def _barge_in(self, reason: str) -> None:
+        # Clear first: every ms spent before it is stale speech in the caller's ear.
+        await self.twilio.send(self.stream.clear())
+        self._bot_audio.reset()
+        dropped_ms = self.playback.cleared()
+        self._dropped_through = self._response_number
+        self._response = None
+        self._playout_end = 0.0
+        self.stats.barge_ins += 1
+        self.log.info("barge-in (%s): cleared %d ms of unplayed speech", reason, dropped_ms)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return round(time.monotonic() - self._started_at, 2)
+
+    def _note(self, role: str, text: str) -> None:
+        self.transcript.append(TranscriptLine(self._elapsed(), role, text))
+        self.log.info("%s: %s", role, text)
+
+    def _bad_frame(self, exc: MediaStreamError) -> None:
+        self.stats.bad_frames += 1
+        self.log.warning("skipped a Twilio frame: %s", exc)
+
+    def _log_summary(self) -> None:
+        s = self.stats
+        replies = ", ".join(
+            f"#{r.number} heard {r.heard_ms}/{r.sent_ms} ms{' (interrupted)' if r.interrupted else ''}"
+            for r in self.playback.responses
+        )
+        self.log.info(
+            "call ended: %s after %.1f s; frames in %d out %d, sequence gaps %d, chunk gaps %d, "
+            "barge-ins %d, bad frames %d; replies: %s",
+            self.outcome,
+            time.monotonic() - self._started_at,
+            s.frames_in,
+            s.frames_out,
+            self.stream.sequence_gaps,
+            self.stream.chunk_gaps,
+            s.barge_ins,
+            s.bad_frames,
+            replies or "none",
+        )
+        for line in self.transcript:
+            self.log.info("transcript %6.2fs %s: %s", line.at, line.role, line.text)

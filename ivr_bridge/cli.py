@@ -1,0 +1,63 @@
+"""The `ivr-bridge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ivr_bridge.settings import Settings, SettingsError
+
+log = logging.getLogger("ivr_bridge")
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"ivr-bridge: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from ivr_bridge.app import create_app
+
+    log.info(
+        "voice provider: %s%s; Twilio webhook: %s/twiml; stream: %s",
+        settings.provider,
+        " (embedded stand-in: plays each utterance back)" if settings.provider == "echo" else "",
+        settings.public_url,
+        settings.stream_url,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        # Media Streams frames are a few hundred bytes; a large frame is abuse, not audio.
+        ws_max_size=256 * 1024,
+        # Compressing audio costs CPU on every frame and saves almost nothing.
+        ws_per_message_deflate=False,
+        proxy_headers=True,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ivr-bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("serve", help="run the bridge (Twilio webhook + media stream)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=serve)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

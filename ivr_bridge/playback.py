@@ -1,0 +1,99 @@
+"""The playback clock: what the caller actually heard, from Twilio's mark echoes.
+
+Twilio echoes a mark once the audio queued before it has played, and echoes every
+pending mark at once when a `clear` flushes its buffer. So an echo proves playback
+only if its mark was not pending at a clear. Each mark is named `r<response>.<seq>` and
+remembers how much of its response had been sent when it was queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BYTES_PER_MS = 8  # 8 kHz mu-law
+
+
+@dataclass(slots=True)
+class Response:
+    """One spoken reply of the bot, as sent to and heard by the caller."""
+
+    number: int
+    sent_bytes: int = 0
+    heard_bytes: int = 0
+    interrupted: bool = False
+    marks_pending: int = 0
+
+    @property
+    def sent_ms(self) -> int:
+        return self.sent_bytes // BYTES_PER_MS
+
+    @property
+    def heard_ms(self) -> int:
+        return self.heard_bytes // BYTES_PER_MS
+
+
+@dataclass(frozen=True, slots=True)
+class MarkResult:
+    response: Response | None  # None for a mark this call never sent
+    played: bool  # False: flushed by a clear (or unknown), so nothing was heard
+
+
+class Playback:
+    def __init__(self) -> None:
+        self.responses: list[Response] = []
+        self._pending: dict[str, tuple[Response, int]] = {}  # mark name -> (response, sent_bytes)
+        self._flushed: set[str] = set()
+        self._seq = 0
+
+    @property
+    def current(self) -> Response | None:
+        return self.responses[-1] if self.responses else None
+
+    @property
+    def speaking(self) -> bool:
+        """True while audio sent to Twilio may still be playing (marks not yet echoed)."""
+        return bool(self._pending)
+
+    def start_response(self) -> Response:
+        response = Response(number=len(self.responses) + 1)
+        self.responses.append(response)
+        return response
+
+    def sent(self, response: Response, nbytes: int) -> str:
+        """Record audio sent for `response`; returns the name of the mark to send after it."""
+        response.sent_bytes += nbytes
+        self._seq += 1
+        name = f"r{response.number}.{self._seq}"
+        self._pending[name] = (response, response.sent_bytes)
+        response.marks_pending += 1
+        return name
+
+    def cleared(self) -> int:
+        """A `clear` was sent: every pending mark will come back flushed. Returns ms dropped."""
+        dropped = 0
+        for name, (response, _) in self._pending.items():
+            self._flushed.add(name)
+            response.interrupted = True
+            response.marks_pending -= 1
+            dropped = max(dropped, response.sent_bytes - response.heard_bytes)
+        self._pending.clear()
+        return dropped // BYTES_PER_MS
+
+    def echoed(self, name: str) -> MarkResult:
+        entry = self._pending.pop(name, None)
+        if entry is None:
+            if name in self._flushed:
+                self._flushed.discard(name)
+                return MarkResult(self._response_of(name), played=False)
+            return MarkResult(None, played=False)
+        response, sent_bytes = entry
+        response.marks_pending -= 1
+        response.heard_bytes = max(response.heard_bytes, sent_bytes)
+        return MarkResult(response, played=True)
+
+    def _response_of(self, name: str) -> Response | None:
+        try:
+            number = int(name[1 : name.index(".")])
+        except ValueError:
+            return None
+        return self.responses[number - 1] if 0 < number <= len(self.responses) else None

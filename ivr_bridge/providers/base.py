@@ -1,0 +1,119 @@
+"""What every voice API looks like to a call: one small interface and its events.
+
+A provider module holds a sans-I/O protocol class (messages in, events out) and a
+`VoiceSession` that runs it over the network. The call never sees provider messages,
+only these events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ivr_bridge.audio import Pcm
+
+# Close codes of the upstream socket (RFC 6455 and NextEVI's 4xxx), for log lines.
+NORMAL_CLOSE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The voice API accepted the session and its settings."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantAudio:
+    """Speech for the caller. `response` numbers the reply it belongs to (from 1)."""
+
+    pcm: Pcm
+    response: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    """The caller talked over the bot: stop its speech now (barge-in)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserTranscript:
+    text: str
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantText:
+    text: str
+    final: bool
+    response_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Emotions:
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEvent:
+    kind: str  # "start" | "end"
+    turn_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A message that was malformed or could not be decoded; logged and counted, call goes on."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The voice API ended the session; `code` is the WebSocket close code."""
+
+    code: int
+    reason: str = ""
+
+    @property
+    def normal(self) -> bool:
+        return self.code == NORMAL_CLOSE
+
+
+VoiceEvent = (
+    Ready
+    | AssistantAudio
+    | Interruption
+    | UserTranscript
+    | AssistantText
+    | Emotions
+    | TurnEvent
+    | ProviderError
+    | Skipped
+    | Closed
+)
+
+
+class VoiceSession(Protocol):
+    """One call's session with a voice API: 24 kHz PCM16 mono in, events out."""
+
+    name: str
+
+    async def connect(self) -> None:
+        """Open the session; raises ConnectionError (message without secrets) on failure."""
+
+    async def send_audio(self, pcm: bytes) -> None:
+        """Caller speech, PCM16 LE mono 24 kHz."""
+
+    async def receive(self) -> VoiceEvent:
+        """The next event. Safe to cancel. Returns Closed once, then keeps returning it."""
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None:
+        """Close the session (idempotent)."""

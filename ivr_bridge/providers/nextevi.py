@@ -1,0 +1,265 @@
+"""NextEVI speech-to-speech WebSocket API.
+
+`NextEviProtocol` is the sans-I/O half: server messages in, `VoiceEvent`s out, client
+messages built as text. `NextEviSession` runs it over a `websockets` connection.
+Message shapes: `shared/reference/nextevi-websocket-reference.txt`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import logging
+import time
+import uuid
+from base64 import b64decode
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from ivr_bridge.audio import WavError, decode_tts_audio
+from ivr_bridge.providers.base import (
+    NORMAL_CLOSE,
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Emotions,
+    Interruption,
+    ProviderError,
+    Ready,
+    Skipped,
+    TurnEvent,
+    UserTranscript,
+    VoiceEvent,
+)
+from ivr_bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+KEEP_ALIVE_AFTER_S = 10.0  # idle time before a keep_alive; the API drops long-idle sessions
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a 1 MB audio chunk (the API's limit) in base64 JSON, with room
+# Types seen from NextEVI's SDKs that carry nothing a phone call needs.
+QUIET_TYPES = frozenset({"turn_complete", "idle_warning", "system_message"})
+# Close codes the API documents as worth a retry (retries come with the resilience work).
+RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
+
+
+def _envelope(kind: str, data: dict | None = None) -> str:
+    message: dict = {"type": kind, "timestamp": time.time(), "message_id": str(uuid.uuid4())}
+    if data is not None:
+        message["data"] = data
+    return json.dumps(message, separators=(",", ":"))
+
+
+class NextEviProtocol:
+    """One NextEVI session's protocol state.
+
+    NextEVI's `tts_chunk` carries no response id, so replies are numbered here: a chunk
+    that follows a turn boundary (final transcript, turn start/end, a new LLM generation)
+    opens a new response. After an interruption, chunks are dropped until the next turn
+    boundary: they belong to the reply the caller just talked over.
+    """
+
+    def __init__(self) -> None:
+        self.response = 0
+        self.stale_chunks = 0  # tts_chunks dropped because their reply was interrupted
+        self.skipped = 0
+        self._open = False
+        self._muted = False
+        self._generation: str | None = None
+        self._unknown: set[str] = set()
+
+    @staticmethod
+    def url(base: str, connection_id: str, api_key: str, config_id: str, project_id: str = "") -> str:
+        query = {"api_key": api_key, "config_id": config_id}
+        if project_id:
+            query["project_id"] = project_id
+        return f"{base.rstrip('/')}/{connection_id}?{urlencode(query)}"
+
+    @staticmethod
+    def session_settings() -> str:
+        return _envelope(
+            "session_settings",
+            {
+                "emotion_detection": {"enabled": True},
+                "turn_detection": {"enabled": True},
+                "audio": {"sample_rate": SAMPLE_RATE, "channels": 1, "encoding": "linear16"},
+            },
+        )
+
+    @staticmethod
+    def keep_alive() -> str:
+        return _envelope("keep_alive")
+
+    def receive(self, message: str | bytes) -> list[VoiceEvent]:
+        if isinstance(message, bytes):
+            return self._skip("binary message from the voice API")
+        try:
+            msg = json.loads(message)
+        except ValueError:
+            return self._skip("message is not valid JSON")
+        if not isinstance(msg, dict):
+            return self._skip("message is not a JSON object")
+        kind = msg.get("type")
+        # The documents wrap payloads in `data`; NextEVI's SDKs send the same fields flat.
+        data = msg.get("data")
+        payload: dict = data if isinstance(data, dict) else msg
+
+        if kind == "tts_chunk":
+            return self._tts_chunk(payload.get("content", msg.get("content")))
+        if kind in ("tts_interruption", "user_interruption"):
+            self._muted, self._open = True, False
+            return [Interruption(kind)]
+        if kind == "llm_response_chunk":
+            generation = str(payload.get("generation_id", ""))
+            if generation != self._generation:
+                self._boundary()
+                self._generation = generation
+            return [AssistantText(str(payload.get("content", "")), bool(payload.get("is_final")), generation)]
+        if kind == "transcription":
+            final = bool(payload.get("is_final"))
+            if final:
+                self._boundary()
+            return [UserTranscript(str(payload.get("transcript", "")), final)]
+        if kind in ("turn_start", "turn_end"):
+            self._boundary()
+            return [TurnEvent(kind.removeprefix("turn_"), str(payload.get("turn_id", "")))]
+        if kind == "emotion_update":
+            top = payload.get("top_emotions") or []
+            return [
+                Emotions([(str(e.get("name")), float(e.get("score", 0))) for e in top if isinstance(e, dict)])
+            ]
+        if kind == "status":
+            status = str(payload.get("status", ""))
+            if status == "error":
+                return [ProviderError("status", str(payload.get("details", ""))[:200])]
+            return [Ready(status)] if status == "ready" else []
+        if kind == "connection_metadata":
+            return [Ready("connected")]
+        if kind == "error":
+            return [
+                ProviderError(
+                    str(payload.get("error_code", "unknown")), str(payload.get("error_message", ""))[:200]
+                )
+            ]
+        if kind in QUIET_TYPES:
+            return []
+        if kind not in self._unknown:
+            self._unknown.add(str(kind))
+            return self._skip(f"unknown message type {str(kind)[:40]!r}")
+        self.skipped += 1
+        return []
+
+    def _tts_chunk(self, content: object) -> list[VoiceEvent]:
+        if self._muted:
+            self.stale_chunks += 1
+            return []
+        if not isinstance(content, str):
+            return self._skip("tts_chunk without content")
+        try:
+            pcm = decode_tts_audio(b64decode(content, validate=True))
+        except (binascii.Error, ValueError):
+            return self._skip("tts_chunk content is not base64")
+        except WavError as exc:
+            return self._skip(f"tts_chunk WAV rejected: {exc}")
+        if not len(pcm.samples):
+            return []
+        if not self._open:
+            self.response += 1
+            self._open = True
+        return [AssistantAudio(pcm, self.response)]
+
+    def _boundary(self) -> None:
+        self._open = False
+        self._muted = False
+
+    def _skip(self, reason: str) -> list[VoiceEvent]:
+        self.skipped += 1
+        return [Skipped(reason)]
+
+
+class NextEviSession:
+    """A NextEVI session over `websockets`; the thin I/O edge around NextEviProtocol."""
+
+    name = "nextevi"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.connection_id = f"ivr-{uuid.uuid4()}"
+        self.protocol = NextEviProtocol()
+        self._ws: ClientConnection | None = None
+        self._events: list[VoiceEvent] = []
+        self._closed: Closed | None = None
+        self._last_send = time.monotonic()
+        self._keep_alive: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        s = self._settings
+        url = NextEviProtocol.url(
+            s.nextevi_url, self.connection_id, s.nextevi_api_key, s.nextevi_config_id, s.nextevi_project_id
+        )
+        try:
+            # No permessage-deflate: audio does not compress and it costs ~25 % CPU.
+            self._ws = await websockets.connect(
+                url, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=10, ping_interval=20
+            )
+        except InvalidStatus as exc:
+            raise ConnectionError(
+                f"voice API refused the connection: HTTP {exc.response.status_code}"
+            ) from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            # The message never includes the URL: it carries the API key.
+            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
+        await self._ws.send(NextEviProtocol.session_settings())
+        self._last_send = time.monotonic()
+        self._keep_alive = asyncio.create_task(self._keep_alive_loop())
+
+    async def send_audio(self, pcm: bytes) -> None:
+        if self._ws is None or self._closed:
+            return
+        try:
+            await self._ws.send(pcm)
+        except ConnectionClosed:
+            return  # receive() reports the close
+        self._last_send = time.monotonic()
+
+    async def receive(self) -> VoiceEvent:
+        while not self._events:
+            if self._closed is not None:
+                return self._closed
+            assert self._ws is not None, "receive() before connect()"
+            try:
+                message = await self._ws.recv()
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else 1006
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                self._closed = Closed(code, reason[:120])
+                return self._closed
+            self._events = self.protocol.receive(message)
+            self._events.reverse()  # pop() from the end keeps arrival order
+        return self._events.pop()
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None:
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            await asyncio.gather(self._keep_alive, return_exceptions=True)
+            self._keep_alive = None
+        if self._ws is not None:
+            await self._ws.close(code)
+
+    async def _keep_alive_loop(self) -> None:
+        assert self._ws is not None
+        while True:
+            idle = time.monotonic() - self._last_send
+            if idle < KEEP_ALIVE_AFTER_S:
+                await asyncio.sleep(KEEP_ALIVE_AFTER_S - idle)
+                continue
+            try:
+                await self._ws.send(NextEviProtocol.keep_alive())
+            except ConnectionClosed:
+                return
+            self._last_send = time.monotonic()
