@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from starlette.applications import Starlette
@@ -48,10 +49,8 @@ class StarletteTwilioSocket:
     async def close(self, code: int = 1000) -> None:
         if not self._closed:
             self._closed = True
-            try:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # already gone
                 await self._ws.close(code)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                pass  # already gone
 
 
 def twiml_for_call(settings: Settings, params: dict[str, str]) -> str:

@@ -1,0 +1,426 @@
+"""A stand-in for Twilio's side of a bidirectional Media Stream (``<Connect><Stream>``).
+
+:class:`TwilioCaller` connects to the bridge the way Twilio does, sends ``connected``,
+``start``, paced ``media``, ``dtmf``, ``mark`` echoes and ``stop`` with Twilio's exact shapes
+(string ``sequenceNumber``/``chunk``/``timestamp``), and models the caller's handset:
+received audio is queued and played at real time, marks are echoed when the audio queued
+before them has played, and ``clear`` flushes the queue and echoes pending marks at once.
+
+Choices worth knowing:
+
+* ``media.timestamp`` is ``20 * (chunk - 1)``: audio only flows while a test calls
+  :meth:`~TwilioCaller.say`/:meth:`~TwilioCaller.silence`, and a wall-clock timestamp would
+  show gaps that real (continuously streaming) Twilio never has.
+* Messages the real Twilio would reject (31950/31951) are recorded in ``violations`` and
+  otherwise ignored; a media payload that is not whole 20 ms frames is recorded but played.
+* When the socket closes, audio still queued is discarded (the caller left ``<Connect>``).
+* Sending after the socket has closed is a quiet no-op, as the call is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import inspect
+import json
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
+FRAME_SECONDS = 0.02
+BYTES_PER_SECOND = 8000
+SILENCE = 0xFF  # mu-law zero
+DTMF_DIGITS = frozenset("0123456789*#")
+RESYNC_SECONDS = 0.1  # a say() starting later than this after the last frame restarts the clock
+
+_EXPECTED_FIELDS: dict[str, frozenset[str]] = {
+    "media": frozenset({"event", "streamSid", "media"}),
+    "mark": frozenset({"event", "streamSid", "mark"}),
+    "clear": frozenset({"event", "streamSid"}),
+}
+
+
+@dataclass(slots=True)
+class _Audio:
+    data: bytes
+    pos: int = 0
+
+
+@dataclass(slots=True)
+class _Mark:
+    name: str
+
+
+def _sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+class TwilioCaller:
+    """One simulated phone call, connected to a bridge's Media Streams endpoint."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        call_sid: str | None = None,
+        stream_sid: str | None = None,
+        account_sid: str = "AC" + "0" * 32,
+        custom_parameters: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.call_sid = call_sid or _sid("CA")
+        self.stream_sid = stream_sid or _sid("MZ")
+        self.account_sid = account_sid
+        self.custom_parameters = dict(custom_parameters or {})
+        self.headers = dict(headers or {})
+
+        self.received = bytearray()
+        self.received_total = 0
+        self.media_messages = 0
+        self.clears = 0
+        self.marks_received: list[str] = []
+        self.marks_played: list[str] = []
+        self.marks_flushed: list[str] = []
+        self.violations: list[str] = []
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+
+        self._ws: ClientConnection | None = None
+        self._sequence = 0
+        self._chunk = 0
+        self._send_lock = asyncio.Lock()  # keeps sequenceNumber order equal to wire order
+        self._media_lock = asyncio.Lock()  # say()/silence() calls take turns on one clock
+        self._next_frame_at: float | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._player: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+        # Playout queue: audio and marks in arrival order.
+        self._queue: deque[_Audio | _Mark] = deque()
+        self._queued_audio = 0
+        self._playhead: float | None = None  # loop time the next queued byte starts playing
+        self._piece_start: float | None = None  # start of the piece being played, if any
+        self._piece_size = 0
+        self._generation = 0  # bumped by clear so a sleeping playout step knows it is stale
+        self._work = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        # Twilio is not known to offer permessage-deflate; leave it off like Twilio.
+        self._ws = await connect(
+            self.url, additional_headers=self.headers or None, compression=None
+        )
+        await self._ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await self._send_event(
+            "start",
+            {
+                "start": {
+                    "accountSid": self.account_sid,
+                    "streamSid": self.stream_sid,
+                    "callSid": self.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": dict(self.custom_parameters),
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                }
+            },
+        )
+        self._player = asyncio.create_task(self._playout())
+        self._receiver = asyncio.create_task(self._receive(self._ws))
+
+    async def hang_up(self) -> None:
+        """End the call as Twilio does: ``stop``, then a normal close."""
+        if self._ws is None or self.closed.is_set():
+            return
+        await self._send_event("stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
+        await self._close_socket()
+
+    async def close(self) -> None:
+        """Close the socket (1000) without ``stop``."""
+        if self._ws is None or self.closed.is_set():
+            return
+        await self._close_socket()
+
+    async def drop(self) -> None:
+        """Simulate a network drop: the TCP connection vanishes with no close frame."""
+        if self._ws is None or self.closed.is_set():
+            return
+        self._ws.transport.abort()
+        await self._finish()
+
+    async def _close_socket(self) -> None:
+        assert self._ws is not None
+        await self._ws.close(1000)
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self._receiver is not None:
+            await asyncio.wait({self._receiver})
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- caller actions -----------------------------------------------------------------
+
+    async def say(self, ulaw: bytes) -> None:
+        """Stream mu-law audio in 20 ms frames at real time; pads the last frame with silence."""
+        frames = [ulaw[i : i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
+        if frames and len(frames[-1]) < FRAME_BYTES:
+            frames[-1] = frames[-1].ljust(FRAME_BYTES, bytes([SILENCE]))
+        await self._stream(frames)
+
+    async def silence(self, ms: int) -> None:
+        count = -(-ms // 20) if ms > 0 else 0
+        await self._stream([bytes([SILENCE]) * FRAME_BYTES] * count)
+
+    async def dtmf(self, digit: str) -> None:
+        if digit not in DTMF_DIGITS or len(digit) != 1:
+            raise ValueError(f"not a DTMF digit: {digit!r}")
+        await self._send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
+
+    async def _stream(self, frames: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._media_lock:
+            now = loop.time()
+            if self._next_frame_at is None or now > self._next_frame_at + RESYNC_SECONDS:
+                self._next_frame_at = now
+            for frame in frames:
+                # Scheduled against the absolute frame clock so late wake-ups do not add up.
+                delay = self._next_frame_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self._chunk += 1
+                media = {
+                    "track": "inbound",
+                    "chunk": str(self._chunk),
+                    "timestamp": str(20 * (self._chunk - 1)),
+                    "payload": base64.b64encode(frame).decode("ascii"),
+                }
+                if not await self._send_event("media", {"media": media}):
+                    return
+                self._next_frame_at += FRAME_SECONDS
+
+    async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
+        """Send a numbered message; False if the call is already over."""
+        async with self._send_lock:
+            if self._ws is None or self.closed.is_set():
+                return False
+            self._sequence += 1
+            message = {"event": event, "sequenceNumber": str(self._sequence), "streamSid": self.stream_sid}
+            message.update(body)
+            try:
+                await self._ws.send(json.dumps(message))
+            except ConnectionClosed:
+                return False
+            return True
+
+    # -- waiting ------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            if self.closed.is_set():
+                raise TimeoutError(self._describe(predicate, "the connection closed first"))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(self._describe(predicate, f"still false after {timeout}s"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_closed(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.closed.wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError(self._describe(None, f"socket still open after {timeout}s")) from None
+
+    def _describe(self, predicate: Callable[[], bool] | None, what: str) -> str:
+        source = ""
+        if predicate is not None:
+            try:
+                source = inspect.getsource(predicate).strip()
+            except (OSError, TypeError):
+                source = repr(predicate)
+        return (
+            f"{source + ': ' if source else ''}{what}; played={len(self.received)}B "
+            f"received_total={self.received_total}B media_messages={self.media_messages} "
+            f"clears={self.clears} marks_played={self.marks_played} "
+            f"marks_flushed={self.marks_flushed} violations={self.violations} "
+            f"closed={self.closed.is_set()} close_code={self.close_code}"
+        )
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                await self._on_message(message)
+                self._notify()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_code = ws.close_code
+            self.closed.set()
+            if self._player is not None:
+                self._player.cancel()
+                await asyncio.wait({self._player})
+            self._queue.clear()
+            self._queued_audio = 0
+            self._notify()
+
+    def _violation(self, text: str) -> None:
+        self.violations.append(text)
+
+    async def _on_message(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):
+            self._violation(f"binary frame of {len(raw)} bytes (31950)")
+            return
+        try:
+            message = json.loads(raw)
+        except json.JSONDecodeError:
+            self._violation(f"invalid JSON: {raw[:80]!r}")
+            return
+        if not isinstance(message, dict):
+            self._violation(f"JSON is not an object: {raw[:80]!r}")
+            return
+        event = message.get("event")
+        expected = _EXPECTED_FIELDS.get(event) if isinstance(event, str) else None
+        if expected is None:
+            self._violation(f"unknown event {event!r}")
+            return
+        if "streamSid" not in message:
+            self._violation(f"{event}: missing streamSid")
+            return
+        if message["streamSid"] != self.stream_sid:
+            self._violation(f"{event}: wrong streamSid {message['streamSid']!r}")
+            return
+        keys = set(message)
+        if keys != expected:
+            missing = sorted(expected - keys)
+            extra = sorted(keys - expected)
+            self._violation(f"{event}: missing fields {missing}, unexpected fields {extra}")
+            return
+        if event == "media":
+            self._on_media(message["media"])
+        elif event == "mark":
+            self._on_mark(message["mark"])
+        else:
+            await self._on_clear()
+
+    def _on_media(self, media: Any) -> None:
+        if not isinstance(media, dict) or set(media) != {"payload"}:
+            self._violation(f"media: body must be exactly {{'payload'}}, got {media!r:.80}")
+            return
+        payload = media["payload"]
+        if not isinstance(payload, str):
+            self._violation("media: payload is not a string")
+            return
+        try:
+            audio = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            self._violation(f"media: payload is not valid base64: {payload[:40]!r}")
+            return
+        if not audio:
+            self._violation("media: empty payload")
+            return
+        if len(audio) % FRAME_BYTES:
+            self._violation(f"media: payload of {len(audio)} bytes is not whole 160-byte frames")
+        self.media_messages += 1
+        self.received_total += len(audio)
+        now = asyncio.get_running_loop().time()
+        if self._queued_audio == 0 and (self._playhead is None or self._playhead < now):
+            self._playhead = now  # queue had run dry: playback restarts on arrival
+        self._queue.append(_Audio(audio))
+        self._queued_audio += len(audio)
+        self._work.set()
+
+    def _on_mark(self, mark: Any) -> None:
+        if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
+            self._violation(f"mark: body must be exactly {{'name': str}}, got {mark!r:.80}")
+            return
+        self.marks_received.append(mark["name"])
+        self._queue.append(_Mark(mark["name"]))
+        self._work.set()
+
+    async def _on_clear(self) -> None:
+        self.clears += 1
+        now = asyncio.get_running_loop().time()
+        head = self._queue[0] if self._queue else None
+        if isinstance(head, _Audio) and self._piece_start is not None:
+            # The frame being played when clear arrived was heard up to now.
+            heard = int((now - self._piece_start) * BYTES_PER_SECOND)
+            heard = max(0, min(heard, self._piece_size))
+            self.received += head.data[head.pos : head.pos + heard]
+        flushed = [item.name for item in self._queue if isinstance(item, _Mark)]
+        self._queue.clear()
+        self._queued_audio = 0
+        self._playhead = None
+        self._piece_start = None
+        self._generation += 1
+        for name in flushed:
+            self.marks_flushed.append(name)
+            await self._echo_mark(name)
+
+    async def _echo_mark(self, name: str) -> None:
+        await self._send_event("mark", {"mark": {"name": name}})
+
+    # -- playout ------------------------------------------------------------------------
+
+    async def _playout(self) -> None:
+        """Drain the queue at real time, one 20 ms piece per step, sleeping until each is due."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            head = self._queue[0]
+            if isinstance(head, _Mark):
+                self._queue.popleft()
+                self.marks_played.append(head.name)
+                await self._echo_mark(head.name)
+                self._notify()
+                continue
+            assert self._playhead is not None
+            size = min(FRAME_BYTES, len(head.data) - head.pos)
+            start = self._playhead
+            due = start + size / BYTES_PER_SECOND
+            generation = self._generation
+            self._piece_start = start
+            self._piece_size = size
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if generation != self._generation:
+                continue  # a clear flushed this piece while it played
+            self._piece_start = None
+            self.received += head.data[head.pos : head.pos + size]
+            head.pos += size
+            self._queued_audio -= size
+            self._playhead = due
+            if head.pos >= len(head.data):
+                self._queue.popleft()
+            self._notify()

@@ -1,0 +1,42 @@
+"""Settings: defaults, validation, and secrets kept out of reprs."""
+
+import pytest
+
+from ivr_bridge.settings import Settings, SettingsError
+
+
+def test_defaults_need_no_credentials() -> None:
+    s = Settings.from_env({})
+    assert s.provider == "echo"
+    assert s.stream_url == "ws://127.0.0.1:8080/media-stream"
+    assert s.upstream_chunk_ms == 100
+
+
+def test_https_public_url_gives_wss_stream() -> None:
+    s = Settings.from_env({"IVR_PUBLIC_URL": "https://abc.example.com/"})
+    assert s.stream_url == "wss://abc.example.com/media-stream"
+
+
+def test_nextevi_key_selects_nextevi() -> None:
+    s = Settings.from_env({"NEXTEVI_API_KEY": "oak_secret", "NEXTEVI_CONFIG_ID": "cfg"})
+    assert s.provider == "nextevi"
+    assert "oak_secret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"IVR_PUBLIC_URL": "abc.example.com"}, "IVR_PUBLIC_URL"),
+        ({"IVR_PUBLIC_URL": "https://x.com/?a=1"}, "IVR_PUBLIC_URL"),
+        ({"IVR_PROVIDER": "bogus"}, "IVR_PROVIDER"),
+        ({"IVR_PROVIDER": "nextevi", "NEXTEVI_CONFIG_ID": "c"}, "NEXTEVI_API_KEY"),
+        ({"IVR_PROVIDER": "nextevi", "NEXTEVI_API_KEY": "k"}, "NEXTEVI_CONFIG_ID"),
+        ({"NEXTEVI_URL": "https://api.nextevi.com"}, "NEXTEVI_URL"),
+        ({"IVR_UPSTREAM_CHUNK_MS": "abc"}, "IVR_UPSTREAM_CHUNK_MS"),
+        ({"IVR_UPSTREAM_CHUNK_MS": "30"}, "IVR_UPSTREAM_CHUNK_MS"),
+        ({"IVR_UPSTREAM_CHUNK_MS": "5000"}, "IVR_UPSTREAM_CHUNK_MS"),
+    ],
+)
+def test_wrong_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
