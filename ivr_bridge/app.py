@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -64,7 +65,8 @@ def twiml_for_call(settings: Settings, params: dict[str, str]) -> str:
     return str(response)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = None) -> Starlette:
+    """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
     active: set[Call] = set()
 
     async def twiml(request: Request) -> Response:
@@ -81,6 +83,8 @@ def create_app(settings: Settings) -> Starlette:
             await call.run()
         finally:
             active.discard(call)
+            if on_call_end is not None:
+                on_call_end(call)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active_calls": len(active)})

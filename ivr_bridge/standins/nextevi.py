@@ -508,18 +508,19 @@ class NextEviStandIn:
             await asyncio.sleep(behaviour.think_ms / 1000)
         generation_id = f"gen-{generation}"
         text = f"This is reply {generation} from the NextEVI stand-in."
+        # Streamed word by word, then a final chunk repeating the whole text (what SDKs show).
         words = text.split(" ")
+        pieces = [word + " " for word in words[:-1]] + [words[-1], text]
         peer.sending_reply = True
         peer.session.replies_started += 1
         try:
-            for index, word in enumerate(words):
-                last = index == len(words) - 1
+            for index, piece in enumerate(pieces):
                 await self._send(
                     peer,
                     "llm_response_chunk",
                     {
-                        "content": text if last else word + " ",
-                        "is_final": last,
+                        "content": piece,
+                        "is_final": index == len(pieces) - 1,
                         "generation_id": generation_id,
                         "chunk_index": index,
                     },

@@ -1,0 +1,88 @@
+"""Shared fixtures: the real app under uvicorn on a free loopback port, in its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import uvicorn
+
+from ivr_bridge.app import create_app
+from ivr_bridge.call import Call
+from ivr_bridge.settings import Settings
+
+
+@dataclass
+class RunningBridge:
+    base_url: str
+    stream_url: str
+    settings: Settings
+    finished: list[Call] = field(default_factory=list)
+    _ended: threading.Condition = field(default_factory=threading.Condition)
+
+    def _call_ended(self, call: Call) -> None:
+        with self._ended:
+            self.finished.append(call)
+            self._ended.notify_all()
+
+    async def wait_for_calls(self, count: int = 1, timeout: float = 15.0) -> list[Call]:
+        """Wait until `count` calls have ended (their tasks awaited and logged)."""
+
+        def wait() -> bool:
+            with self._ended:
+                return self._ended.wait_for(lambda: len(self.finished) >= count, timeout)
+
+        if not await asyncio.to_thread(wait):
+            raise TimeoutError(f"{len(self.finished)} of {count} calls ended within {timeout} s")
+        return self.finished[:count]
+
+
+def _serve(settings: Settings) -> Iterator[RunningBridge]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    public = f"http://127.0.0.1:{port}"
+    settings = Settings(**{**settings.__dict__, "public_url": public})
+    bridge = RunningBridge(public, settings.stream_url, settings)
+    app = create_app(settings, on_call_end=bridge._call_ended)
+    config = uvicorn.Config(app, log_level="warning", ws_per_message_deflate=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = threading.Event()
+    for _ in range(200):
+        if server.started:
+            break
+        deadline.wait(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield bridge
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+@pytest.fixture
+def echo_bridge() -> Iterator[RunningBridge]:
+    yield from _serve(Settings(provider="echo"))
+
+
+@pytest.fixture
+def make_bridge() -> Iterator:
+    """Factory: `make_bridge(settings)` starts a bridge; all are stopped after the test."""
+    running: list[Iterator[RunningBridge]] = []
+
+    def start(settings: Settings) -> RunningBridge:
+        gen = _serve(settings)
+        running.append(gen)
+        return next(gen)
+
+    yield start
+    for gen in running:
+        next(gen, None)

@@ -1,0 +1,315 @@
+"""End to end over real loopback sockets: a Twilio-side caller -> the bridge under uvicorn ->
+a NextEVI-protocol stand-in, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import wave
+from base64 import b64encode
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.settings import Settings
+from ivr_bridge.standins.nextevi import NextEviStandIn, Session, VoiceApiBehaviour
+from ivr_bridge.standins.twilio import TwilioCaller
+
+API_KEY = "oak_e2e_secret_key"
+CONFIG_ID = "cfg_e2e"
+
+
+def tone_ulaw(ms: int, hz: float = 1000.0, amplitude: float = 8000.0) -> bytes:
+    t = np.arange(8 * ms) / 8000
+    return ulaw_encode((amplitude * np.sin(2 * np.pi * hz * t)).astype(np.int16))
+
+
+def dominant_hz(ulaw: bytes | bytearray, rate: int = 8000) -> float:
+    samples = ulaw_decode(bytes(ulaw)).astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+def level_at(ulaw: bytes | bytearray, hz: float, rate: int = 8000) -> float:
+    """Fraction of the signal's energy within 50 Hz of `hz`."""
+    samples = ulaw_decode(bytes(ulaw)).astype(np.float64)
+    power = np.abs(np.fft.rfft(samples * np.hanning(len(samples)))) ** 2
+    freqs = np.fft.rfftfreq(len(samples), 1 / rate)
+    return float(power[np.abs(freqs - hz) < 50].sum() / max(power.sum(), 1e-9))
+
+
+def tts_message(samples: np.ndarray, rate: int = 24000, wav: bool = True) -> str:
+    audio = samples.astype("<i2").tobytes()
+    if wav:
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(audio)
+        audio = buf.getvalue()
+    return json.dumps({"type": "tts_chunk", "timestamp": 0.0, "message_id": "x", "content": b64encode(audio).decode()})
+
+
+def sine(ms: int, hz: float, rate: int = 24000, amplitude: float = 8000.0) -> np.ndarray:
+    t = np.arange(rate * ms // 1000) / rate
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+class Line:
+    """Streams silence whenever the caller is not speaking, as a real phone line does."""
+
+    def __init__(self, caller: TwilioCaller) -> None:
+        self.caller = caller
+        self._talking = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Line:
+        self._task = asyncio.create_task(self._silence())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _silence(self) -> None:
+        while True:
+            async with self._talking:
+                await self.caller.silence(20)
+            await asyncio.sleep(0)
+
+    async def say(self, ulaw: bytes) -> None:
+        async with self._talking:
+            await self.caller.say(ulaw)
+
+
+@contextlib.asynccontextmanager
+async def voice_api(behaviour: VoiceApiBehaviour | None = None) -> AsyncIterator[NextEviStandIn]:
+    behaviour = behaviour or VoiceApiBehaviour()
+    behaviour.api_key, behaviour.config_id = API_KEY, CONFIG_ID
+    async with NextEviStandIn(behaviour) as standin:
+        yield standin
+
+
+def nextevi_settings(standin: NextEviStandIn, **overrides: object) -> Settings:
+    return Settings(
+        provider="nextevi",
+        nextevi_url=standin.url,
+        nextevi_api_key=API_KEY,
+        nextevi_config_id=CONFIG_ID,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("envelope", "wav_header", "tts_rate"),
+    [("data", True, 24000), ("flat", False, 24000), ("flat", True, 16000)],
+)
+async def test_full_turn(make_bridge, caplog, envelope: str, wav_header: bool, tts_rate: int) -> None:
+    caplog.set_level(logging.INFO)
+    behaviour = VoiceApiBehaviour(
+        envelope=envelope, wav_header=wav_header, tts_sample_rate=tts_rate, reply_ms=1000, tts_chunk_ms=200
+    )
+    async with voice_api(behaviour) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        params = {"From": "+15550001111", "To": "+15550002222"}
+        async with TwilioCaller(bridge.stream_url, custom_parameters=params) as caller, Line(caller) as line:
+            session = await standin.wait_for_session()
+            await line.say(tone_ulaw(600))
+            # The reply has fully played once its last mark comes back as played.
+            await caller.wait_for(lambda: caller.received_total >= 8000 and not caller_pending(caller), 15)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+        await asyncio.wait_for(session.closed.wait(), 10)
+
+    # Upstream: session settings first, then 24 kHz PCM in 100 ms binary chunks, lasting
+    # as long as what the caller sent (silence frames included).
+    assert session.query["api_key"] == API_KEY and session.query["config_id"] == CONFIG_ID
+    assert session.settings is not None
+    assert session.audio_before_settings == 0
+    assert set(session.audio_frames[:-1]) == {4800}
+    sent_ms = call.stats.frames_in * 20
+    assert abs(len(session.audio) / 48 - sent_ms) <= 100
+    assert session.close_code == 1000
+
+    # Downstream: 1000 ms of the 440 Hz reply as whole mu-law frames, each chunk marked.
+    assert caller.violations == []
+    assert 8000 <= caller.received_total <= 8000 + 2 * 160
+    assert abs(dominant_hz(caller.received) - 440) < 10
+    assert len(caller.marks_played) >= 5 and caller.marks_flushed == []
+    [reply] = call.playback.responses
+    assert reply.heard_ms == reply.sent_ms >= 1000 and not reply.interrupted
+    assert call.custom_parameters == params
+    assert call.outcome == "stream stopped"
+    assert any(line.role == "user" for line in call.transcript)
+    assert any(line.role == "assistant" for line in call.transcript)
+    assert API_KEY not in caplog.text
+
+
+def caller_pending(caller: TwilioCaller) -> bool:
+    return caller.received_total > len(caller.received)
+
+
+async def started_reply(standin: NextEviStandIn, line: Line, caller: TwilioCaller) -> Session:
+    session = await standin.wait_for_session()
+    await line.say(tone_ulaw(500))
+    await caller.wait_for(lambda: len(caller.received) >= 1600, 15)  # 200 ms of the reply heard
+    return session
+
+
+async def test_barge_in_clears_and_drops_the_rest_of_the_reply(make_bridge) -> None:
+    behaviour = VoiceApiBehaviour(reply_ms=4000, tts_chunk_ms=200, pace=False, interrupt_on_speech=False)
+    async with voice_api(behaviour) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url) as caller, Line(caller) as line:
+            session = await started_reply(standin, line, caller)
+            await standin.interrupt(session)
+            # A chunk of the interrupted reply still in flight: the caller must never hear it.
+            await standin.send_raw(session, tts_message(sine(200, 1500)))
+            await caller.wait_for(lambda: caller.clears == 1, 10)
+            heard_before_clear = len(caller.received)
+            # The next turn's reply plays normally.
+            await standin.send_raw(session, json.dumps({"type": "transcription", "data": {"transcript": "hi", "is_final": True}}))
+            await standin.send_raw(session, tts_message(sine(400, 700)))
+            await caller.wait_for(lambda: len(caller.received) >= heard_before_clear + 3200, 10)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+
+    after_clear = caller.received[heard_before_clear:]
+    assert caller.violations == []
+    assert level_at(after_clear, 1500) < 0.001  # no stale audio
+    assert abs(dominant_hz(after_clear) - 700) < 10
+    assert caller.marks_flushed  # the 4 s reply was queued at Twilio when the clear came
+    first, second = call.playback.responses
+    assert first.interrupted and first.heard_ms < first.sent_ms
+    assert not second.interrupted and second.heard_ms == second.sent_ms
+    assert call.stats.barge_ins == 1
+
+
+async def test_stand_in_interrupts_when_the_caller_talks_over_the_reply(make_bridge) -> None:
+    behaviour = VoiceApiBehaviour(reply_ms=3000, tts_chunk_ms=200, pace=True)
+    async with voice_api(behaviour) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url) as caller, Line(caller) as line:
+            session = await started_reply(standin, line, caller)
+            await line.say(tone_ulaw(400))
+            await caller.wait_for(lambda: caller.clears >= 1, 10)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert session.replies_interrupted >= 1
+    assert call.playback.responses[0].interrupted
+    assert caller.violations == []
+
+
+async def test_caller_hangs_up_mid_response(make_bridge) -> None:
+    behaviour = VoiceApiBehaviour(reply_ms=5000, tts_chunk_ms=200, pace=True)
+    async with voice_api(behaviour) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url) as caller, Line(caller) as line:
+            session = await started_reply(standin, line, caller)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+        await asyncio.wait_for(session.closed.wait(), 10)
+    assert session.close_code == 1000
+    assert call.outcome == "stream stopped"
+
+
+async def test_caller_socket_drops_without_stop(make_bridge) -> None:
+    async with voice_api() as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        caller = TwilioCaller(bridge.stream_url)
+        await caller.connect()
+        session = await standin.wait_for_session()
+        await caller.silence(200)
+        await caller.close()
+        [call] = await bridge.wait_for_calls(1)
+        await asyncio.wait_for(session.closed.wait(), 10)
+    assert session.close_code == 1000
+    assert call.outcome == "caller hung up"
+
+
+@pytest.mark.parametrize(("code", "outcome"), [(1000, "voice API ended the session"), (1011, "voice API failed (1011)")])
+async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code: int, outcome: str) -> None:
+    caplog.set_level(logging.INFO)
+    async with voice_api() as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url) as caller, Line(caller):
+            session = await standin.wait_for_session()
+            await standin.close_session(session, code=code, reason="test")
+            await caller.wait_closed(10)
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == outcome
+    assert caller.close_code == 1000
+    if code != 1000:
+        assert f"code {code}" in caplog.text and call.call_sid in caplog.text
+
+
+async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) -> None:
+    settings = Settings(
+        provider="nextevi", nextevi_url="ws://127.0.0.1:9/ws/voice", nextevi_api_key=API_KEY, nextevi_config_id="c"
+    )
+    bridge = make_bridge(settings)
+    async with TwilioCaller(bridge.stream_url) as caller:
+        await caller.wait_closed(15)
+    [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "voice API unreachable"
+    assert API_KEY not in caplog.text
+
+
+async def test_wrong_api_key_is_logged_with_its_close_code(make_bridge, caplog) -> None:
+    async with voice_api() as standin:
+        settings = nextevi_settings(standin)
+        bridge = make_bridge(Settings(**{**settings.__dict__, "nextevi_api_key": "oak_wrong"}))
+        async with TwilioCaller(bridge.stream_url) as caller:
+            await caller.wait_closed(10)
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "voice API failed (4001)"
+    assert "oak_wrong" not in caplog.text
+
+
+async def test_bad_tts_chunk_is_skipped_and_the_call_goes_on(make_bridge, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    async with voice_api(VoiceApiBehaviour(interrupt_on_speech=False)) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url) as caller, Line(caller):
+            session = await standin.wait_for_session()
+            await standin.send_raw(session, json.dumps({"type": "tts_chunk", "content": "not base64!"}))
+            await standin.send_raw(session, "this is not json")
+            await standin.send_raw(session, tts_message(sine(200, 700)))
+            await caller.wait_for(lambda: len(caller.received) >= 1600, 10)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert call.stats.skipped_upstream == 2
+    assert caplog.text.count("skipped a voice API message") == 2
+    assert call.call_sid in caplog.text
+
+
+async def test_echo_provider_plays_the_utterance_back(echo_bridge) -> None:
+    async with TwilioCaller(echo_bridge.stream_url) as caller, Line(caller) as line:
+        await line.say(tone_ulaw(700, hz=600))
+        await caller.wait_for(lambda: len(caller.received) >= 8 * 700, 15)
+        await caller.dtmf("5")
+        await caller.hang_up()
+    [call] = await echo_bridge.wait_for_calls(1)
+    assert caller.violations == []
+    assert abs(dominant_hz(caller.received) - 600) < 10
+    assert [(line.role, line.text) for line in call.transcript if line.role == "dtmf"] == [("dtmf", "5")]
+
+
+async def test_echo_provider_barge_in(echo_bridge) -> None:
+    async with TwilioCaller(echo_bridge.stream_url) as caller, Line(caller) as line:
+        await line.say(tone_ulaw(3000, hz=600))
+        await caller.wait_for(lambda: len(caller.received) >= 1600, 15)
+        await line.say(tone_ulaw(400, hz=900))
+        await caller.wait_for(lambda: caller.clears == 1, 10)
+        await caller.hang_up()
+    [call] = await echo_bridge.wait_for_calls(1)
+    assert call.playback.responses[0].interrupted
+    assert caller.violations == []
