@@ -53,7 +53,9 @@ def tts_message(samples: np.ndarray, rate: int = 24000, wav: bool = True) -> str
             w.setframerate(rate)
             w.writeframes(audio)
         audio = buf.getvalue()
-    return json.dumps({"type": "tts_chunk", "timestamp": 0.0, "message_id": "x", "content": b64encode(audio).decode()})
+    return json.dumps(
+        {"type": "tts_chunk", "timestamp": 0.0, "message_id": "x", "content": b64encode(audio).decode()}
+    )
 
 
 def sine(ms: int, hz: float, rate: int = 24000, amplitude: float = 8000.0) -> np.ndarray:
@@ -176,7 +178,9 @@ async def test_barge_in_clears_and_drops_the_rest_of_the_reply(make_bridge) -> N
             await caller.wait_for(lambda: caller.clears == 1, 10)
             heard_before_clear = len(caller.received)
             # The next turn's reply plays normally.
-            await standin.send_raw(session, json.dumps({"type": "transcription", "data": {"transcript": "hi", "is_final": True}}))
+            await standin.send_raw(
+                session, json.dumps({"type": "transcription", "data": {"transcript": "hi", "is_final": True}})
+            )
             await standin.send_raw(session, tts_message(sine(400, 700)))
             await caller.wait_for(lambda: len(caller.received) >= heard_before_clear + 3200, 10)
             await caller.hang_up()
@@ -235,7 +239,9 @@ async def test_caller_socket_drops_without_stop(make_bridge) -> None:
     assert call.outcome == "caller hung up"
 
 
-@pytest.mark.parametrize(("code", "outcome"), [(1000, "voice API ended the session"), (1011, "voice API failed (1011)")])
+@pytest.mark.parametrize(
+    ("code", "outcome"), [(1000, "voice API ended the session"), (1011, "voice API failed (1011)")]
+)
 async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code: int, outcome: str) -> None:
     caplog.set_level(logging.INFO)
     async with voice_api() as standin:
@@ -253,7 +259,10 @@ async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code
 
 async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) -> None:
     settings = Settings(
-        provider="nextevi", nextevi_url="ws://127.0.0.1:9/ws/voice", nextevi_api_key=API_KEY, nextevi_config_id="c"
+        provider="nextevi",
+        nextevi_url="ws://127.0.0.1:9/ws/voice",
+        nextevi_api_key=API_KEY,
+        nextevi_config_id="c",
     )
     bridge = make_bridge(settings)
     async with TwilioCaller(bridge.stream_url) as caller:

@@ -32,7 +32,10 @@ async def test_twiml_by_get_escapes_values(echo_bridge) -> None:
         response = await client.get("/twiml", params={"From": 'x"<y>&', "CallSid": "CA1"})
     stream = ET.fromstring(response.text).find("./Connect/Stream")
     assert stream is not None
-    assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {"CallSid": "CA1", "From": 'x"<y>&'}
+    assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {
+        "CallSid": "CA1",
+        "From": 'x"<y>&',
+    }
 
 
 async def test_healthz(echo_bridge) -> None:

@@ -69,9 +69,19 @@ def test_full_inbound_sequence() -> None:
     assert media == MediaReceived(b"\x01\x02\x03", 1, 0)
     mark = {"event": "mark", "sequenceNumber": "3", "streamSid": SID, "mark": {"name": "r1.1"}}
     assert stream.receive(json.dumps(mark)) == MarkEchoed("r1.1")
-    dtmf = {"event": "dtmf", "sequenceNumber": "4", "streamSid": SID, "dtmf": {"track": "inbound_track", "digit": "7"}}
+    dtmf = {
+        "event": "dtmf",
+        "sequenceNumber": "4",
+        "streamSid": SID,
+        "dtmf": {"track": "inbound_track", "digit": "7"},
+    }
     assert stream.receive(json.dumps(dtmf)) == DtmfReceived("7")
-    stop = {"event": "stop", "sequenceNumber": "5", "streamSid": SID, "stop": {"accountSid": "AC", "callSid": CALL}}
+    stop = {
+        "event": "stop",
+        "sequenceNumber": "5",
+        "streamSid": SID,
+        "stop": {"accountSid": "AC", "callSid": CALL},
+    }
     assert stream.receive(json.dumps(stop)) == StreamStopped(CALL)
     assert stream.stopped and stream.sequence_gaps == 0 and stream.chunk_gaps == 0
 
@@ -126,7 +136,11 @@ def test_unsupported_media_format_is_rejected() -> None:
 def test_outbound_frames_are_exact_json() -> None:
     stream = started()
     media = json.loads(stream.media(b"\x7f" * 320))
-    assert media == {"event": "media", "streamSid": SID, "media": {"payload": b64encode(b"\x7f" * 320).decode()}}
+    assert media == {
+        "event": "media",
+        "streamSid": SID,
+        "media": {"payload": b64encode(b"\x7f" * 320).decode()},
+    }
     assert b64decode(media["media"]["payload"]) == b"\x7f" * 320
     assert json.loads(stream.mark('r1."2')) == {"event": "mark", "streamSid": SID, "mark": {"name": 'r1."2'}}
     assert json.loads(stream.clear()) == {"event": "clear", "streamSid": SID}

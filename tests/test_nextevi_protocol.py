@@ -42,7 +42,9 @@ def message(kind: str, shape: str, **fields: object) -> str:
 
 def tts(audio: bytes) -> str:
     # Per the reference, tts_chunk carries `content` at the top level in both shapes.
-    return json.dumps({"type": "tts_chunk", "timestamp": 1.0, "message_id": "t", "content": b64encode(audio).decode()})
+    return json.dumps(
+        {"type": "tts_chunk", "timestamp": 1.0, "message_id": "t", "content": b64encode(audio).decode()}
+    )
 
 
 def test_url_carries_key_config_and_project() -> None:
@@ -79,16 +81,18 @@ def test_every_documented_message_in_both_shapes(shape: str) -> None:
     assert p.receive(message("turn_end", shape, turn_id="t1", duration=1.0)) == [TurnEvent("end", "t1")]
     top = [{"name": "Joy", "score": 0.8}]
     assert p.receive(message("emotion_update", shape, top_emotions=top)) == [Emotions([("Joy", 0.8)])]
-    chunk = message("llm_response_chunk", shape, content="Hi", is_final=False, generation_id="g1", chunk_index=0)
+    chunk = message(
+        "llm_response_chunk", shape, content="Hi", is_final=False, generation_id="g1", chunk_index=0
+    )
     assert p.receive(chunk) == [AssistantText("Hi", False, "g1")]
     err = message("error", shape, error_code="AUDIO_PROCESSING_FAILED", error_message="bad chunk")
     assert p.receive(err) == [ProviderError("AUDIO_PROCESSING_FAILED", "bad chunk")]
     [audio] = p.receive(tts(wav_bytes(np.zeros(2400, dtype=np.int16))))
     assert isinstance(audio, AssistantAudio) and audio.response == 1
     assert audio.pcm.sample_rate == 24000 and len(audio.pcm.samples) == 2400
-    assert p.receive(json.dumps({"type": "tts_interruption", "timestamp": 1, "message_id": "i", "content": ""})) == [
-        Interruption("tts_interruption")
-    ]
+    assert p.receive(
+        json.dumps({"type": "tts_interruption", "timestamp": 1, "message_id": "i", "content": ""})
+    ) == [Interruption("tts_interruption")]
     assert p.receive(message("user_interruption", shape)) == [Interruption("user_interruption")]
 
 
@@ -115,7 +119,10 @@ def test_tts_chunk_wav_at_other_rates_and_stereo() -> None:
         (b"\x00\x01", "binary"),
         (json.dumps({"type": "tts_chunk", "content": "@@@"}), "base64"),
         (json.dumps({"type": "tts_chunk"}), "content"),
-        (json.dumps({"type": "tts_chunk", "content": b64encode(b"RIFF\x00\x00\x00\x00WAVEjunk").decode()}), "WAV"),
+        (
+            json.dumps({"type": "tts_chunk", "content": b64encode(b"RIFF\x00\x00\x00\x00WAVEjunk").decode()}),
+            "WAV",
+        ),
     ],
 )
 def test_undecodable_messages_are_skipped_with_a_reason(raw: str | bytes, reason: str) -> None:

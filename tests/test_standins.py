@@ -55,6 +55,11 @@ def client_url(standin: NextEviStandIn, api_key: str = "oak_test_key", config_id
     return f"{standin.url}/conn-{uuid.uuid4()}?api_key={api_key}&config_id={config_id}"
 
 
+def open_client(url: str) -> connect:
+    # No receive flow control: a test that stops reading must not stall its own close.
+    return connect(url, max_queue=None)
+
+
 async def next_message(ws: ClientConnection) -> dict[str, Any]:
     raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
     assert isinstance(raw, str), "NextEVI sends JSON text frames only"
@@ -112,7 +117,7 @@ async def standin_factory() -> AsyncIterator[Callable[..., Any]]:
 async def test_nextevi_data_envelope_wav_turn(standin_factory: Callable[..., Any]) -> None:
     standin: NextEviStandIn = await standin_factory(reply_ms=500, tts_chunk_ms=200, pace=False)
     reply_bytes = 500 * 48
-    async with connect(client_url(standin)) as ws:
+    async with open_client(client_url(standin)) as ws:
         meta = await next_message(ws)
         assert meta["type"] == "connection_metadata"
         assert set(meta) == {"type", "timestamp", "message_id", "data"}
@@ -207,7 +212,7 @@ async def test_nextevi_flat_envelope_raw_pcm(standin_factory: Callable[..., Any]
     standin: NextEviStandIn = await standin_factory(
         envelope="flat", wav_header=False, tts_sample_rate=16000, reply_ms=250, tts_chunk_ms=100, pace=False
     )
-    async with connect(client_url(standin)) as ws:
+    async with open_client(client_url(standin)) as ws:
         meta = await next_message(ws)
         assert "data" not in meta and meta["type"] == "connection_metadata"
         assert meta["status"] == "connected" and meta["config"]["sample_rate"] == 24000
@@ -241,7 +246,7 @@ async def test_nextevi_rejects_bad_credentials_and_paths(standin_factory: Callab
         (client_url(standin, api_key="oak_wrong"), 4001),
         (client_url(standin, config_id="cfg_wrong"), 4002),
     ):
-        async with connect(url) as ws:
+        async with open_client(url) as ws:
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == code
@@ -254,7 +259,7 @@ async def test_nextevi_rejects_bad_credentials_and_paths(standin_factory: Callab
 async def test_nextevi_barge_in_interrupts_paced_reply(standin_factory: Callable[..., Any]) -> None:
     standin: NextEviStandIn = await standin_factory(reply_ms=3000, tts_chunk_ms=100, pace=True)
     loop = asyncio.get_running_loop()
-    async with connect(client_url(standin)) as ws:
+    async with open_client(client_url(standin)) as ws:
         await next_message(ws)
         await ws.send(json.dumps(settings_message()))
         await next_message(ws)
@@ -291,9 +296,42 @@ async def test_nextevi_barge_in_interrupts_paced_reply(standin_factory: Callable
     assert (session.replies_started, session.replies_interrupted, session.turns) == (2, 1, 2)
 
 
+async def test_nextevi_without_barge_in_replies_queue_up(standin_factory: Callable[..., Any]) -> None:
+    standin: NextEviStandIn = await standin_factory(
+        reply_ms=400, tts_chunk_ms=100, think_ms=100, interrupt_on_speech=False
+    )
+    loop = asyncio.get_running_loop()
+    arrivals: dict[str, float] = {}
+    async with open_client(client_url(standin)) as ws:
+        await next_message(ws)
+        await ws.send(json.dumps(settings_message()))
+        await next_message(ws)
+        for frame in speech_turn():
+            await ws.send(frame)
+        messages: list[dict[str, Any]] = []
+        while not any(m["type"] == "tts_chunk" for m in messages):
+            messages.append(await next_message(ws))
+            arrivals.setdefault(messages[-1]["type"], loop.time())
+        for frame in speech_turn():
+            await ws.send(frame)
+        messages += await collect(ws, lambda ms: sum(m["type"] == "tts_chunk" for m in ms) == 7)
+        session = await standin.wait_for_session()
+
+    assert arrivals["llm_response_chunk"] - arrivals["turn_end"] >= 0.08  # think_ms
+    types = [m["type"] for m in messages]
+    assert "tts_interruption" not in types
+    second_llm = next(
+        i
+        for i, m in enumerate(messages)
+        if m["type"] == "llm_response_chunk" and m["data"]["generation_id"] == "gen-2"
+    )
+    assert types[:second_llm].count("tts_chunk") == 4, "the second reply overlapped the first"
+    assert (session.replies_started, session.replies_interrupted) == (2, 0)
+
+
 async def test_nextevi_controls_and_errors(standin_factory: Callable[..., Any]) -> None:
     standin: NextEviStandIn = await standin_factory()
-    async with connect(client_url(standin)) as ws:
+    async with open_client(client_url(standin)) as ws:
         await next_message(ws)
         session: Session = await standin.wait_for_session()
         await ws.send("{not json")
@@ -317,7 +355,7 @@ async def test_nextevi_controls_and_errors(standin_factory: Callable[..., Any]) 
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4004
         assert session.closed.is_set() and session.close_code == 4004
 
-    async with connect(client_url(standin)) as ws:
+    async with open_client(client_url(standin)) as ws:
         await next_message(ws)
         second = await standin.wait_for_session(1)
         await standin.stop()
@@ -345,7 +383,7 @@ async def test_nextevi_command_line() -> None:
         line = (await asyncio.wait_for(process.stderr.readline(), 20)).decode()
         assert "ws://127.0.0.1:" in line
         base = line.split("listening on ")[1].split("/{connection_id}")[0]
-        async with connect(f"{base}/c1?api_key=oak_test_key&config_id=cfg_test") as ws:
+        async with open_client(f"{base}/c1?api_key=oak_test_key&config_id=cfg_test") as ws:
             assert (await next_message(ws))["type"] == "connection_metadata"
     finally:
         process.send_signal(signal.SIGTERM)
@@ -368,6 +406,8 @@ class FakeBridge:
 
     async def handler(self, ws: ServerConnection) -> None:
         self.connection = ws
+        self.close_code = None
+        assert ws.request is not None
         self.headers = {k.lower(): v for k, v in ws.request.headers.raw_items()}
         loop = asyncio.get_running_loop()
         try:

@@ -94,6 +94,7 @@ class VoiceApiBehaviour:
     reply_tone_hz: float = 440.0
     interrupt_on_speech: bool = True
     permessage_deflate: bool = False  # off: the service's stance is unknown and it costs CPU
+    record_audio: bool = True  # False keeps Session.audio empty so long load tests stay small
 
 
 @dataclass(eq=False)  # identity hashing: sessions key the stand-in's per-connection state
@@ -265,20 +266,22 @@ class NextEviStandIn:
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found - Invalid endpoint\n")
         return None
 
-    def _authorised(self, query: dict[str, str], ws: ServerConnection) -> bool:
+    def _authorised(self, query: dict[str, str], request: Request) -> bool:
         expected = self.behaviour.api_key
         if "api_key" in query:
             return query["api_key"] == expected
-        bearer = query.get("authorization") or ws.request.headers.get("Authorization", "")
+        bearer = query.get("authorization") or request.headers.get("Authorization", "")
         return bearer == f"Bearer {expected}"
 
     async def _handle(self, ws: ServerConnection) -> None:
-        parts = urlsplit(ws.request.path)
+        request = ws.request
+        assert request is not None  # handlers only run after the opening handshake
+        parts = urlsplit(request.path)
         session = Session(
             connection_id=parts.path.removeprefix(PATH_PREFIX),
             query=dict(parse_qsl(parts.query, keep_blank_values=True)),
         )
-        if not self._authorised(session.query, ws):
+        if not self._authorised(session.query, request):
             await self._reject(ws, session, CLOSE_UNAUTHORIZED, "Unauthorized")
             return
         if session.query.get("config_id") != self.behaviour.config_id:
@@ -380,7 +383,8 @@ class NextEviStandIn:
 
     async def _on_audio(self, peer: _Peer, audio: bytes, *, binary: bool) -> None:
         session = peer.session
-        session.audio += audio
+        if self.behaviour.record_audio:
+            session.audio += audio
         if binary:
             session.audio_frames.append(len(audio))
         if session.settings is None:
@@ -626,8 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reply_tone_hz=args.reply_tone_hz,
         interrupt_on_speech=not args.no_interrupt,
         permessage_deflate=args.permessage_deflate,
+        record_audio=False,  # nobody can read it from a separate process
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # keep startup to one line
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(args.host, args.port, behaviour))
     return 0

@@ -119,7 +119,8 @@ class TwilioCaller:
     async def connect(self) -> None:
         # Twilio is not known to offer permessage-deflate; leave it off like Twilio.
         self._ws = await connect(self.url, additional_headers=self.headers or None, compression=None)
-        await self._ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        with contextlib.suppress(ConnectionClosed):  # a bridge rejecting at once shows in close_code
+            await self._ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await self._send_event(
             "start",
             {

@@ -1,0 +1,95 @@
+"""The two per-call audio directions between Twilio (mu-law 8 kHz) and the voice API."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .g711 import FRAME_BYTES, ULAW_SILENCE, ULAW_TO_PCM, ulaw_encode
+from .resample import Resampler, round_to_int16
+from .wav import Pcm
+
+__all__ = ["BotAudio", "CallerAudio", "float_to_pcm16le", "ulaw_to_float"]
+
+TWILIO_RATE = 8000
+VOICE_API_RATE = 24000
+
+# Decoding straight to float64 skips an int16 -> float conversion on the hot path.
+_ULAW_TO_FLOAT = ULAW_TO_PCM.astype(np.float64)
+
+
+def ulaw_to_float(ulaw: bytes) -> np.ndarray:
+    """Decode mu-law bytes to float64 samples on the int16 scale."""
+    return _ULAW_TO_FLOAT[np.frombuffer(ulaw, dtype=np.uint8)]
+
+
+def float_to_pcm16le(y: np.ndarray) -> bytes:
+    """Round and saturate float samples to PCM16 little-endian bytes (``y`` is clobbered)."""
+    return round_to_int16(y).astype("<i2", copy=False).tobytes()
+
+
+class CallerAudio:
+    """Caller -> voice API: Twilio mu-law 8 kHz in, PCM16 LE 24 kHz out."""
+
+    def __init__(self) -> None:
+        self._resampler = Resampler(TWILIO_RATE, VOICE_API_RATE)
+
+    def process(self, ulaw: bytes) -> bytes:
+        """Convert any number of mu-law bytes; returns exactly 3 samples (6 bytes) per byte."""
+        if not ulaw:
+            return b""
+        return float_to_pcm16le(self._resampler.process_float(ulaw_to_float(ulaw)))
+
+    def reset(self) -> None:
+        """Forget the filter history (e.g. when the stream restarts)."""
+        self._resampler.reset()
+
+
+class BotAudio:
+    """Voice API speech -> Twilio: mu-law 8 kHz, emitted only in whole 20 ms frames."""
+
+    def __init__(self) -> None:
+        self._resampler: Resampler | None = None
+        self._pending = bytearray()  # encoded audio short of a whole frame
+
+    @property
+    def pending_bytes(self) -> int:
+        """Mu-law bytes held back until they make up a whole frame."""
+        return len(self._pending)
+
+    def _resampler_for(self, rate: int) -> Resampler:
+        current = self._resampler
+        if current is not None and current.in_rate == rate:
+            return current
+        if current is not None:
+            # The old rate's filter tail belongs before the new audio, not dropped.
+            self._pending += ulaw_encode(current.flush())
+        self._resampler = Resampler(rate, TWILIO_RATE)
+        return self._resampler
+
+    def _take_frames(self) -> bytes:
+        whole = len(self._pending) - len(self._pending) % FRAME_BYTES
+        out = bytes(self._pending[:whole])
+        del self._pending[:whole]
+        return out
+
+    def process(self, pcm: Pcm) -> bytes:
+        """Resample and encode a chunk; returns a multiple of 160 bytes (possibly b"")."""
+        resampler = self._resampler_for(pcm.sample_rate)
+        self._pending += ulaw_encode(resampler.process(pcm.samples))
+        return self._take_frames()
+
+    def flush(self) -> bytes:
+        """End of a response: filter tail + remainder, padded with silence to whole frames."""
+        if self._resampler is not None:
+            self._pending += ulaw_encode(self._resampler.flush())
+        if not self._pending:
+            return b""
+        short = -len(self._pending) % FRAME_BYTES
+        self._pending += bytes([ULAW_SILENCE]) * short
+        return self._take_frames()
+
+    def reset(self) -> None:
+        """Barge-in: drop everything pending and the filter history."""
+        self._pending.clear()
+        if self._resampler is not None:
+            self._resampler.reset()

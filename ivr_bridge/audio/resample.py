@@ -1,0 +1,290 @@
+"""Stateful streaming polyphase FIR resampler (sans-I/O, numpy only).
+
+Model: for a rational ratio L/M (out/in, reduced by gcd) the input is conceptually
+zero-stuffed to the high rate ``L * in_rate``, low-pass filtered with a linear-phase
+Kaiser-windowed sinc ``h`` and every M-th sample is kept.  Output sample ``k`` is taken at
+high-rate instant ``t_k = k*M + M - 1``.  With that choice output k needs exactly the inputs
+up to ``floor(t_k / L)``, so after N inputs precisely ``floor(N*L/M)`` outputs are
+computable: each is emitted as soon as its newest input arrives, whatever the chunking.
+
+Two evaluation kernels compute exactly that sum:
+
+* ``_BlockKernel`` (the hot 8k<->24k paths): outputs are grouped into rows of P samples.
+  Each row depends on one contiguous input window and the windows of consecutive rows are a
+  fixed stride apart, so one strided view times a precomputed (window x P) coefficient
+  matrix evaluates a whole chunk in a single BLAS call with no Python loop.
+* ``_GatherKernel`` (rare rates such as 44.1k or 16k -> 8k): gathers each output's input
+  window and its polyphase coefficients and contracts them row-wise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Resampler", "round_to_int16"]
+
+_F64 = np.dtype(np.float64)
+
+
+@dataclass(frozen=True)
+class _FilterSpec:
+    """A low-pass prototype, expressed relative to the lower of the two sample rates."""
+
+    cutoff: float  # -6 dB point as a fraction of the lower rate (Hz / lower_rate)
+    atten_db: float  # stopband target used to choose the Kaiser beta
+    span: float  # filter length in sample periods of the lower rate
+
+
+# Tuned by measurement (tests/test_audio.py, scripts/bench_audio.py) to clear the targets
+# with ~3-5 dB to spare over the whole stopband, not just at the scanned tones; every tap
+# less is less delay and CPU.
+# Downsampling to 8k: flat to 3.4 kHz, >= 70 dB from 4.1 kHz (146 taps at 24 kHz, 3.0 ms).
+_DOWN_SPEC = _FilterSpec(cutoff=3710 / 8000, atten_db=74.0, span=146 / 3)
+# Upsampling from 8k: flat to 3.4 kHz, >= 80 dB from 4.6 kHz, where the images of 3.4 kHz
+# content start (97 taps at 24 kHz, 2.0 ms).
+_UP_SPEC = _FilterSpec(cutoff=3920 / 8000, atten_db=86.0, span=97 / 3)
+
+# Outputs per matrix row for the block kernel, keyed by (L, M); picked by benchmarking.
+_BLOCK_ROWS = {(3, 1): 48, (1, 3): 16}
+# Above this many polyphase branches the general kernel interpolates between this many
+# precomputed phases instead of storing all L (odd rates such as 44099 Hz give L = 8000).
+_MAX_PHASES = 256
+# Outputs per gather step in the general kernel (bounds its temporary matrices to a few MB).
+_GATHER_OUTPUTS = 2048
+
+
+def _kaiser_beta(atten_db: float) -> float:
+    # Kaiser's empirical formula mapping stopband attenuation to the window shape.
+    if atten_db > 50.0:
+        return 0.1102 * (atten_db - 8.7)
+    if atten_db >= 21.0:
+        return 0.5842 * math.pow(atten_db - 21.0, 0.4) + 0.07886 * (atten_db - 21.0)
+    return 0.0
+
+
+def _kaiser_lowpass(taps: int, cutoff_hz: float, rate_hz: float, atten_db: float) -> np.ndarray:
+    """Linear-phase windowed-sinc low-pass with unity DC gain."""
+    n = np.arange(taps, dtype=np.float64) - (taps - 1) / 2.0
+    h: np.ndarray = np.sinc(2.0 * cutoff_hz / rate_hz * n) * np.kaiser(taps, _kaiser_beta(atten_db))
+    h /= h.sum()
+    return h
+
+
+def round_to_int16(y: np.ndarray) -> np.ndarray:
+    """Round a float array to int16 with saturation (modifies ``y`` in place)."""
+    np.rint(y, out=y)
+    np.clip(y, -32768.0, 32767.0, out=y)
+    return y.astype(np.int16)
+
+
+class _BlockKernel:
+    """Exact polyphase evaluation as one (rows x window) @ (window x P) product per call."""
+
+    def __init__(self, h: np.ndarray, up: int, down: int, row_outputs: int) -> None:
+        if row_outputs % up:
+            raise ValueError("row_outputs must be a multiple of the interpolation factor")
+        self._up = up
+        self._down = down
+        taps = len(h)
+        # Rows start at output indices that are multiples of P (itself a multiple of L), so
+        # every row has the same phase pattern and row r's window starts r*stride later.
+        self._p = row_outputs
+        self._stride = row_outputs * down // up
+        t0 = down - 1 + np.arange(row_outputs) * down  # high-rate instants of row 0's outputs
+        self._m_lo = -((taps - down) // up)  # ceil((t0[0] - taps + 1) / L): oldest input
+        m_hi = int(t0[-1]) // up  # newest input the row reads
+        self._width = m_hi - self._m_lo + 1
+        m = np.arange(self._m_lo, m_hi + 1)
+        n = t0[None, :] - m[:, None] * up  # filter tap linking input m to output j
+        valid = (n >= 0) & (n < taps)
+        self._coef = np.where(valid, h[np.clip(n, 0, taps - 1)], 0.0)
+        self.history = down - self._m_lo + 1
+
+    def run(self, src: np.ndarray, base: int, k_start: int, k_end: int) -> np.ndarray:
+        up, p = self._up, self._p
+        k0 = k_start - k_start % up  # align to the row phase pattern (recomputes < L outputs)
+        rows = -(-(k_end - k0) // p)
+        offset = (k0 // up) * self._down + self._m_lo - base
+        need = offset + (rows - 1) * self._stride + self._width
+        if need > len(src):
+            # The last row reads past the newest input; those outputs are discarded below,
+            # zeros just keep the view in bounds.
+            src = np.concatenate((src, np.zeros(need - len(src))))
+        # Overlapping windows: row r is src[offset + r*stride : ... + width] (no copy).
+        windows = np.ndarray(
+            (rows, self._width),
+            dtype=_F64,
+            buffer=src,
+            offset=offset * 8,
+            strides=(self._stride * 8, 8),
+        )
+        y = (windows @ self._coef).reshape(-1)
+        return y[k_start - k0 : k_end - k0]
+
+
+class _GatherKernel:
+    """General polyphase evaluation: gather each output's window and coefficients.
+
+    ``h`` is designed at ``phases * in_rate``.  With ``phases == L`` the table holds every
+    polyphase branch exactly; with fewer phases (huge L) the coefficients for an output are
+    interpolated linearly between the two neighbouring tabulated phases.
+    """
+
+    def __init__(self, h: np.ndarray, phases: int, up: int, down: int) -> None:
+        q = phases
+        k = -(-len(h) // q)  # taps per branch
+        padded = np.zeros((k + 1) * q)
+        padded[: len(h)] = h
+        # table[j, i] multiplies input (newest - i) for phase j; row q (= phase 0 of the next
+        # tap) lets the interpolation read j0 + 1 without wrapping.
+        self._table = padded[np.arange(q + 1)[:, None] + q * np.arange(k)[None, :]]
+        self._back = np.arange(k)
+        self._phases = q
+        self._up = up
+        self._down = down
+        self.history = k
+
+    def run(self, src: np.ndarray, base: int, k_start: int, k_end: int) -> np.ndarray:
+        # The gathered matrices are (outputs x taps); slicing bounds their memory when a
+        # whole WAV arrives in one chunk.
+        if k_end - k_start <= _GATHER_OUTPUTS:
+            return self._run(src, base, k_start, k_end)
+        stops = range(k_start, k_end, _GATHER_OUTPUTS)
+        return np.concatenate([self._run(src, base, k, min(k + _GATHER_OUTPUTS, k_end)) for k in stops])
+
+    def _run(self, src: np.ndarray, base: int, k_start: int, k_end: int) -> np.ndarray:
+        up, down, q = self._up, self._down, self._phases
+        t = np.arange(k_start, k_end, dtype=np.int64) * down + (down - 1)
+        newest = t // up
+        phase = t - newest * up
+        windows = src[(newest - base)[:, None] - self._back[None, :]]
+        if q == up:
+            coef = self._table[phase]
+        else:
+            pos = phase * q
+            j0 = pos // up
+            frac = ((pos - j0 * up) / up)[:, None]
+            lo = self._table[j0]
+            coef = lo + frac * (self._table[j0 + 1] - lo)
+        y: np.ndarray = np.einsum("ij,ij->i", windows, coef)
+        return y
+
+
+class Resampler:
+    """Streaming rational-ratio resampler: int16 in, int16 out, any chunk sizes.
+
+    After N input samples in total the total output is exactly ``floor(N * L / M)`` with
+    ``L/M = out_rate/in_rate`` in lowest terms, and the streamed output matches a one-shot
+    run (up to float rounding, i.e. within 1 LSB) for any chunking.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        self._in_rate = int(in_rate)
+        self._out_rate = int(out_rate)
+        g = math.gcd(self._in_rate, self._out_rate)
+        self._up = self._out_rate // g
+        self._down = self._in_rate // g
+        self._kernel: _BlockKernel | _GatherKernel | None = None
+        self._taps = np.ones(1)
+        self._filter_rate = self._in_rate
+        self._delay_in = 0.0  # group delay in input samples
+        if self._up != self._down:
+            low = min(self._in_rate, self._out_rate)
+            spec = _DOWN_SPEC if self._out_rate < self._in_rate else _UP_SPEC
+            # Design at L * in_rate, or at a capped number of phases when L is huge.
+            phases = min(self._up, _MAX_PHASES)
+            high_rate = phases * self._in_rate
+            self._filter_rate = high_rate
+            taps = round(spec.span * high_rate / low)
+            # Gain = phases: zero-stuffing divides the baseband amplitude by the factor.
+            self._taps = _kaiser_lowpass(taps, spec.cutoff * low, high_rate, spec.atten_db)
+            self._taps *= phases
+            self._delay_in = (taps - 1) / 2 / phases
+            block = _BLOCK_ROWS.get((self._up, self._down))
+            if block is not None:
+                self._kernel = _BlockKernel(self._taps, self._up, self._down, block)
+            else:
+                self._kernel = _GatherKernel(self._taps, phases, self._up, self._down)
+        self.reset()
+
+    @property
+    def in_rate(self) -> int:
+        return self._in_rate
+
+    @property
+    def out_rate(self) -> int:
+        return self._out_rate
+
+    @property
+    def filter_taps(self) -> np.ndarray:
+        """The prototype FIR at the high rate (gain included); a copy, for inspection.
+
+        The high rate is ``L * in_rate``, or ``256 * in_rate`` when L exceeds 256 and the
+        phases are interpolated.
+        """
+        return self._taps.copy()
+
+    @property
+    def filter_rate(self) -> int:
+        """Sample rate of :attr:`filter_taps`, in Hz."""
+        return self._filter_rate
+
+    @property
+    def delay_ms(self) -> float:
+        """Group delay of the linear-phase filter ((taps - 1) / 2 at the high rate), in ms."""
+        return 1000.0 * self._delay_in / self._in_rate
+
+    def reset(self) -> None:
+        """Drop all history and phase (e.g. on barge-in)."""
+        self._n_in = 0
+        self._n_out = 0
+        history = self._kernel.history if self._kernel is not None else 0
+        self._hist = np.zeros(history)
+
+    def process_float(self, samples: np.ndarray) -> np.ndarray:
+        """Like :meth:`process` but float64 out, unrounded (input may be any real dtype)."""
+        x = np.asarray(samples)
+        if x.ndim != 1:
+            raise ValueError("expected a 1-D array of samples")
+        if self._kernel is None:
+            return x.astype(np.float64)
+        total = self._n_in + len(x)
+        k_end = total * self._up // self._down
+        # One concatenation both converts to float64 and prepends the filter history.
+        src = np.concatenate((self._hist, x), dtype=np.float64)
+        if k_end > self._n_out:
+            y = self._kernel.run(src, total - len(src), self._n_out, k_end)
+        else:
+            y = np.empty(0)
+        self._hist = src[len(src) - len(self._hist) :]
+        self._n_in = total
+        self._n_out = k_end
+        return y
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Resample a chunk of int16 samples; returns the int16 output due so far."""
+        if self._kernel is None:
+            return np.array(samples, dtype=np.int16)
+        return round_to_int16(self.process_float(samples))
+
+    def flush(self) -> np.ndarray:
+        """Emit the filter tail by feeding zeros, then reset.
+
+        The zeros cover the whole filter span (twice the group delay): stopping after one
+        group delay would cut the output where the final samples are still half-way
+        through the filter, i.e. mid-waveform, which clicks.
+        """
+        if self._kernel is None or self._n_in == 0:
+            self.reset()
+            return np.zeros(0, dtype=np.int16)
+        # Output k sits at input time (k*M + M - 1)/L; these zeros push the last output
+        # past the final input by the full span 2*delay.
+        zeros = math.ceil(2 * self._delay_in + self._down / self._up)
+        tail = self.process(np.zeros(zeros, dtype=np.int16))
+        self.reset()
+        return tail
