@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -72,7 +73,10 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def twiml(request: Request) -> Response:
         params = dict(request.query_params)
         if request.method == "POST":
-            params.update({k: v for k, v in (await request.form()).items() if isinstance(v, str)})
+            # Twilio posts application/x-www-form-urlencoded; parse_qsl reads it without
+            # the python-multipart dependency that Request.form() needs.
+            body = (await request.body()).decode("utf-8", "replace")
+            params.update(parse_qsl(body, keep_blank_values=True))
         return Response(twiml_for_call(settings, params), media_type="application/xml")
 
     async def media_stream(websocket: WebSocket) -> None:

@@ -62,7 +62,7 @@ def test_speaking_during_the_reply_interrupts_it() -> None:
     events = feed(engine, silence(200) + tone(400) + silence(700))
     assert isinstance(events[0], Interruption)
     # The barge-in utterance is itself echoed as reply 2.
-    assert [e.response for e in events if isinstance(e, AssistantAudio)][0] == 2
+    assert next(e.response for e in events if isinstance(e, AssistantAudio)) == 2
 
 
 def test_speaking_after_the_reply_is_not_an_interruption() -> None:

@@ -159,6 +159,11 @@ def caller_pending(caller: TwilioCaller) -> bool:
     return caller.received_total > len(caller.received)
 
 
+def all_played(caller: TwilioCaller) -> bool:
+    """The last mark the bridge sent has come back as played."""
+    return bool(caller.marks_received) and caller.marks_received[-1] in caller.marks_played
+
+
 async def started_reply(standin: NextEviStandIn, line: Line, caller: TwilioCaller) -> Session:
     session = await standin.wait_for_session()
     await line.say(tone_ulaw(500))
@@ -182,7 +187,7 @@ async def test_barge_in_clears_and_drops_the_rest_of_the_reply(make_bridge) -> N
                 session, json.dumps({"type": "transcription", "data": {"transcript": "hi", "is_final": True}})
             )
             await standin.send_raw(session, tts_message(sine(400, 700)))
-            await caller.wait_for(lambda: len(caller.received) >= heard_before_clear + 3200, 10)
+            await caller.wait_for(lambda: len(caller.received) >= heard_before_clear + 3200 and all_played(caller), 10)
             await caller.hang_up()
         [call] = await bridge.wait_for_calls(1)
 

@@ -161,9 +161,11 @@ class NextEviProtocol:
         if not isinstance(content, str):
             return self._skip("tts_chunk without content")
         try:
-            pcm = decode_tts_audio(b64decode(content, validate=True))
+            audio = b64decode(content, validate=True)
         except (binascii.Error, ValueError):
             return self._skip("tts_chunk content is not base64")
+        try:
+            pcm = decode_tts_audio(audio)
         except WavError as exc:
             return self._skip(f"tts_chunk WAV rejected: {exc}")
         if not len(pcm.samples):
@@ -214,7 +216,10 @@ class NextEviSession:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             # The message never includes the URL: it carries the API key.
             raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
-        await self._ws.send(NextEviProtocol.session_settings())
+        try:
+            await self._ws.send(NextEviProtocol.session_settings())
+        except ConnectionClosed:
+            pass  # refused after the handshake (e.g. 4001): receive() reports the close code
         self._last_send = time.monotonic()
         self._keep_alive = asyncio.create_task(self._keep_alive_loop())
 
