@@ -187,7 +187,9 @@ async def test_barge_in_clears_and_drops_the_rest_of_the_reply(make_bridge) -> N
                 session, json.dumps({"type": "transcription", "data": {"transcript": "hi", "is_final": True}})
             )
             await standin.send_raw(session, tts_message(sine(400, 700)))
-            await caller.wait_for(lambda: len(caller.received) >= heard_before_clear + 3200 and all_played(caller), 10)
+            await caller.wait_for(
+                lambda: len(caller.received) >= heard_before_clear + 3200 and all_played(caller), 10
+            )
             await caller.hang_up()
         [call] = await bridge.wait_for_calls(1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -216,10 +217,10 @@ class NextEviSession:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             # The message never includes the URL: it carries the API key.
             raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
-        try:
+        # A session refused after the handshake (e.g. 4001) fails this send; receive()
+        # then reports the close code.
+        with contextlib.suppress(ConnectionClosed):
             await self._ws.send(NextEviProtocol.session_settings())
-        except ConnectionClosed:
-            pass  # refused after the handshake (e.g. 4001): receive() reports the close code
         self._last_send = time.monotonic()
         self._keep_alive = asyncio.create_task(self._keep_alive_loop())
 
