@@ -22,12 +22,24 @@ class RunningBridge:
     stream_url: str
     settings: Settings
     finished: list[Call] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once a call has ended
     _ended: threading.Condition = field(default_factory=threading.Condition)
 
     def _call_ended(self, call: Call) -> None:
         with self._ended:
+            self.loop = asyncio.get_running_loop()
             self.finished.append(call)
             self._ended.notify_all()
+
+    async def server_tasks(self) -> list[str]:
+        """Names of the tasks alive on the server's loop (uvicorn's own included)."""
+        assert self.loop is not None
+
+        async def names() -> list[str]:
+            current = asyncio.current_task()
+            return [t.get_name() for t in asyncio.all_tasks() if t is not current]
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(names(), self.loop))
 
     async def wait_for_calls(self, count: int = 1, timeout: float = 15.0) -> list[Call]:
         """Wait until `count` calls have ended (their tasks awaited and logged)."""

@@ -19,6 +19,7 @@ from ivr_bridge.audio import ulaw_decode, ulaw_encode
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import NextEviStandIn, Session, VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
+from tests.support import eventually
 
 API_KEY = "oak_e2e_secret_key"
 CONFIG_ID = "cfg_e2e"
@@ -329,3 +330,46 @@ async def test_echo_provider_barge_in(echo_bridge) -> None:
     [call] = await echo_bridge.wait_for_calls(1)
     assert call.playback.responses[0].interrupted
     assert caller.violations == []
+
+
+async def test_no_task_outlives_its_call(make_bridge) -> None:
+    async with voice_api(VoiceApiBehaviour(reply_ms=3000, pace=True)) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        for _ in range(3):
+            async with TwilioCaller(bridge.stream_url) as caller, Line(caller) as line:
+                await line.say(tone_ulaw(400))
+                await caller.wait_for(lambda: len(caller.received) >= 800, 15)
+                await caller.hang_up()
+        await bridge.wait_for_calls(3)
+
+        # The handler that reported the last call may still be unwinding; wait for it.
+        async def leftovers() -> list[str]:
+            names = await bridge.server_tasks()
+            return [n for n in names if n in ("from-twilio", "from-voice-api", "nextevi-keep-alive")]
+
+        async def none_left() -> bool:
+            return not await leftovers()
+
+        await eventually(none_left, 10, "call tasks finished")
+        await eventually(lambda: all(s.closed.is_set() for s in standin.sessions), 10, "sessions closed")
+        assert [s.close_code for s in standin.sessions] == [1000, 1000, 1000]
+
+
+async def test_idle_session_sends_keep_alive() -> None:
+    from ivr_bridge.providers.nextevi import NextEviSession
+
+    async with voice_api() as standin:
+        settings = nextevi_settings(standin)
+        session = NextEviSession(settings, keep_alive_after=0.1)
+        await session.connect()
+        try:
+            remote = await standin.wait_for_session()
+            await eventually(lambda: any(m.get("type") == "keep_alive" for m in remote.text_messages))
+            kinds = [m.get("type") for m in remote.text_messages]
+            assert kinds[0] == "session_settings" and "keep_alive" in kinds
+            # Audio resets the idle clock: none is due right after sending some.
+            await session.send_audio(b"\x00\x00" * 2400)
+        finally:
+            await session.close()
+        await asyncio.wait_for(remote.closed.wait(), 10)
+        assert remote.close_code == 1000

@@ -190,8 +190,9 @@ class NextEviSession:
 
     name = "nextevi"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, keep_alive_after: float = KEEP_ALIVE_AFTER_S) -> None:
         self._settings = settings
+        self._keep_alive_after = keep_alive_after
         self.connection_id = f"ivr-{uuid.uuid4()}"
         self.protocol = NextEviProtocol()
         self._ws: ClientConnection | None = None
@@ -222,7 +223,7 @@ class NextEviSession:
         with contextlib.suppress(ConnectionClosed):
             await self._ws.send(NextEviProtocol.session_settings())
         self._last_send = time.monotonic()
-        self._keep_alive = asyncio.create_task(self._keep_alive_loop())
+        self._keep_alive = asyncio.create_task(self._keep_alive_loop(), name="nextevi-keep-alive")
 
     async def send_audio(self, pcm: bytes) -> None:
         if self._ws is None or self._closed:
@@ -261,8 +262,8 @@ class NextEviSession:
         assert self._ws is not None
         while True:
             idle = time.monotonic() - self._last_send
-            if idle < KEEP_ALIVE_AFTER_S:
-                await asyncio.sleep(KEEP_ALIVE_AFTER_S - idle)
+            if idle < self._keep_alive_after:
+                await asyncio.sleep(self._keep_alive_after - idle)
                 continue
             try:
                 await self._ws.send(NextEviProtocol.keep_alive())
