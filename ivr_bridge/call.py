@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -352,3 +353,7 @@ class Call:
         )
         for line in self.transcript:
             self.log.info("transcript %6.2fs %s: %s", line.at, line.role, line.text)
+        if s.emotions:
+            # The strongest emotion of each update, counted over the call.
+            counts = Counter(top[0][0] for _, top in s.emotions if top)
+            self.log.info("emotions: %s", ", ".join(f"{name} x{n}" for name, n in counts.most_common()))
