@@ -34,7 +34,10 @@ class StarletteTwilioSocket:
     async def receive(self) -> str | bytes | None:
         if self._closed:
             return None
-        message = await self._ws.receive()
+        try:
+            message = await self._ws.receive()
+        except RuntimeError:  # receive after the disconnect message
+            message = {"type": "websocket.disconnect"}
         if message["type"] == "websocket.disconnect":
             self._closed = True
             return None
@@ -45,7 +48,8 @@ class StarletteTwilioSocket:
         try:
             await self._ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError) as exc:
-            self._closed = True
+            # Leave receive() working: frames that arrived before the close (a `stop`) are
+            # still queued and say how the call ended.
             raise ConnectionError("Twilio socket closed") from exc
 
     async def close(self, code: int = 1000) -> None:

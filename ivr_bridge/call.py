@@ -107,7 +107,7 @@ class Call:
         self.playback = Playback()
         self.stats = CallStats()
         self.transcript: list[TranscriptLine] = []
-        self.outcome = "not started"
+        self.outcome = "in progress"
         self.call_sid = ""
         self.custom_parameters: dict[str, str] = {}
         self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
@@ -118,6 +118,7 @@ class Call:
         self._upstream = bytearray()
         self._chunk_bytes = settings.upstream_chunk_ms * PCM_BYTES_PER_MS
         self._connected = asyncio.Event()
+        self._twilio_gone = False
         self._started_at = time.monotonic()
         # Reply state on the outbound side.
         self._response: Response | None = None
@@ -137,12 +138,16 @@ class Call:
         self.log.info(
             "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
         )
-        tasks = {
-            asyncio.create_task(self._from_twilio(), name="from-twilio"),
-            asyncio.create_task(self._from_voice_api(), name="from-voice-api"),
-        }
+        from_twilio = asyncio.create_task(self._from_twilio(), name="from-twilio")
+        tasks = {from_twilio, asyncio.create_task(self._from_voice_api(), name="from-voice-api")}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if self._twilio_gone and from_twilio not in done:
+                # A send found the socket closed; the reader still holds the frames that say
+                # how the call ended (a `stop`, or none), and it ends at once on its own.
+                done |= (await asyncio.wait({from_twilio}, timeout=2))[0]
+                if from_twilio not in done:
+                    self.outcome = "caller hung up"
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     self.outcome = "error"
@@ -225,7 +230,7 @@ class Call:
         try:
             await self._relay_voice_events(session)
         except ConnectionError:
-            self.outcome = "caller hung up"
+            self._twilio_gone = True  # the Twilio reader records how the call ended
 
     async def _relay_voice_events(self, session: VoiceSession) -> None:
         loop = asyncio.get_running_loop()
