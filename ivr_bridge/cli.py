@@ -12,8 +12,10 @@ log = logging.getLogger("ivr_bridge")
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Unset, the public URL is where this server listens: right for trying it locally.
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(default_public_url=f"http://{host}:{args.port}")
     except SettingsError as exc:
         print(f"ivr-bridge: {exc}", file=sys.stderr)
         return 2
@@ -29,6 +31,11 @@ def serve(args: argparse.Namespace) -> int:
         settings.public_url,
         settings.stream_url,
     )
+    if not settings.public_url.startswith("https://"):
+        log.warning(
+            "IVR_PUBLIC_URL is %s: Twilio needs a public https:// URL to reach the bridge",
+            settings.public_url,
+        )
     uvicorn.run(
         create_app(settings),
         host=args.host,

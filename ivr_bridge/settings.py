@@ -43,7 +43,13 @@ class Settings:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        dotenv: bool = True,
+        default_public_url: str = DEFAULT_PUBLIC_URL,
+    ) -> Settings:
         """Read and validate settings; raises SettingsError naming the first bad variable."""
         if env is None:
             env = dict(os.environ)
@@ -56,7 +62,7 @@ class Settings:
         def get(name: str, default: str = "") -> str:
             return env.get(name, default).strip()
 
-        public_url = get("IVR_PUBLIC_URL", DEFAULT_PUBLIC_URL).rstrip("/")
+        public_url = get("IVR_PUBLIC_URL", default_public_url).rstrip("/")
         parts = urlsplit(public_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise SettingsError(f"IVR_PUBLIC_URL must be an http:// or https:// base URL, got {public_url!r}")

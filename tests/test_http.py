@@ -90,6 +90,8 @@ def test_serve_starts_with_the_echo_default_and_answers() -> None:
             if "Uvicorn running" in line or "Application startup complete" in line:
                 break
         assert any("voice provider: echo" in line for line in seen), seen
+        # Without IVR_PUBLIC_URL the stream URL points at this server.
+        assert any(f"stream: ws://127.0.0.1:{port}/media-stream" in line for line in seen), seen
         response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert response.status_code == 200
     finally:
