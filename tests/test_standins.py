@@ -629,3 +629,23 @@ async def test_twilio_caller_waits_and_closes(bridge: tuple[FakeBridge, str]) ->
     await fake.wait_for(lambda: fake.close_code is not None)
     assert fake.close_code == 1006 and dropped.close_code == 1006
     assert fake.events("stop") == []
+
+
+async def test_twilio_caller_continuous_line(bridge: tuple[FakeBridge, str]) -> None:
+    fake, url = bridge
+    async with TwilioCaller(url, continuous=True) as caller:
+        # Silence flows with nobody speaking...
+        await fake.wait_for(lambda: len(fake.events("media")) >= 5)
+        # ...and speech slots into the same frame clock.
+        await caller.say(b"\x00" * 320)
+        await fake.wait_for(lambda: len(fake.events("media")) >= 10)
+        await caller.hang_up()
+    frames = fake.events("media")
+    chunks = [int(m["media"]["chunk"]) for m in frames]
+    assert chunks == list(range(1, len(frames) + 1))
+    assert [int(m["media"]["timestamp"]) for m in frames] == [20 * (c - 1) for c in chunks]
+    payloads = [base64.b64decode(m["media"]["payload"]) for m in frames]
+    assert payloads.count(b"\x00" * 160) == 2 and payloads.count(b"\xff" * 160) == len(frames) - 2
+    assert fake.messages[-1]["event"] == "stop"  # nothing follows stop
+    sequence = [int(m["sequenceNumber"]) for m in fake.messages[1:]]
+    assert sequence == list(range(1, len(sequence) + 1))

@@ -76,8 +76,11 @@ class TwilioCaller:
         account_sid: str = "AC" + "0" * 32,
         custom_parameters: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        continuous: bool = False,
     ) -> None:
+        """`continuous`: stream silence whenever not saying anything, as a real line does."""
         self.url = url
+        self.continuous = continuous
         self.call_sid = call_sid or _sid("CA")
         self.stream_sid = stream_sid or _sid("MZ")
         self.account_sid = account_sid
@@ -103,6 +106,7 @@ class TwilioCaller:
         self._next_frame_at: float | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._player: asyncio.Task[None] | None = None
+        self._line: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
         # Playout queue: audio and marks in arrival order.
@@ -136,11 +140,14 @@ class TwilioCaller:
         )
         self._player = asyncio.create_task(self._playout())
         self._receiver = asyncio.create_task(self._receive(self._ws))
+        if self.continuous:
+            self._line = asyncio.create_task(self._keep_line_open())
 
     async def hang_up(self) -> None:
         """End the call as Twilio does: ``stop``, then a normal close."""
         if self._ws is None or self.closed.is_set():
             return
+        await self._stop_line()  # nothing follows `stop`
         await self._send_event("stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         await self._close_socket()
 
@@ -163,8 +170,22 @@ class TwilioCaller:
         await self._finish()
 
     async def _finish(self) -> None:
+        await self._stop_line()
         if self._receiver is not None:
             await asyncio.wait({self._receiver})
+
+    async def _keep_line_open(self) -> None:
+        # One frame per turn of the media lock: a say() waiting for the lock gets it next
+        # (asyncio locks are FIFO), and both share the frame clock, so there is no gap.
+        frame = [bytes([SILENCE]) * FRAME_BYTES]
+        while await self._stream(frame):
+            pass
+
+    async def _stop_line(self) -> None:
+        if self._line is not None:
+            self._line.cancel()
+            await asyncio.gather(self._line, return_exceptions=True)
+            self._line = None
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -196,7 +217,8 @@ class TwilioCaller:
             raise ValueError(f"not a DTMF digit: {digit!r}")
         await self._send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
 
-    async def _stream(self, frames: list[bytes]) -> None:
+    async def _stream(self, frames: list[bytes]) -> bool:
+        """Send frames on the 20 ms clock; False once the call is over."""
         loop = asyncio.get_running_loop()
         async with self._media_lock:
             now = loop.time()
@@ -215,8 +237,9 @@ class TwilioCaller:
                     "payload": base64.b64encode(frame).decode("ascii"),
                 }
                 if not await self._send_event("media", {"media": media}):
-                    return
+                    return False
                 self._next_frame_at += FRAME_SECONDS
+        return True
 
     async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
         """Send a numbered message; False if the call is already over."""
