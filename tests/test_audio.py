@@ -29,6 +29,8 @@ from ivr_bridge.audio.g711 import PCM_TO_ULAW, ULAW_TO_PCM
 from ivr_bridge.audio.measure import (
     chunked,
     filter_gain_db,
+    g191_ulaw_decode,
+    g191_ulaw_encode,
     g711_mismatches,
     impulse_delay_ms,
     passband_gain_db,
@@ -45,36 +47,6 @@ from ivr_bridge.audio.wav import is_wav, parse_wav
 # --------------------------------------------------------------------------------------
 # G.711 mu-law
 # --------------------------------------------------------------------------------------
-
-
-def g191_ulaw_encode(sample: int) -> int:
-    """Scalar mu-law encoder following the ITU-T G.191 reference algorithm.
-
-    Works on the 14-bit magnitude: the 16-bit sample is shifted right by 2 first, negative
-    samples use the one's complement (~x), and 33 (= 132 / 4) is the bias.
-    """
-    magnitude = ((~sample) >> 2) + 33 if sample < 0 else (sample >> 2) + 33
-    magnitude = min(magnitude, 0x1FFF)
-    # Segment number 1..8: one more than the bit length of magnitude >> 6.
-    segment = 1
-    rest = magnitude >> 6
-    while rest:
-        segment += 1
-        rest >>= 1
-    high_nibble = 0x8 - segment
-    low_nibble = 0xF - ((magnitude >> segment) & 0xF)
-    code = (high_nibble << 4) | low_nibble
-    return code | 0x80 if sample >= 0 else code
-
-
-def g191_ulaw_decode(code: int) -> int:
-    """Scalar mu-law decoder following the ITU-T G.191 reference algorithm."""
-    sign = -1 if code < 0x80 else 1
-    inverted = ~code
-    exponent = (inverted >> 4) & 0x7
-    mantissa = inverted & 0xF
-    step = 4 << (exponent + 1)
-    return sign * ((0x80 << exponent) + step * mantissa + step // 2 - 4 * 33)
 
 
 def test_g711_encoder_is_bit_exact_with_g191() -> None:

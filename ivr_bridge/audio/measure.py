@@ -21,6 +21,8 @@ __all__ = [
     "aligned_snr_db",
     "chunked",
     "filter_gain_db",
+    "g191_ulaw_decode",
+    "g191_ulaw_encode",
     "g711_mismatches",
     "image_rejection_db",
     "impulse_delay_ms",
@@ -230,3 +232,35 @@ def aligned_snr_db(
         if snr > best[1]:
             best = (float(delay), snr)
     return best
+
+
+# Scalar references written straight from the ITU-T G.191 algorithm, independent of the
+# lookup tables in g711.py that they check.
+def g191_ulaw_encode(sample: int) -> int:
+    """Scalar mu-law encoder following the ITU-T G.191 reference algorithm.
+
+    Works on the 14-bit magnitude: the 16-bit sample is shifted right by 2 first, negative
+    samples use the one's complement (~x), and 33 (= 132 / 4) is the bias.
+    """
+    magnitude = ((~sample) >> 2) + 33 if sample < 0 else (sample >> 2) + 33
+    magnitude = min(magnitude, 0x1FFF)
+    # Segment number 1..8: one more than the bit length of magnitude >> 6.
+    segment = 1
+    rest = magnitude >> 6
+    while rest:
+        segment += 1
+        rest >>= 1
+    high_nibble = 0x8 - segment
+    low_nibble = 0xF - ((magnitude >> segment) & 0xF)
+    code = (high_nibble << 4) | low_nibble
+    return code | 0x80 if sample >= 0 else code
+
+
+def g191_ulaw_decode(code: int) -> int:
+    """Scalar mu-law decoder following the ITU-T G.191 reference algorithm."""
+    sign = -1 if code < 0x80 else 1
+    inverted = ~code
+    exponent = (inverted >> 4) & 0x7
+    mantissa = inverted & 0xF
+    step = 4 << (exponent + 1)
+    return sign * ((0x80 << exponent) + step * mantissa + step // 2 - 4 * 33)
