@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import wave
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.audio import ulaw_decode, ulaw_encode, wav_bytes
 from ivr_bridge.audio.measure import aligned_snr_db
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import NextEviStandIn, Session, VoiceApiBehaviour
@@ -48,15 +47,7 @@ def level_at(ulaw: bytes | bytearray, hz: float, rate: int = 8000) -> float:
 
 
 def tts_message(samples: np.ndarray, rate: int = 24000, wav: bool = True) -> str:
-    audio = samples.astype("<i2").tobytes()
-    if wav:
-        buf = io.BytesIO()
-        with wave.open(buf, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(audio)
-        audio = buf.getvalue()
+    audio = wav_bytes(samples, rate) if wav else samples.astype("<i2").tobytes()
     return json.dumps(
         {"type": "tts_chunk", "timestamp": 0.0, "message_id": "x", "content": b64encode(audio).decode()}
     )

@@ -1,14 +1,13 @@
 """NextEVI protocol core: both envelope shapes, tts_chunk decoding, replies and barge-in."""
 
-import io
 import json
-import wave
 from base64 import b64encode
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
 
+from ivr_bridge.audio import wav_bytes
 from ivr_bridge.providers.base import (
     AssistantAudio,
     AssistantText,
@@ -21,16 +20,6 @@ from ivr_bridge.providers.base import (
     UserTranscript,
 )
 from ivr_bridge.providers.nextevi import NextEviProtocol
-
-
-def wav_bytes(samples: np.ndarray, rate: int = 24000, channels: int = 1) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def message(kind: str, shape: str, **fields: object) -> str:
@@ -87,7 +76,7 @@ def test_every_documented_message_in_both_shapes(shape: str) -> None:
     assert p.receive(chunk) == [AssistantText("Hi", False, "g1")]
     err = message("error", shape, error_code="AUDIO_PROCESSING_FAILED", error_message="bad chunk")
     assert p.receive(err) == [ProviderError("AUDIO_PROCESSING_FAILED", "bad chunk")]
-    [audio] = p.receive(tts(wav_bytes(np.zeros(2400, dtype=np.int16))))
+    [audio] = p.receive(tts(wav_bytes(np.zeros(2400, dtype=np.int16), 24000)))
     assert isinstance(audio, AssistantAudio) and audio.response == 1
     assert audio.pcm.sample_rate == 24000 and len(audio.pcm.samples) == 2400
     assert p.receive(
@@ -107,7 +96,7 @@ def test_tts_chunk_without_header_is_raw_24k_pcm() -> None:
 def test_tts_chunk_wav_at_other_rates_and_stereo() -> None:
     p = NextEviProtocol()
     stereo = np.repeat(np.array([1000, 3000] * 800, dtype=np.int16).reshape(-1, 2), 1, axis=0)
-    [audio] = p.receive(tts(wav_bytes(stereo.reshape(-1), rate=16000, channels=2)))
+    [audio] = p.receive(tts(wav_bytes(stereo.reshape(-1), 16000, channels=2)))
     assert isinstance(audio, AssistantAudio)
     assert audio.pcm.sample_rate == 16000 and len(audio.pcm.samples) == 800
 

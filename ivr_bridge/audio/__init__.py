@@ -3,7 +3,7 @@
 from .convert import BotAudio, CallerAudio
 from .g711 import FRAME_BYTES, ULAW_SILENCE, ulaw_decode, ulaw_encode
 from .resample import Resampler
-from .wav import Pcm, WavError, decode_tts_audio
+from .wav import Pcm, WavError, decode_tts_audio, wav_bytes
 
 __all__ = [
     "FRAME_BYTES",
@@ -16,4 +16,5 @@ __all__ = [
     "decode_tts_audio",
     "ulaw_decode",
     "ulaw_encode",
+    "wav_bytes",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import wave
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Pcm", "WavError", "decode_tts_audio", "is_wav", "parse_wav"]
+__all__ = ["Pcm", "WavError", "decode_tts_audio", "is_wav", "parse_wav", "wav_bytes"]
 
 MIN_RATE = 8000
 MAX_RATE = 48000
@@ -120,3 +122,14 @@ def decode_tts_audio(data: bytes) -> Pcm:
     usable = len(data) - len(data) % 2
     samples = np.frombuffer(data, dtype="<i2", count=usable // 2).astype(np.int16)
     return Pcm(samples, RAW_PCM_RATE)
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int, channels: int = 1) -> bytes:
+    """A 16-bit PCM WAV file of `samples` (interleaved when `channels` > 1)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(2)
+        writer.setframerate(sample_rate)
+        writer.writeframes(np.asarray(samples).astype("<i2").tobytes())
+    return buffer.getvalue()

@@ -29,14 +29,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import math
 import signal
 import time
 import uuid
-import wave
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -48,6 +46,8 @@ import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+from ivr_bridge.audio import wav_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -135,16 +135,6 @@ class _Peer:
     generations: int = 0
 
 
-def _wav_bytes(pcm: bytes, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(pcm)
-    return buffer.getvalue()
-
-
 def _reply_chunks(behaviour: VoiceApiBehaviour) -> list[str]:
     """Base64 tts_chunk contents of one reply; identical for every reply, so built once."""
     rate = behaviour.tts_sample_rate
@@ -157,7 +147,7 @@ def _reply_chunks(behaviour: VoiceApiBehaviour) -> list[str]:
     for start in range(0, total, step):
         piece = pcm[start * 2 : (start + step) * 2]
         if behaviour.wav_header:
-            piece = _wav_bytes(piece, rate)
+            piece = wav_bytes(np.frombuffer(piece, dtype="<i2"), rate)
         chunks.append(base64.b64encode(piece).decode("ascii"))
     return chunks
 
