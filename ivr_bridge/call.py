@@ -132,7 +132,9 @@ class Call:
 
     async def run(self) -> None:
         if not await self._wait_for_start():
-            self.outcome = "closed before start"
+            if self.outcome == "in progress":
+                self.outcome = "closed before start"
+            await self.twilio.close(NORMAL_CLOSE)
             return
         self._session = self._session_factory(self.settings)
         self.log.info(
@@ -168,6 +170,10 @@ class Call:
             try:
                 event = self.stream.receive(frame)
             except MediaStreamError as exc:
+                if exc.fatal:
+                    self.outcome = "unusable start"
+                    self.log.error("cannot carry this stream: %s; ending it", exc)
+                    return False
                 self._bad_frame(exc)
                 continue
             if isinstance(event, StreamStarted):

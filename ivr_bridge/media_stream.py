@@ -17,7 +17,15 @@ EXPECTED_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 
 
 
 class MediaStreamError(ValueError):
-    """An inbound frame that breaks the protocol; the message says how (no payload data)."""
+    """An inbound frame that breaks the protocol; the message says how (no payload data).
+
+    `fatal` marks a `start` the stream cannot go on from (no sids, audio it cannot carry);
+    any other bad frame can be skipped.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,21 +133,21 @@ class MediaStream:
             raise MediaStreamError("second start on one stream")
         start = message.get("start")
         if not isinstance(start, dict):
-            raise MediaStreamError("start without start object")
+            raise MediaStreamError("start without start object", fatal=True)
         stream_sid = start.get("streamSid") or message.get("streamSid")
         call_sid = start.get("callSid")
         if not isinstance(stream_sid, str) or not stream_sid:
-            raise MediaStreamError("start without streamSid")
+            raise MediaStreamError("start without streamSid", fatal=True)
         if not isinstance(call_sid, str) or not call_sid:
-            raise MediaStreamError("start without callSid")
+            raise MediaStreamError("start without callSid", fatal=True)
         media_format = start.get("mediaFormat") or {}
         if not isinstance(media_format, dict) or any(
             media_format.get(k) != v for k, v in EXPECTED_FORMAT.items()
         ):
-            raise MediaStreamError(f"unsupported mediaFormat {media_format!r}"[:120])
+            raise MediaStreamError(f"unsupported mediaFormat {media_format!r}"[:120], fatal=True)
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
-            raise MediaStreamError("customParameters is not an object")
+            raise MediaStreamError("customParameters is not an object", fatal=True)
         self.stream_sid = stream_sid
         self.call_sid = call_sid
         self._sid_json = json.dumps(stream_sid)

@@ -360,3 +360,25 @@ async def test_echo_round_trip_keeps_speech_intact(echo_bridge) -> None:
     path_delay_ms = (delay % 160) / 8
     assert path_delay_ms <= 8.0
     assert snr >= 33.0  # measured 37.8; clicks at chunk boundaries measured 9.9
+
+
+async def test_unsupported_media_format_ends_the_stream_with_one_line(echo_bridge, caplog) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(echo_bridge.stream_url) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        start = {
+            "accountSid": "AC1",
+            "streamSid": "MZ1",
+            "callSid": "CA1",
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1},
+        }
+        await ws.send(
+            json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": start})
+        )
+        await asyncio.wait_for(ws.wait_closed(), 10)
+    [call] = await echo_bridge.wait_for_calls(1)
+    assert call.outcome == "unusable start"
+    assert len([r for r in caplog.records if "mediaFormat" in r.getMessage()]) == 1
