@@ -58,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=serve)
+
+    from ivr_bridge.standins import nextevi as voice_api_standin
+
+    p = commands.add_parser(
+        "stub-voice-api",
+        help="run a NextEVI-protocol stand-in voice API (for trying and load-testing a bridge)",
+        description="A NextEVI-protocol voice API stand-in: energy turn detection, tone replies "
+        "as tts_chunk WAVs in real time, tts_interruption on barge-in. Point the bridge at it "
+        "with NEXTEVI_URL=ws://HOST:PORT/ws/voice and the same --api-key/--config-id.",
+    )
+    voice_api_standin.add_arguments(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=voice_api_standin.run)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),

@@ -564,12 +564,9 @@ class NextEviStandIn:
 # -- command line -----------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stand-in's options, shared by `ivr-bridge stub-voice-api` and `python -m`."""
     defaults = VoiceApiBehaviour()
-    parser = argparse.ArgumentParser(
-        prog="python -m ivr_bridge.standins.nextevi",
-        description="Run a NextEVI voice API stand-in.",
-    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--api-key", default=defaults.api_key)
@@ -579,14 +576,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tts-sample-rate", type=int, default=defaults.tts_sample_rate)
     parser.add_argument("--reply-ms", type=int, default=defaults.reply_ms)
     parser.add_argument("--tts-chunk-ms", type=int, default=defaults.tts_chunk_ms)
-    parser.add_argument("--think-ms", type=int, default=defaults.think_ms)
+    parser.add_argument("--think-ms", type=int, default=defaults.think_ms, help="delay before each reply")
     parser.add_argument("--no-pace", action="store_true", help="send each reply at once")
     parser.add_argument("--speech-rms", type=float, default=defaults.speech_rms)
     parser.add_argument("--end-of-turn-ms", type=int, default=defaults.end_of_turn_ms)
     parser.add_argument("--reply-tone-hz", type=float, default=defaults.reply_tone_hz)
     parser.add_argument("--no-interrupt", action="store_true", help="ignore barge-in")
     parser.add_argument("--permessage-deflate", action="store_true")
-    return parser
 
 
 async def _run(host: str, port: int, behaviour: VoiceApiBehaviour) -> None:
@@ -603,8 +599,7 @@ async def _run(host: str, port: int, behaviour: VoiceApiBehaviour) -> None:
         await standin.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     behaviour = VoiceApiBehaviour(
         api_key=args.api_key,
         config_id=args.config_id,
@@ -622,11 +617,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         permessage_deflate=args.permessage_deflate,
         record_audio=False,  # nobody can read it from a separate process
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # keep startup to one line
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(args.host, args.port, behaviour))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ivr_bridge.standins.nextevi", description="Run a NextEVI voice API stand-in."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
