@@ -15,6 +15,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from ivr_bridge.call import Call
+from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.settings import Settings
 
 log = logging.getLogger("ivr_bridge")
@@ -73,6 +75,7 @@ def twiml_for_call(settings: Settings, params: dict[str, str]) -> str:
 def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = None) -> Starlette:
     """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
     active: set[Call] = set()
+    metrics = BridgeMetrics(lambda: active)
 
     async def twiml(request: Request) -> Response:
         params = dict(request.query_params)
@@ -85,11 +88,13 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
 
     async def media_stream(websocket: WebSocket) -> None:
         await websocket.accept()
-        call = Call(settings, StarletteTwilioSocket(websocket))
+        call = Call(settings, StarletteTwilioSocket(websocket), metrics=metrics)
         active.add(call)
         try:
             await call.run()
         finally:
+            # Together, with no await between: a scrape counts the call once.
+            metrics.call_ended(call)
             active.discard(call)
             if on_call_end is not None:
                 on_call_end(call)
@@ -97,13 +102,18 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active_calls": len(active)})
 
+    async def metrics_page(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     app = Starlette(
         routes=[
             Route("/twiml", twiml, methods=["GET", "POST"]),
             WebSocketRoute("/media-stream", media_stream),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics_page, methods=["GET"]),
         ]
     )
     app.state.settings = settings
     app.state.active_calls = active
+    app.state.metrics = metrics
     return app

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from ivr_bridge.audio import BotAudio, CallerAudio
@@ -28,6 +29,7 @@ from ivr_bridge.media_stream import (
     StreamStarted,
     StreamStopped,
 )
+from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.playback import Playback, Response
 from ivr_bridge.providers import new_session
 from ivr_bridge.providers.base import (
@@ -55,6 +57,20 @@ MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
 # are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
 TAIL_MARGIN_S = 0.06
 TAIL_IDLE_S = 0.25
+
+
+class Outcome(StrEnum):
+    """How a call ended: a fixed set, so it can label metrics and call records."""
+
+    IN_PROGRESS = "in_progress"
+    STREAM_STOPPED = "stream_stopped"  # Twilio sent `stop`: hang-up or redirect
+    CALLER_HUNG_UP = "caller_hung_up"  # the Twilio socket closed without `stop`
+    VOICE_API_ENDED = "voice_api_ended"  # the voice API closed the session normally
+    VOICE_API_FAILED = "voice_api_failed"  # ... with an error close code
+    VOICE_API_UNREACHABLE = "voice_api_unreachable"
+    CLOSED_BEFORE_START = "closed_before_start"
+    UNUSABLE_START = "unusable_start"
+    ERROR = "error"  # a bug: logged with its traceback
 
 
 class TwilioSocket(Protocol):
@@ -99,7 +115,8 @@ class Call:
         self,
         settings: Settings,
         twilio: TwilioSocket,
-        session_factory: Callable[[Settings], VoiceSession] = new_session,
+        session_factory: Callable[[Settings, str], VoiceSession] = new_session,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.twilio = twilio
@@ -107,11 +124,13 @@ class Call:
         self.playback = Playback()
         self.stats = CallStats()
         self.transcript: list[TranscriptLine] = []
-        self.outcome = "in progress"
+        self.outcome = Outcome.IN_PROGRESS
+        self.upstream_close_code: int | None = None
         self.call_sid = ""
         self.custom_parameters: dict[str, str] = {}
         self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
         self._session_factory = session_factory
+        self.metrics = metrics
         self._session: VoiceSession | None = None
         self._caller_audio = CallerAudio()
         self._bot_audio = BotAudio()
@@ -127,16 +146,17 @@ class Call:
         self._playout_end = 0.0  # loop time at which Twilio will have played all we sent
         self._last_audio_at = 0.0
         self._assistant_text: dict[str, str] = {}
+        self._turn_ended_at: float | None = None  # for the reply latency of the next response
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:
         if not await self._wait_for_start():
-            if self.outcome == "in progress":
-                self.outcome = "closed before start"
+            if self.outcome == Outcome.IN_PROGRESS:
+                self.outcome = Outcome.CLOSED_BEFORE_START
             await self.twilio.close(NORMAL_CLOSE)
             return
-        self._session = self._session_factory(self.settings)
+        self._session = self._session_factory(self.settings, self.call_sid)
         self.log.info(
             "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
         )
@@ -149,10 +169,10 @@ class Call:
                 # how the call ended (a `stop`, or none), and it ends at once on its own.
                 done |= (await asyncio.wait({from_twilio}, timeout=2))[0]
                 if from_twilio not in done:
-                    self.outcome = "caller hung up"
+                    self.outcome = Outcome.CALLER_HUNG_UP
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
-                    self.outcome = "error"
+                    self.outcome = Outcome.ERROR
                     self.log.error("call failed", exc_info=task.exception())
         finally:
             for task in tasks:
@@ -171,7 +191,7 @@ class Call:
                 event = self.stream.receive(frame)
             except MediaStreamError as exc:
                 if exc.fatal:
-                    self.outcome = "unusable start"
+                    self.outcome = Outcome.UNUSABLE_START
                     self.log.error("cannot carry this stream: %s; ending it", exc)
                     return False
                 self._bad_frame(exc)
@@ -192,7 +212,7 @@ class Call:
         while True:
             frame = await self.twilio.receive()
             if frame is None:
-                self.outcome = "caller hung up"
+                self.outcome = Outcome.CALLER_HUNG_UP
                 return
             try:
                 event = self.stream.receive(frame)
@@ -218,7 +238,7 @@ class Call:
                 self.log.info("caller pressed %s", event.digit)
                 self._note("dtmf", event.digit)
             elif isinstance(event, StreamStopped):
-                self.outcome = "stream stopped"
+                self.outcome = Outcome.STREAM_STOPPED
                 return
 
     # -- voice API -> caller -------------------------------------------------------------
@@ -226,12 +246,17 @@ class Call:
     async def _from_voice_api(self) -> None:
         session = self._session
         assert session is not None
+        connect_started = time.monotonic()
         try:
             await session.connect()
         except ConnectionError as exc:
-            self.outcome = "voice API unreachable"
+            self.outcome = Outcome.VOICE_API_UNREACHABLE
             self.log.error("%s; ending the call", exc)
+            if self.metrics:
+                self.metrics.upstream_failed(None)
             return
+        if self.metrics:
+            self.metrics.upstream_connected(time.monotonic() - connect_started)
         self._connected.set()
         try:
             await self._relay_voice_events(session)
@@ -251,10 +276,13 @@ class Call:
             if isinstance(event, Closed):
                 await self._finish_response()
                 if event.normal:
-                    self.outcome = "voice API ended the session"
+                    self.outcome = Outcome.VOICE_API_ENDED
                     self.log.info("voice API closed the session normally")
                 else:
-                    self.outcome = f"voice API failed ({event.code})"
+                    self.outcome = Outcome.VOICE_API_FAILED
+                    self.upstream_close_code = event.code
+                    if self.metrics:
+                        self.metrics.upstream_failed(event.code)
                     self.log.error("voice API closed the session with code %d %s", event.code, event.reason)
                 return
             await self._handle(event, loop.time())
@@ -264,9 +292,12 @@ class Call:
             await self._speak(event, now)
         elif isinstance(event, Interruption):
             await self._barge_in(event.reason)
+            if self.metrics:
+                self.metrics.barged_in(asyncio.get_running_loop().time() - now)
         elif isinstance(event, UserTranscript):
             if event.final:
                 await self._finish_response()
+                self._turn_ended_at = now
                 self._note("user", event.text)
         elif isinstance(event, AssistantText):
             text = self._assistant_text.get(event.response_id, "")
@@ -277,6 +308,8 @@ class Call:
                 self._note("assistant", self._assistant_text.pop(event.response_id))
         elif isinstance(event, TurnEvent):
             await self._finish_response()
+            if event.kind == "end":
+                self._turn_ended_at = now
         elif isinstance(event, Emotions):
             self.stats.emotions.append((self._elapsed(), event.top[:3]))
         elif isinstance(event, ProviderError):
@@ -296,6 +329,10 @@ class Call:
             self._response_number = event.response
             self._response = self.playback.start_response()
         await self._send_audio(self._bot_audio.process(event.pcm), now)
+        if self._turn_ended_at is not None and self._response.sent_bytes:
+            if self.metrics:
+                self.metrics.reply_started(now - self._turn_ended_at)
+            self._turn_ended_at = None
         self._last_audio_at = now
 
     async def _finish_response(self) -> None:
@@ -352,7 +389,7 @@ class Call:
         self.log.info(
             "call ended: %s after %.1f s; frames in %d out %d, sequence gaps %d, chunk gaps %d, "
             "barge-ins %d, bad frames %d; replies: %s",
-            self.outcome,
+            f"{self.outcome} ({self.upstream_close_code})" if self.upstream_close_code else self.outcome,
             time.monotonic() - self._started_at,
             s.frames_in,
             s.frames_out,

@@ -50,6 +50,11 @@ class Playback:
         return self.responses[-1] if self.responses else None
 
     @property
+    def unplayed_ms(self) -> int:
+        """Audio sent to Twilio whose marks have not come back yet."""
+        return sum(r.sent_ms - r.heard_ms for r in self.responses[-2:] if r.marks_pending)
+
+    @property
     def speaking(self) -> bool:
         """True while audio sent to Twilio may still be playing (marks not yet echoed)."""
         return bool(self._pending)

@@ -115,7 +115,7 @@ async def test_full_turn(make_bridge, caplog, envelope: str, wav_header: bool, t
     [reply] = call.playback.responses
     assert reply.heard_ms == reply.sent_ms >= 1000 and not reply.interrupted
     assert call.custom_parameters == params
-    assert call.outcome == "stream stopped"
+    assert call.outcome == "stream_stopped"
     assert any(line.role == "user" for line in call.transcript)
     assert any(line.role == "assistant" for line in call.transcript)
     assert API_KEY not in caplog.text
@@ -195,7 +195,7 @@ async def test_caller_hangs_up_mid_response(make_bridge) -> None:
         [call] = await bridge.wait_for_calls(1)
         await asyncio.wait_for(session.closed.wait(), 10)
     assert session.close_code == 1000
-    assert call.outcome == "stream stopped"
+    assert call.outcome == "stream_stopped"
 
 
 async def test_caller_socket_drops_without_stop(make_bridge) -> None:
@@ -209,11 +209,11 @@ async def test_caller_socket_drops_without_stop(make_bridge) -> None:
         [call] = await bridge.wait_for_calls(1)
         await asyncio.wait_for(session.closed.wait(), 10)
     assert session.close_code == 1000
-    assert call.outcome == "caller hung up"
+    assert call.outcome == "caller_hung_up"
 
 
 @pytest.mark.parametrize(
-    ("code", "outcome"), [(1000, "voice API ended the session"), (1011, "voice API failed (1011)")]
+    ("code", "outcome"), [(1000, "voice_api_ended"), (1011, "voice_api_failed")]
 )
 async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code: int, outcome: str) -> None:
     caplog.set_level(logging.INFO)
@@ -241,7 +241,7 @@ async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) 
     async with TwilioCaller(bridge.stream_url) as caller:
         await caller.wait_closed(15)
     [call] = await bridge.wait_for_calls(1)
-    assert call.outcome == "voice API unreachable"
+    assert call.outcome == "voice_api_unreachable"
     assert API_KEY not in caplog.text
 
 
@@ -252,7 +252,7 @@ async def test_wrong_api_key_is_logged_with_its_close_code(make_bridge, caplog) 
         async with TwilioCaller(bridge.stream_url) as caller:
             await caller.wait_closed(10)
         [call] = await bridge.wait_for_calls(1)
-    assert call.outcome == "voice API failed (4001)"
+    assert (call.outcome, call.upstream_close_code) == ("voice_api_failed", 4001)
     assert "oak_wrong" not in caplog.text
 
 
@@ -380,5 +380,5 @@ async def test_unsupported_media_format_ends_the_stream_with_one_line(echo_bridg
         )
         await asyncio.wait_for(ws.wait_closed(), 10)
     [call] = await echo_bridge.wait_for_calls(1)
-    assert call.outcome == "unusable start"
+    assert call.outcome == "unusable_start"
     assert len([r for r in caplog.records if "mediaFormat" in r.getMessage()]) == 1

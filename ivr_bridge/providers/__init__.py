@@ -6,12 +6,12 @@ from ivr_bridge.providers.base import VoiceSession
 from ivr_bridge.settings import Settings
 
 
-def new_session(settings: Settings) -> VoiceSession:
+def new_session(settings: Settings, call_sid: str = "") -> VoiceSession:
     """A fresh, unconnected session with the configured provider, for one call."""
     if settings.provider == "nextevi":
         from ivr_bridge.providers.nextevi import NextEviSession
 
-        return NextEviSession(settings)
+        return NextEviSession(settings, call_sid=call_sid)
     from ivr_bridge.providers.echo import EchoSession
 
     return EchoSession()

@@ -190,10 +190,15 @@ class NextEviSession:
 
     name = "nextevi"
 
-    def __init__(self, settings: Settings, keep_alive_after: float = KEEP_ALIVE_AFTER_S) -> None:
+    def __init__(
+        self, settings: Settings, call_sid: str = "", keep_alive_after: float = KEEP_ALIVE_AFTER_S
+    ) -> None:
         self._settings = settings
         self._keep_alive_after = keep_alive_after
-        self.connection_id = f"ivr-{uuid.uuid4()}"
+        # Fresh per session; led by the call sid so the provider's logs can be matched to
+        # Twilio's (only its letters and digits: it goes into the URL path).
+        prefix = "".join(c for c in call_sid if c.isascii() and c.isalnum())[:40] or "ivr"
+        self.connection_id = f"{prefix}-{uuid.uuid4()}"
         self.protocol = NextEviProtocol()
         self._ws: ClientConnection | None = None
         self._events: list[VoiceEvent] = []

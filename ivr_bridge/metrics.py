@@ -1,0 +1,140 @@
+"""Prometheus metrics for `GET /metrics`.
+
+Per-frame counts are not incremented on the audio path: each call already counts its
+frames, so a collector sums the live calls (plus the totals of ended ones) at scrape time.
+Histograms are observed at events that happen a few times a call. Labels are bounded:
+call outcomes are a fixed set and close codes outside the documented ones become "other";
+no call ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ivr_bridge.call import Call
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Close codes NextEVI and RFC 6455 document; anything else is counted as "other".
+KNOWN_CLOSE_CODES = frozenset({1001, 1002, 1003, 1006, 1008, 1011, 4001, 4002, 4003, 4004})
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class _Totals:
+    frames_in: int = 0
+    frames_out: int = 0
+    sequence_gaps: int = 0
+    chunk_gaps: int = 0
+    barge_ins: int = 0
+    bad_frames: int = 0
+    skipped_upstream: int = 0
+
+    def add(self, call: Call) -> None:
+        for name, value in _call_counts(call):
+            setattr(self, name, getattr(self, name) + value)
+
+
+def _call_counts(call: Call) -> Iterator[tuple[str, int]]:
+    s = call.stats
+    yield "frames_in", s.frames_in
+    yield "frames_out", s.frames_out
+    yield "sequence_gaps", call.stream.sequence_gaps
+    yield "chunk_gaps", call.stream.chunk_gaps
+    yield "barge_ins", s.barge_ins
+    yield "bad_frames", s.bad_frames
+    yield "skipped_upstream", s.skipped_upstream
+
+
+_COUNTER_HELP = {
+    "frames_in": "Media messages received from Twilio",
+    "frames_out": "20 ms mu-law frames sent to Twilio",
+    "sequence_gaps": "Twilio messages missing by sequenceNumber",
+    "chunk_gaps": "Twilio media messages missing by chunk number",
+    "barge_ins": "Bot replies cleared because the caller talked over them",
+    "bad_frames": "Twilio frames skipped as malformed",
+    "skipped_upstream": "Voice API messages skipped as malformed or undecodable",
+}
+
+
+class _LiveCalls(Collector):
+    def __init__(self, active: Callable[[], Collection[Call]], ended: _Totals) -> None:
+        self._active = active
+        self._ended = ended
+
+    def collect(self) -> Iterator[Metric]:
+        calls = list(self._active())
+        totals = _Totals(**vars(self._ended))
+        for call in calls:
+            totals.add(call)
+        for name, text in _COUNTER_HELP.items():
+            yield CounterMetricFamily(f"ivr_{name}", text, value=getattr(totals, name))
+        yield GaugeMetricFamily("ivr_active_calls", "Calls in progress", value=len(calls))
+        queued_ms = sum(call.playback.unplayed_ms for call in calls)
+        yield GaugeMetricFamily(
+            "ivr_outbound_audio_queued_seconds",
+            "Bot audio sent to Twilio and not yet played (by marks), over all calls",
+            value=queued_ms / 1000,
+        )
+
+
+class BridgeMetrics:
+    """The metrics of one bridge instance, in a registry of their own."""
+
+    def __init__(self, active_calls: Callable[[], Collection[Call]]) -> None:
+        self.registry = CollectorRegistry()
+        self._ended = _Totals()
+        self.registry.register(_LiveCalls(active_calls, self._ended))
+        self._calls = Counter("ivr_calls", "Calls ended, by outcome", ["outcome"], registry=self.registry)
+        self._upstream_errors = Counter(
+            "ivr_upstream_errors",
+            "Voice API sessions that failed, by WebSocket close code ('connect': never opened)",
+            ["code"],
+            registry=self.registry,
+        )
+        self._connect = Histogram(
+            "ivr_upstream_connect_seconds",
+            "Time to open a voice API session",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._reply = Histogram(
+            "ivr_reply_latency_seconds",
+            "End of the caller's turn (voice API's final transcript or turn end) to the first "
+            "reply audio sent to Twilio",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._barge_in = Histogram(
+            "ivr_barge_in_stop_seconds",
+            "Voice API interruption received to Twilio clear sent",
+            buckets=FAST_BUCKETS,
+            registry=self.registry,
+        )
+
+    def upstream_connected(self, seconds: float) -> None:
+        self._connect.observe(seconds)
+
+    def upstream_failed(self, code: int | None) -> None:
+        label = "connect" if code is None else str(code) if code in KNOWN_CLOSE_CODES else "other"
+        self._upstream_errors.labels(label).inc()
+
+    def reply_started(self, latency: float) -> None:
+        self._reply.observe(latency)
+
+    def barged_in(self, stop_seconds: float) -> None:
+        self._barge_in.observe(stop_seconds)
+
+    def call_ended(self, call: Call) -> None:
+        self._ended.add(call)
+        self._calls.labels(str(call.outcome)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
