@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import math
 import signal
@@ -649,3 +650,27 @@ async def test_twilio_caller_continuous_line(bridge: tuple[FakeBridge, str]) -> 
     assert fake.messages[-1]["event"] == "stop"  # nothing follows stop
     sequence = [int(m["sequenceNumber"]) for m in fake.messages[1:]]
     assert sequence == list(range(1, len(sequence) + 1))
+
+
+async def test_nextevi_timeline_records_socket_times(tmp_path: Any) -> None:
+    path = tmp_path / "timeline.jsonl"
+    behaviour = VoiceApiBehaviour(reply_ms=400, tts_chunk_ms=200, pace=False)
+    async with NextEviStandIn(behaviour, timeline_path=str(path)) as standin:
+        async with open_client(client_url(standin)) as ws:
+            await ws.send(json.dumps(settings_message()))
+            for frame in speech_turn():
+                await ws.send(frame)
+            await collect(ws, lambda got: sum(m["type"] == "tts_chunk" for m in got) == 2)
+            await standin.interrupt(standin.sessions[0])
+        await asyncio.wait_for(standin.sessions[0].closed.wait(), TIMEOUT)
+    [line] = path.read_text().splitlines()
+    record = json.loads(line)
+    frames = speech_turn()
+    assert record["connection_id"] == standin.sessions[0].connection_id
+    assert record["audio_bytes"] == list(itertools.accumulate(len(f) for f in frames))
+    assert len(record["audio_at"]) == len(frames) and record["audio_at"] == sorted(record["audio_at"])
+    assert len(record["tts_at"]) == 2 and record["tts_reply"] == [1, 1]
+    assert len(record["interruptions_at"]) == 1
+    assert (
+        record["opened_at"] <= record["audio_at"][0] <= record["tts_at"][0] <= record["interruptions_at"][0]
+    )

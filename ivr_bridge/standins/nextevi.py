@@ -114,6 +114,20 @@ class Session:
     audio_before_settings: int = 0  # audio messages (binary or audio_input) before settings
     turns: int = 0  # completed caller turns
     errors: list[str] = field(default_factory=list)  # complaints sent back as `error`
+    timeline: Timeline | None = None  # send/receive times, when the stand-in records them
+
+
+@dataclass
+class Timeline:
+    """When things crossed this session's socket, on `time.monotonic()` (one clock for all
+    processes on Linux), so a benchmark can join them with the caller's own record."""
+
+    opened_at: float
+    audio_at: list[float] = field(default_factory=list)  # each audio message's arrival
+    audio_bytes: list[int] = field(default_factory=list)  # PCM bytes received up to and incl. it
+    tts_at: list[float] = field(default_factory=list)  # each tts_chunk, just before sending
+    tts_reply: list[int] = field(default_factory=list)  # its reply number (from 1)
+    interruptions_at: list[float] = field(default_factory=list)  # each tts_interruption sent
 
 
 @dataclass(eq=False)
@@ -160,7 +174,9 @@ def _payload(message: dict[str, Any]) -> dict[str, Any]:
 class NextEviStandIn:
     """A NextEVI-protocol server on a loopback port; records what each client sent."""
 
-    def __init__(self, behaviour: VoiceApiBehaviour | None = None) -> None:
+    def __init__(self, behaviour: VoiceApiBehaviour | None = None, timeline_path: str | None = None) -> None:
+        """`timeline_path`: append each ended session's `Timeline` there as a JSON line."""
+        self.timeline_path = timeline_path
         self.behaviour = behaviour or VoiceApiBehaviour()
         self.sessions: list[Session] = []
         self.rejected: list[Session] = []  # connections closed with 4001/4002
@@ -270,6 +286,7 @@ class NextEviStandIn:
         session = Session(
             connection_id=parts.path.removeprefix(PATH_PREFIX),
             query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            timeline=Timeline(time.monotonic()) if self.timeline_path else None,
         )
         if not self._authorised(session.query, request):
             await self._reject(ws, session, CLOSE_UNAUTHORIZED, "Unauthorized")
@@ -313,7 +330,17 @@ class NextEviStandIn:
         finally:
             await self._cancel_replies(peer)
             session.close_code = ws.close_code
+            self._write_timeline(session)
             session.closed.set()
+
+    def _write_timeline(self, session: Session) -> None:
+        if self.timeline_path is None or session.timeline is None:
+            return
+        record = {"connection_id": session.connection_id, "close_code": session.close_code}
+        record.update(vars(session.timeline))
+        # One short append per ended session; the stand-in is a test tool, not the hot path.
+        with open(self.timeline_path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     async def _reject(self, ws: ServerConnection, session: Session, code: int, why: str) -> None:
         self.rejected.append(session)
@@ -373,6 +400,10 @@ class NextEviStandIn:
 
     async def _on_audio(self, peer: _Peer, audio: bytes, *, binary: bool) -> None:
         session = peer.session
+        if session.timeline is not None:
+            session.timeline.audio_at.append(time.monotonic())
+            total = session.timeline.audio_bytes[-1] if session.timeline.audio_bytes else 0
+            session.timeline.audio_bytes.append(total + len(audio))
         if self.behaviour.record_audio:
             session.audio += audio
         if binary:
@@ -526,6 +557,9 @@ class NextEviStandIn:
                     delay = started + index * behaviour.tts_chunk_ms / 1000 - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                if peer.session.timeline is not None:
+                    peer.session.timeline.tts_at.append(time.monotonic())
+                    peer.session.timeline.tts_reply.append(peer.session.replies_started)
                 await self._send_content(peer, "tts_chunk", content)
         except ConnectionClosed:
             pass
@@ -558,6 +592,8 @@ class NextEviStandIn:
         # The documented oddity: these two carry `content` at the top level in every shape.
         message = self._header(kind)
         message["content"] = content
+        if kind == "tts_interruption" and peer.session.timeline is not None:
+            peer.session.timeline.interruptions_at.append(time.monotonic())
         await peer.ws.send(json.dumps(message))
 
 
@@ -583,14 +619,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-tone-hz", type=float, default=defaults.reply_tone_hz)
     parser.add_argument("--no-interrupt", action="store_true", help="ignore barge-in")
     parser.add_argument("--permessage-deflate", action="store_true")
+    parser.add_argument(
+        "--timeline", metavar="FILE", help="append each ended session's send/receive times as a JSON line"
+    )
 
 
-async def _run(host: str, port: int, behaviour: VoiceApiBehaviour) -> None:
+async def _run(host: str, port: int, behaviour: VoiceApiBehaviour, timeline: str | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    standin = NextEviStandIn(behaviour)
+    standin = NextEviStandIn(behaviour, timeline_path=timeline)
     await standin.start(host, port)
     logger.info("NextEVI stand-in listening on %s/{connection_id}", standin.url)
     try:
@@ -621,7 +660,7 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # keep startup to one line
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(args.host, args.port, behaviour))
+        asyncio.run(_run(args.host, args.port, behaviour, args.timeline))
     return 0
 
 
