@@ -669,7 +669,7 @@ async def test_nextevi_timeline_records_socket_times(tmp_path: Any) -> None:
     assert record["connection_id"] == standin.sessions[0].connection_id
     assert record["audio_bytes"] == list(itertools.accumulate(len(f) for f in frames))
     assert len(record["audio_at"]) == len(frames) and record["audio_at"] == sorted(record["audio_at"])
-    assert len(record["tts_at"]) == 2 and record["tts_reply"] == [1, 1]
+    assert len(record["tts_at"]) == 2 and record["tts_reply"] == [1, 1] and record["tts_ms"] == [200, 200]
     assert len(record["interruptions_at"]) == 1
     assert (
         record["opened_at"] <= record["audio_at"][0] <= record["tts_at"][0] <= record["interruptions_at"][0]

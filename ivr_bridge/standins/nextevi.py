@@ -127,6 +127,7 @@ class Timeline:
     audio_bytes: list[int] = field(default_factory=list)  # PCM bytes received up to and incl. it
     tts_at: list[float] = field(default_factory=list)  # each tts_chunk, just before sending
     tts_reply: list[int] = field(default_factory=list)  # its reply number (from 1)
+    tts_ms: list[float] = field(default_factory=list)  # its audio duration
     interruptions_at: list[float] = field(default_factory=list)  # each tts_interruption sent
 
 
@@ -185,6 +186,10 @@ class NextEviStandIn:
         self._host = "127.0.0.1"
         self._sessions_changed = asyncio.Condition()
         self._chunks = _reply_chunks(self.behaviour)
+        step_ms = self.behaviour.tts_chunk_ms
+        self._chunk_ms = [
+            min(step_ms, self.behaviour.reply_ms - i * step_ms) for i in range(len(self._chunks))
+        ]
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -560,6 +565,7 @@ class NextEviStandIn:
                 if peer.session.timeline is not None:
                     peer.session.timeline.tts_at.append(time.monotonic())
                     peer.session.timeline.tts_reply.append(peer.session.replies_started)
+                    peer.session.timeline.tts_ms.append(self._chunk_ms[index])
                 await self._send_content(peer, "tts_chunk", content)
         except ConnectionClosed:
             pass

@@ -15,6 +15,9 @@ Choices worth knowing:
   otherwise ignored; a media payload that is not whole 20 ms frames is recorded but played.
 * When the socket closes, audio still queued is discarded (the caller left ``<Connect>``).
 * Sending after the socket has closed is a quiet no-op, as the call is over.
+* :attr:`~TwilioCaller.timeline` records, with ``time.monotonic()`` stamps, each frame
+  sent (and when it was due), each media, mark and clear received: the raw material for
+  latency measurements. The frame clock is ``time.monotonic()`` too.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import contextlib
 import inspect
 import json
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -35,12 +39,22 @@ from typing import Any, Self
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from ivr_bridge.standins.timeline import CallerTimeline
+
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
 FRAME_SECONDS = 0.02
 BYTES_PER_SECOND = 8000
 SILENCE = 0xFF  # mu-law zero
 DTMF_DIGITS = frozenset("0123456789*#")
 RESYNC_SECONDS = 0.1  # a say() starting later than this after the last frame restarts the clock
+
+# A media message rendered directly: the same text json.dumps gives the equivalent dict,
+# at a fraction of the cost (hundreds of callers send 50 of these a second each).
+_MEDIA_TEMPLATE = (
+    '{"event": "media", "sequenceNumber": "%d", "streamSid": "%s", "media": '
+    '{"track": "inbound", "chunk": "%d", "timestamp": "%d", "payload": "%s"}}'
+)
+_SILENCE_PAYLOAD = base64.b64encode(bytes([SILENCE]) * FRAME_BYTES).decode("ascii")
 
 _EXPECTED_FIELDS: dict[str, frozenset[str]] = {
     "media": frozenset({"event", "streamSid", "media"}),
@@ -62,6 +76,17 @@ class _Mark:
 
 def _sid(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
+
+
+def encode_frames(ulaw: bytes) -> list[str]:
+    """Mu-law audio as base64 20 ms frame payloads, the last padded with silence.
+
+    Encode a clip once and :meth:`TwilioCaller.say_frames` it from many calls.
+    """
+    frames = [ulaw[i : i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
+    if frames and len(frames[-1]) < FRAME_BYTES:
+        frames[-1] = frames[-1].ljust(FRAME_BYTES, bytes([SILENCE]))
+    return [base64.b64encode(frame).decode("ascii") for frame in frames]
 
 
 class TwilioCaller:
@@ -97,6 +122,7 @@ class TwilioCaller:
         self.violations: list[str] = []
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.timeline = CallerTimeline()
 
         self._ws: ClientConnection | None = None
         self._sequence = 0
@@ -125,6 +151,7 @@ class TwilioCaller:
         self._ws = await connect(self.url, additional_headers=self.headers or None, compression=None)
         with contextlib.suppress(ConnectionClosed):  # a bridge rejecting at once shows in close_code
             await self._ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        self.timeline.started_at = time.monotonic()
         await self._send_event(
             "start",
             {
@@ -177,8 +204,8 @@ class TwilioCaller:
     async def _keep_line_open(self) -> None:
         # One frame per turn of the media lock: a say() waiting for the lock gets it next
         # (asyncio locks are FIFO), and both share the frame clock, so there is no gap.
-        frame = [bytes([SILENCE]) * FRAME_BYTES]
-        while await self._stream(frame):
+        frame = [_SILENCE_PAYLOAD]
+        while (await self._stream(frame))[0]:
             pass
 
     async def _stop_line(self) -> None:
@@ -201,45 +228,62 @@ class TwilioCaller:
 
     # -- caller actions -----------------------------------------------------------------
 
-    async def say(self, ulaw: bytes) -> None:
-        """Stream mu-law audio in 20 ms frames at real time; pads the last frame with silence."""
-        frames = [ulaw[i : i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
-        if frames and len(frames[-1]) < FRAME_BYTES:
-            frames[-1] = frames[-1].ljust(FRAME_BYTES, bytes([SILENCE]))
-        await self._stream(frames)
+    async def say(self, ulaw: bytes) -> range:
+        """Stream mu-law audio in 20 ms frames at real time; pads the last frame with silence.
+
+        Returns the chunk numbers of the frames sent (shorter if the call ended meanwhile).
+        """
+        return await self.say_frames(encode_frames(ulaw))
+
+    async def say_frames(self, payloads: Sequence[str]) -> range:
+        """Like :meth:`say` for audio already split and encoded by :func:`encode_frames`."""
+        return (await self._stream(payloads))[1]
 
     async def silence(self, ms: int) -> None:
         count = -(-ms // 20) if ms > 0 else 0
-        await self._stream([bytes([SILENCE]) * FRAME_BYTES] * count)
+        await self._stream([_SILENCE_PAYLOAD] * count)
 
     async def dtmf(self, digit: str) -> None:
         if digit not in DTMF_DIGITS or len(digit) != 1:
             raise ValueError(f"not a DTMF digit: {digit!r}")
-        await self._send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
+        if await self._send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}}):
+            self.timeline.dtmf.append((time.monotonic(), digit))
 
-    async def _stream(self, frames: list[bytes]) -> bool:
-        """Send frames on the 20 ms clock; False once the call is over."""
-        loop = asyncio.get_running_loop()
+    async def _stream(self, payloads: Sequence[str]) -> tuple[bool, range]:
+        """Send base64 frames on the 20 ms clock; (False once the call is over, chunks sent)."""
         async with self._media_lock:
-            now = loop.time()
+            first = self._chunk + 1
+            now = time.monotonic()
             if self._next_frame_at is None or now > self._next_frame_at + RESYNC_SECONDS:
+                if self._next_frame_at is not None and self.continuous:
+                    # A real line never pauses: frames the clock skips were lost, not unsaid.
+                    self.timeline.frames_skipped += int((now - self._next_frame_at) / FRAME_SECONDS)
                 self._next_frame_at = now
-            for frame in frames:
+            for payload in payloads:
                 # Scheduled against the absolute frame clock so late wake-ups do not add up.
-                delay = self._next_frame_at - loop.time()
+                delay = self._next_frame_at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                self._chunk += 1
-                media = {
-                    "track": "inbound",
-                    "chunk": str(self._chunk),
-                    "timestamp": str(20 * (self._chunk - 1)),
-                    "payload": base64.b64encode(frame).decode("ascii"),
-                }
-                if not await self._send_event("media", {"media": media}):
-                    return False
+                if not await self._send_media(payload, self._next_frame_at):
+                    return False, range(first, self._chunk + 1)
                 self._next_frame_at += FRAME_SECONDS
-        return True
+            return True, range(first, self._chunk + 1)
+
+    async def _send_media(self, payload: str, scheduled_at: float) -> bool:
+        async with self._send_lock:
+            if self._ws is None or self.closed.is_set():
+                return False
+            self._sequence += 1
+            chunk = self._chunk + 1
+            text = _MEDIA_TEMPLATE % (self._sequence, self.stream_sid, chunk, 20 * (chunk - 1), payload)
+            sent_at = time.monotonic()
+            try:
+                await self._ws.send(text)
+            except ConnectionClosed:
+                return False
+            self._chunk = chunk
+            self.timeline.frame_sent(chunk, sent_at, scheduled_at)
+            return True
 
     async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
         """Send a numbered message; False if the call is already over."""
@@ -272,6 +316,28 @@ class TwilioCaller:
                 raise TimeoutError(self._describe(predicate, f"still false after {timeout}s"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Like :meth:`wait_for` but returns False (timeout, or the socket closed) instead of raising."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            remaining = deadline - loop.time()
+            if self.closed.is_set() or remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    @property
+    def playing(self) -> bool:
+        """True while received audio is queued or playing at the handset."""
+        return self._queued_audio > 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued: all audio received has played and every mark has been echoed."""
+        return not self._queue
 
     async def wait_closed(self, timeout: float = 10.0) -> None:
         try:
@@ -372,6 +438,7 @@ class TwilioCaller:
             self._violation(f"media: payload of {len(audio)} bytes is not whole 160-byte frames")
         self.media_messages += 1
         self.received_total += len(audio)
+        self.timeline.media(time.monotonic(), len(audio))
         now = asyncio.get_running_loop().time()
         if self._queued_audio == 0 and (self._playhead is None or self._playhead < now):
             self._playhead = now  # queue had run dry: playback restarts on arrival
@@ -384,11 +451,13 @@ class TwilioCaller:
             self._violation(f"mark: body must be exactly {{'name': str}}, got {mark!r:.80}")
             return
         self.marks_received.append(mark["name"])
+        self.timeline.mark(time.monotonic(), mark["name"])
         self._queue.append(_Mark(mark["name"]))
         self._work.set()
 
     async def _on_clear(self) -> None:
         self.clears += 1
+        self.timeline.clear(time.monotonic())
         now = asyncio.get_running_loop().time()
         head = self._queue[0] if self._queue else None
         if isinstance(head, _Audio) and self._piece_start is not None:

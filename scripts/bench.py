@@ -1,0 +1,378 @@
+"""Whole-bridge benchmark: a ladder of concurrent calls through three separate processes.
+
+For each concurrency level it starts a NextEVI-protocol stand-in (`ivr-bridge
+stub-voice-api`), the bridge (`ivr-bridge serve`, provider nextevi pointed at the stand-in)
+and the load generator (`ivr-bridge loadtest`), each its own process on this machine,
+and records:
+
+- bridge CPU seconds per call-minute (utime + stime of the bridge process, /proc);
+- bridge peak RSS per call (VmHWM minus the idle RSS, over the level's concurrency);
+- bridge-added latency, caller -> voice API: the stand-in's arrival time of each upstream
+  audio message minus the caller's send time of the last 20 ms frame it contains (so the
+  `IVR_UPSTREAM_CHUNK_MS` batching is not counted, only what the bridge adds);
+- bridge-added latency, voice API -> caller: the stand-in's send time of each tts_chunk to
+  the caller's arrival time of the first media after it;
+- tts_interruption -> clear: the stand-in's send time to the caller's arrival time;
+- frames lost in each direction; calls completed; the generator's own send lateness.
+
+Timestamps come from `time.monotonic()` in the caller and the stand-in, one clock for all
+processes on Linux. Both include their own event-loop delays, so the figures are an upper
+bound on what the bridge adds.
+
+    .venv/bin/python scripts/bench.py                          # the default ladder
+    .venv/bin/python scripts/bench.py --levels 50,100 --json   # chosen levels, JSON out
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "examples" / "scenarios" / "load.json"
+API_KEY = "oak_bench_key"
+CONFIG_ID = "cfg_bench"
+PCM_BYTES_PER_FRAME = 960  # 20 ms of 24 kHz PCM16
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level
+
+
+@dataclass
+class Level:
+    concurrency: int
+    calls_ok: int = 0
+    calls_failed: int = 0
+    call_minutes: float = 0.0
+    cpu_seconds: float = 0.0
+    cpu_per_call_minute: float = 0.0
+    rss_idle_mb: float = 0.0
+    rss_peak_mb: float = 0.0
+    rss_per_call_mb: float = 0.0
+    inbound_ms: dict[str, float] = field(default_factory=dict)
+    outbound_ms: dict[str, float] = field(default_factory=dict)
+    clear_ms: dict[str, float] = field(default_factory=dict)
+    frames_lost_in: int = 0
+    frames_lost_out: int = 0
+    violations: int = 0
+    generator_lateness_ms: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def within_limits(self) -> bool:
+        return (
+            self.calls_failed == 0
+            and self.calls_ok == self.concurrency
+            and self.frames_lost_in == 0
+            and self.frames_lost_out == 0
+            and self.inbound_ms.get("p99", math.inf) <= LIMIT_MS
+            and self.outbound_ms.get("p99", math.inf) <= LIMIT_MS
+        )
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+    return {"n": len(ordered), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3)}
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_mb(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except (httpx.TransportError, OSError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"bench: {what} did not happen within {timeout} s")
+
+
+def spawn(
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "ivr_bridge", *args],
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- joining the two timelines -------------------------------------------------------------
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def joined(callers: list[dict], sessions: list[dict]) -> Iterator[tuple[dict, dict]]:
+    """Pairs (caller record, stand-in session) by call sid: the bridge leads the voice API
+    connection id with the call sid."""
+    by_sid = {s["connection_id"].split("-", 1)[0]: s for s in sessions}
+    for caller in callers:
+        session = by_sid.get(caller["call_sid"])
+        if session is not None:
+            yield caller, session
+
+
+def inbound_latencies(caller: dict, session: dict) -> list[float]:
+    sent_at = caller_frame_times(caller)
+    out = []
+    for arrived, total in zip(session["audio_at"], session["audio_bytes"], strict=True):
+        last_frame = total // PCM_BYTES_PER_FRAME  # frames are numbered from 1
+        if 0 < last_frame <= len(sent_at):
+            out.append((arrived - sent_at[last_frame - 1]) * 1000)
+    return out
+
+
+def outbound_latencies(caller: dict, session: dict) -> list[float]:
+    arrivals = [at for at, _ in caller_media(caller)]
+    out = []
+    for sent in session["tts_at"]:
+        i = bisect.bisect_left(arrivals, sent)
+        if i < len(arrivals):
+            out.append((arrivals[i] - sent) * 1000)
+    return out
+
+
+def clear_latencies(caller: dict, session: dict) -> list[float]:
+    clears = sorted(caller_clears(caller))
+    out = []
+    for sent in session["interruptions_at"]:
+        i = bisect.bisect_left(clears, sent)
+        if i < len(clears):
+            out.append((clears[i] - sent) * 1000)
+    return out
+
+
+def frames_lost(caller: dict, session: dict, chunk_frames: int) -> tuple[int, int]:
+    """(caller frames that never reached the voice API, bot frames that never reached the
+    caller). The bridge holds back at most one upstream chunk when the call ends."""
+    sent = len(caller_frame_times(caller))
+    received = (session["audio_bytes"][-1] if session["audio_bytes"] else 0) // PCM_BYTES_PER_FRAME
+    lost_in = max(0, sent - received - (chunk_frames - 1))
+    # Every tts_chunk the stand-in sent reached the caller unless the bridge lost it: the
+    # stand-in stops a reply at its tts_interruption, and flushed audio was still received.
+    expected_out = int(sum(session["tts_ms"]) // 20)
+    got_out = sum(size for _, size in caller_media(caller)) // 160
+    lost_out = max(0, expected_out - got_out)
+    return lost_in, lost_out
+
+
+# Accessors for the load generator's timeline format (kept in one place).
+def caller_frame_times(caller: dict) -> list[float]:
+    return [sent for _, sent, _ in caller["frames_sent"]]
+
+
+def caller_media(caller: dict) -> list[tuple[float, int]]:
+    return [(at, size) for at, size in caller["media_received"]]
+
+
+def caller_clears(caller: dict) -> list[float]:
+    return list(caller["clears"])
+
+
+# -- one level ---------------------------------------------------------------------------
+
+
+def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Level:
+    level = Level(concurrency)
+    standin_port, bridge_port = free_port(), free_port()
+    standin_timeline = workdir / f"standin-{concurrency}.jsonl"
+    caller_timeline = workdir / f"callers-{concurrency}.jsonl"
+    standin = spawn(
+        [
+            "stub-voice-api",
+            "--port", str(standin_port),
+            "--api-key", API_KEY,
+            "--config-id", CONFIG_ID,
+            "--reply-ms", str(args.reply_ms),
+            "--think-ms", str(args.think_ms),
+            "--timeline", str(standin_timeline),
+        ],
+        log=workdir / f"standin-{concurrency}.log",
+    )  # fmt: skip
+    bridge = spawn(
+        ["serve", "--port", str(bridge_port), "--log-level", "WARNING"],
+        env={
+            "IVR_PROVIDER": "nextevi",
+            "NEXTEVI_URL": f"ws://127.0.0.1:{standin_port}/ws/voice",
+            "NEXTEVI_API_KEY": API_KEY,
+            "NEXTEVI_CONFIG_ID": CONFIG_ID,
+            "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
+        },
+        log=workdir / f"bridge-{concurrency}.log",
+    )
+    base = f"http://127.0.0.1:{bridge_port}"
+    try:
+        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, 30, "bridge start")
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", standin_port), timeout=1), 30, "stand-in start"
+        )
+        level.rss_idle_mb = rss_mb(bridge.pid, "VmRSS")
+        cpu_before = cpu_seconds(bridge.pid)
+        ramp = args.ramp if args.ramp is not None else min(15.0, concurrency * 0.05)
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "ivr_bridge", "loadtest", f"{base}/twiml",
+                "--calls", str(concurrency),
+                "--concurrency", str(concurrency),
+                "--ramp", str(ramp),
+                "--scenario", str(args.scenario),
+                "--timeline", str(caller_timeline),
+                "--json", "--no-progress",
+            ],
+            capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
+        )  # fmt: skip
+        level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
+        level.rss_peak_mb = rss_mb(bridge.pid, "VmHWM")
+        report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
+        if not report:
+            raise SystemExit(
+                f"bench: loadtest printed no JSON (exit {result.returncode}): {result.stderr[-500:]}"
+            )
+        # Sessions write their timeline when they close, right after their calls end.
+        wait_until(lambda: len(read_lines(standin_timeline)) >= concurrency, 30, "stand-in sessions closing")
+    finally:
+        stop(bridge)
+        stop(standin)
+    summarise(level, report, read_lines(caller_timeline), read_lines(standin_timeline), args.chunk_ms // 20)
+    return level
+
+
+def summarise(
+    level: Level, report: dict, callers: list[dict], sessions: list[dict], chunk_frames: int
+) -> None:
+    calls = report["calls"]
+    level.calls_ok, level.calls_failed = calls["ok"], calls["failed"]
+    level.failures = report.get("failures", {})
+    level.violations = sum(report.get("violations", {}).values())
+    level.generator_lateness_ms = report["latency_ms"]["send_lateness"]
+    level.call_minutes = sum(c["duration_s"] for c in report["per_call"]) / 60
+    level.cpu_per_call_minute = round(level.cpu_seconds / max(level.call_minutes, 1e-9), 4)
+    level.rss_per_call_mb = round((level.rss_peak_mb - level.rss_idle_mb) / level.concurrency, 3)
+    inbound, outbound, clears = [], [], []
+    for caller, session in joined(callers, sessions):
+        inbound += inbound_latencies(caller, session)
+        outbound += outbound_latencies(caller, session)
+        clears += clear_latencies(caller, session)
+        lost_in, lost_out = frames_lost(caller, session, chunk_frames)
+        level.frames_lost_in += lost_in
+        level.frames_lost_out += lost_out
+    level.inbound_ms = percentiles(inbound)
+    level.outbound_ms = percentiles(outbound)
+    level.clear_ms = percentiles(clears)
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def table(levels: list[Level]) -> str:
+    def p(d: dict[str, float], key: str = "p99") -> str:
+        return f"{d[key]:.1f}" if key in d else "-"
+
+    rows = [
+        "calls  ok/fail  CPU s/call-min  RSS MB/call  in p50/p99 ms  out p50/p99 ms  clear p99 ms  "
+        "lost in/out  gen late p99 ms  within limits",
+    ]
+    for lv in levels:
+        rows.append(
+            f"{lv.concurrency:5d}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
+            f"{lv.rss_per_call_mb:11.3f}  {p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms):<6}  "
+            f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms):<6}  {p(lv.clear_ms):>12}  "
+            f"{lv.frames_lost_in:5d}/{lv.frames_lost_out:<5d}  {p(lv.generator_lateness_ms):>15}  "
+            f"{'yes' if lv.within_limits else 'no'}"
+        )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--levels", default="25,50,100,150,200,250,300", help="concurrent calls per level")
+    parser.add_argument("--scenario", type=Path, default=SCENARIO)
+    parser.add_argument("--reply-ms", type=int, default=2000, help="stand-in reply length")
+    parser.add_argument("--think-ms", type=int, default=300, help="stand-in think time")
+    parser.add_argument("--chunk-ms", type=int, default=100, help="IVR_UPSTREAM_CHUNK_MS for the bridge")
+    parser.add_argument(
+        "--ramp", type=float, default=None, help="seconds to start all calls (default C*0.05)"
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="per level")
+    parser.add_argument("--keep", type=Path, help="keep logs and timelines in this folder")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    levels: list[Level] = []
+    with tempfile.TemporaryDirectory(prefix="ivr-bench-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for concurrency in (int(x) for x in args.levels.split(",")):
+            levels.append(run_level(concurrency, args, workdir))
+            if not args.json:
+                print(table(levels[-1:]).splitlines()[-1] if len(levels) > 1 else table(levels), flush=True)
+    capacity = max((lv.concurrency for lv in levels if lv.within_limits), default=0)
+    if args.json:
+        print(json.dumps({"levels": [asdict(lv) for lv in levels], "capacity": capacity}, indent=2))
+    else:
+        print(f"\nhighest concurrency within limits (all calls complete, p99 added <= {LIMIT_MS:g} ms "
+              f"each way, no frame lost): {capacity or 'none'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
