@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=voice_api_standin.run)
 
+    from ivr_bridge.loadgen import cli as loadgen_cli
+
+    loadgen_cli.register(commands)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),

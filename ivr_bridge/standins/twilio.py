@@ -51,7 +51,7 @@ RESYNC_SECONDS = 0.1  # a say() starting later than this after the last frame re
 # A media message rendered directly: the same text json.dumps gives the equivalent dict,
 # at a fraction of the cost (hundreds of callers send 50 of these a second each).
 _MEDIA_TEMPLATE = (
-    '{"event": "media", "sequenceNumber": "%d", "streamSid": "%s", "media": '
+    '{"event": "media", "sequenceNumber": "%d", "streamSid": %s, "media": '
     '{"track": "inbound", "chunk": "%d", "timestamp": "%d", "payload": "%s"}}'
 )
 _SILENCE_PAYLOAD = base64.b64encode(bytes([SILENCE]) * FRAME_BYTES).decode("ascii")
@@ -275,7 +275,8 @@ class TwilioCaller:
                 return False
             self._sequence += 1
             chunk = self._chunk + 1
-            text = _MEDIA_TEMPLATE % (self._sequence, self.stream_sid, chunk, 20 * (chunk - 1), payload)
+            sid = json.dumps(self.stream_sid)
+            text = _MEDIA_TEMPLATE % (self._sequence, sid, chunk, 20 * (chunk - 1), payload)
             sent_at = time.monotonic()
             try:
                 await self._ws.send(text)
