@@ -51,7 +51,7 @@ from ivr_bridge.settings import Settings
 
 log = logging.getLogger("ivr_bridge.call")
 
-PCM_BYTES_PER_MS = 48  # 24 kHz PCM16 mono
+ULAW_BYTES_PER_MS = 8  # Twilio's 8 kHz mu-law
 MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
 # The last few ms of a reply wait in the resampler and frame buffer for more audio. They
 # are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
@@ -134,8 +134,10 @@ class Call:
         self._session: VoiceSession | None = None
         self._caller_audio = CallerAudio()
         self._bot_audio = BotAudio()
-        self._upstream = bytearray()
-        self._chunk_bytes = settings.upstream_chunk_ms * PCM_BYTES_PER_MS
+        # Caller audio is kept as mu-law and converted once per upstream chunk: it leaves
+        # no sooner either way, and one conversion of 5 frames costs far less than five.
+        self._caller_ulaw = bytearray()
+        self._chunk_bytes = settings.upstream_chunk_ms * ULAW_BYTES_PER_MS
         self._connected = asyncio.Event()
         self._twilio_gone = False
         self._started_at = time.monotonic()
@@ -221,16 +223,16 @@ class Call:
                 continue
             if isinstance(event, MediaReceived):
                 self.stats.frames_in += 1
-                self._upstream += self._caller_audio.process(event.payload)
-                if len(self._upstream) >= self._chunk_bytes:
+                self._caller_ulaw += event.payload
+                if len(self._caller_ulaw) >= self._chunk_bytes:
                     if self._connected.is_set():
-                        chunk = bytes(self._upstream)
-                        self._upstream.clear()
-                        await session.send_audio(chunk)
-                    elif len(self._upstream) > MAX_EARLY_AUDIO_MS * PCM_BYTES_PER_MS:
-                        excess = len(self._upstream) - MAX_EARLY_AUDIO_MS * PCM_BYTES_PER_MS
-                        del self._upstream[:excess]
-                        self.stats.early_audio_dropped_ms += excess // PCM_BYTES_PER_MS
+                        pcm = self._caller_audio.process(bytes(self._caller_ulaw))
+                        self._caller_ulaw.clear()
+                        await session.send_audio(pcm)
+                    elif len(self._caller_ulaw) > MAX_EARLY_AUDIO_MS * ULAW_BYTES_PER_MS:
+                        excess = len(self._caller_ulaw) - MAX_EARLY_AUDIO_MS * ULAW_BYTES_PER_MS
+                        del self._caller_ulaw[:excess]
+                        self.stats.early_audio_dropped_ms += excess // ULAW_BYTES_PER_MS
             elif isinstance(event, MarkEchoed):
                 if self.playback.echoed(event.name).response is None:
                     self.log.debug("echo of a mark this call never sent: %.40r", event.name)

@@ -215,7 +215,10 @@ def frames_lost(caller: dict, session: dict, chunk_frames: int) -> tuple[int, in
 
 # Accessors for the load generator's timeline format (kept in one place).
 def caller_frame_times(caller: dict) -> list[float]:
-    return [sent for _, sent, _ in caller["frames_sent"]]
+    frames = caller["frames_sent"]
+    # Indexed by chunk number - 1, which is what the stand-in's byte count gives.
+    assert frames["chunk"] == list(range(1, len(frames["chunk"]) + 1)), "frames out of order"
+    return list(frames["sent_at"])
 
 
 def caller_media(caller: dict) -> list[tuple[float, int]]:
@@ -300,9 +303,11 @@ def summarise(
     calls = report["calls"]
     level.calls_ok, level.calls_failed = calls["ok"], calls["failed"]
     level.failures = report.get("failures", {})
-    level.violations = sum(report.get("violations", {}).values())
-    level.generator_lateness_ms = report["latency_ms"]["send_lateness"]
-    level.call_minutes = sum(c["duration_s"] for c in report["per_call"]) / 60
+    level.violations = report["violations"]["total"]
+    lateness = report["latency_ms"]["send_lateness"]
+    level.generator_lateness_ms = {k: v for k, v in lateness.items() if v is not None}
+    # The caller streams a 20 ms frame for every moment of the call, silence included.
+    level.call_minutes = sum(len(c["frames_sent"]["chunk"]) for c in callers) * 0.02 / 60
     level.cpu_per_call_minute = round(level.cpu_seconds / max(level.call_minutes, 1e-9), 4)
     level.rss_per_call_mb = round((level.rss_peak_mb - level.rss_idle_mb) / level.concurrency, 3)
     inbound, outbound, clears = [], [], []

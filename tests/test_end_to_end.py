@@ -212,9 +212,7 @@ async def test_caller_socket_drops_without_stop(make_bridge) -> None:
     assert call.outcome == "caller_hung_up"
 
 
-@pytest.mark.parametrize(
-    ("code", "outcome"), [(1000, "voice_api_ended"), (1011, "voice_api_failed")]
-)
+@pytest.mark.parametrize(("code", "outcome"), [(1000, "voice_api_ended"), (1011, "voice_api_failed")])
 async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code: int, outcome: str) -> None:
     caplog.set_level(logging.INFO)
     async with voice_api() as standin:
