@@ -143,6 +143,7 @@ class Call:
         self._started_at = time.monotonic()
         # Reply state on the outbound side.
         self._response: Response | None = None
+        self._tail_pending = False  # the converter holds the end of the reply: flush it in time
         self._response_number = 0  # the voice session's number for the reply now playing
         self._dropped_through = 0  # replies up to this number were interrupted: drop their audio
         self._playout_end = 0.0  # loop time at which Twilio will have played all we sent
@@ -326,11 +327,12 @@ class Call:
     async def _speak(self, event: AssistantAudio, now: float) -> None:
         if event.response <= self._dropped_through:
             return  # the rest of a reply the caller talked over
-        if event.response != self._response_number:
+        if event.response != self._response_number or self._response is None:
             await self._finish_response()
             self._response_number = event.response
             self._response = self.playback.start_response()
         await self._send_audio(self._bot_audio.process(event.pcm), now)
+        self._tail_pending = True
         if self._turn_ended_at is not None and self._response.sent_bytes:
             if self.metrics:
                 self.metrics.reply_started(now - self._turn_ended_at)
@@ -338,10 +340,14 @@ class Call:
         self._last_audio_at = now
 
     async def _finish_response(self) -> None:
-        """End of a reply: flush the audio still in the converter so its last words play."""
-        if self._response is not None:
+        """Flush the audio still in the converter so the reply's last words play.
+
+        The reply stays current: if more of it arrives after all (a late chunk), it goes on
+        as the same reply, its filter restarting from silence.
+        """
+        if self._tail_pending:
+            self._tail_pending = False
             await self._send_audio(self._bot_audio.flush(), asyncio.get_running_loop().time())
-            self._response = None
 
     async def _send_audio(self, ulaw: bytes, now: float) -> None:
         if not ulaw or self._response is None:
@@ -354,7 +360,7 @@ class Call:
         self._playout_end = max(self._playout_end, now) + len(ulaw) / 8000
 
     def _tail_deadline(self) -> float | None:
-        if self._response is None:
+        if not self._tail_pending:
             return None
         return max(self._playout_end - TAIL_MARGIN_S, self._last_audio_at + TAIL_IDLE_S)
 
@@ -365,6 +371,7 @@ class Call:
         dropped_ms = self.playback.cleared()
         self._dropped_through = self._response_number
         self._response = None
+        self._tail_pending = False
         self._playout_end = 0.0
         self.stats.barge_ins += 1
         self.log.info("barge-in (%s): cleared %d ms of unplayed speech", reason, dropped_ms)

@@ -380,3 +380,22 @@ async def test_unsupported_media_format_ends_the_stream_with_one_line(echo_bridg
     [call] = await echo_bridge.wait_for_calls(1)
     assert call.outcome == "unusable_start"
     assert len([r for r in caplog.records if "mediaFormat" in r.getMessage()]) == 1
+
+
+async def test_reply_resumes_after_a_pause_that_flushed_its_tail(make_bridge) -> None:
+    """A reply whose next chunk comes late (a slow TTS, a loaded network) keeps playing."""
+    async with voice_api(VoiceApiBehaviour(interrupt_on_speech=False)) as standin:
+        bridge = make_bridge(nextevi_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            session = await standin.wait_for_session()
+            await standin.send_raw(session, tts_message(sine(200, 700)))
+            # The pause outlasts the tail deadline: the bridge flushes the converter's tail.
+            await caller.wait_for(lambda: caller.received_total > 1600, 10)
+            flushed = caller.received_total
+            await standin.send_raw(session, tts_message(sine(200, 700)))  # same reply, no new turn
+            await caller.wait_for(lambda: caller.received_total >= flushed + 1600, 10)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert caller.violations == []
+    [reply] = call.playback.responses
+    assert reply.sent_ms >= 400
