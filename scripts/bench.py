@@ -65,6 +65,9 @@ class Level:
     inbound_ms: dict[str, float] = field(default_factory=dict)
     outbound_ms: dict[str, float] = field(default_factory=dict)
     clear_ms: dict[str, float] = field(default_factory=dict)
+    # From the bridge's own histogram: interruption received -> clear sent.
+    clear_in_bridge_p99_ms_at_most: float | None = None
+    clear_in_bridge_within_5ms: float | None = None
     frames_lost_in: int = 0
     frames_lost_out: int = 0
     violations: int = 0
@@ -229,6 +232,24 @@ def caller_clears(caller: dict) -> list[float]:
     return list(caller["clears"])
 
 
+def bridge_clear_times(level: Level, metrics_text: str) -> None:
+    """p99 (as the histogram bucket it falls in) and share within 5 ms of the bridge's own
+    interruption -> clear time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "ivr_barge_in_stop_seconds":
+            buckets = sorted(
+                (float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket")
+            )
+    if not buckets or buckets[-1][1] == 0:
+        return
+    total = buckets[-1][1]
+    level.clear_in_bridge_p99_ms_at_most = next(le for le, n in buckets if n >= 0.99 * total) * 1000
+    level.clear_in_bridge_within_5ms = round(dict(buckets).get(0.005, 0.0) / total, 4)
+
+
 # -- one level ---------------------------------------------------------------------------
 
 
@@ -283,6 +304,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
         level.rss_peak_mb = rss_mb(bridge.pid, "VmHWM")
+        bridge_clear_times(level, httpx.get(f"{base}/metrics", timeout=10).text)
         report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
         if not report:
             raise SystemExit(
@@ -330,15 +352,20 @@ def table(levels: list[Level]) -> str:
     def p(d: dict[str, float], key: str = "p99") -> str:
         return f"{d[key]:.1f}" if key in d else "-"
 
+    def in_bridge(lv: Level) -> str:
+        at_most = lv.clear_in_bridge_p99_ms_at_most
+        return f"<= {at_most:g} ms" if at_most is not None else "-"
+
     rows = [
         "calls  ok/fail  CPU s/call-min  RSS MB/call  in p50/p99 ms  out p50/p99 ms  clear p99 ms  "
-        "lost in/out  gen late p99 ms  within limits",
+        "clear in bridge p99  lost in/out  gen late p99 ms  within limits",
     ]
     for lv in levels:
         rows.append(
             f"{lv.concurrency:5d}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
             f"{lv.rss_per_call_mb:11.3f}  {p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms):<6}  "
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms):<6}  {p(lv.clear_ms):>12}  "
+            f"{in_bridge(lv):>19}  "
             f"{lv.frames_lost_in:5d}/{lv.frames_lost_out:<5d}  {p(lv.generator_lateness_ms):>15}  "
             f"{'yes' if lv.within_limits else 'no'}"
         )
