@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 PROVIDERS = ("nextevi", "echo")
 DEFAULT_NEXTEVI_URL = "wss://api.nextevi.com/ws/voice"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
+DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 
 
 class SettingsError(ValueError):
@@ -26,6 +27,25 @@ class Settings:
     nextevi_config_id: str = ""
     nextevi_project_id: str = ""
     upstream_chunk_ms: int = 100
+    # Who gets in (security).
+    twilio_auth_token: str = ""  # set => every webhook and stream must be signed by Twilio
+    twilio_account_sid: str = ""  # for the REST API (fallback redirects)
+    stream_token_ttl_s: float = 120.0  # lifetime of the per-call token from /twiml to `start`
+    # Surviving faults (resilience).
+    twilio_api_url: str = DEFAULT_TWILIO_API_URL  # Twilio REST base; tests point it at a stand-in
+    fallback_number: str = ""  # redirect here (<Dial>) when the voice API cannot serve a call
+    fallback_twiml_url: str = ""  # ... or to this TwiML
+    reconnect_budget_s: float = 10.0  # time allowed to get a dropped voice API session back
+    max_calls: int = 10  # concurrent calls (NextEVI: 10 sessions per API key)
+    max_session_s: float = 3600.0  # NextEVI's session cap
+    idle_timeout_s: float = 10.0  # no media from Twilio this long ends the call
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long active calls may finish
+    twilio_send_timeout_s: float = 5.0  # a Twilio socket that takes longer to accept a frame ends the call
+
+    @property
+    def development_mode(self) -> bool:
+        """No auth token: requests are not proven to come from Twilio."""
+        return not self.twilio_auth_token
 
     @property
     def stream_url(self) -> str:
@@ -36,10 +56,12 @@ class Settings:
     def __repr__(self) -> str:
         # Keeps the API key out of any log line or traceback that prints the settings.
         key = "***" if self.nextevi_api_key else "''"
+        token = "***" if self.twilio_auth_token else "''"
         return (
             f"Settings(public_url={self.public_url!r}, provider={self.provider!r}, "
             f"nextevi_url={self.nextevi_url!r}, nextevi_api_key={key}, "
-            f"nextevi_config_id={self.nextevi_config_id!r}, upstream_chunk_ms={self.upstream_chunk_ms})"
+            f"nextevi_config_id={self.nextevi_config_id!r}, upstream_chunk_ms={self.upstream_chunk_ms}, "
+            f"twilio_auth_token={token}, max_calls={self.max_calls})"
         )
 
     @classmethod
@@ -95,7 +117,41 @@ class Settings:
                 f"IVR_UPSTREAM_CHUNK_MS must be a multiple of 20 between 20 and 1000, got {raw_chunk!r}"
             )
 
+        def number(name: str, default: float, low: float, high: float) -> float:
+            raw = get(name, str(default))
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if not low <= value <= high:  # NaN fails too
+                raise SettingsError(f"{name} must be a number from {low:g} to {high:g}, got {raw!r}")
+            return value
+
+        twilio_api_url = get("IVR_TWILIO_API_URL", DEFAULT_TWILIO_API_URL).rstrip("/")
+        if urlsplit(twilio_api_url).scheme not in ("http", "https"):
+            raise SettingsError(f"IVR_TWILIO_API_URL must be an http(s) URL, got {twilio_api_url!r}")
+        fallback_twiml_url = get("IVR_FALLBACK_TWIML_URL")
+        if fallback_twiml_url and urlsplit(fallback_twiml_url).scheme not in ("http", "https"):
+            raise SettingsError(f"IVR_FALLBACK_TWIML_URL must be an http(s) URL, got {fallback_twiml_url!r}")
+        fallback_number = get("IVR_FALLBACK_NUMBER")
+        if fallback_number and not (
+            fallback_number.lstrip("+").isdigit() or fallback_number.startswith("sip:")
+        ):
+            raise SettingsError("IVR_FALLBACK_NUMBER must be an E.164 number like +15550100 or a sip: URI")
+
         return cls(
+            twilio_auth_token=get("TWILIO_AUTH_TOKEN"),
+            twilio_account_sid=get("TWILIO_ACCOUNT_SID"),
+            stream_token_ttl_s=number("IVR_STREAM_TOKEN_TTL_S", 120, 5, 3600),
+            twilio_api_url=twilio_api_url,
+            fallback_number=fallback_number,
+            fallback_twiml_url=fallback_twiml_url,
+            reconnect_budget_s=number("IVR_RECONNECT_BUDGET_S", 10, 0, 300),
+            max_calls=int(number("IVR_MAX_CALLS", 10, 1, 100000)),
+            max_session_s=number("IVR_MAX_SESSION_S", 3600, 60, 86400),
+            idle_timeout_s=number("IVR_IDLE_TIMEOUT_S", 10, 1, 3600),
+            drain_timeout_s=number("IVR_DRAIN_TIMEOUT_S", 30, 0, 3600),
+            twilio_send_timeout_s=number("IVR_TWILIO_SEND_TIMEOUT_S", 5, 0.5, 120),
             public_url=public_url,
             provider=provider,
             nextevi_url=nextevi_url,

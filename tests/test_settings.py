@@ -40,3 +40,26 @@ def test_nextevi_key_selects_nextevi() -> None:
 def test_wrong_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_auth_token_is_secret_and_leaves_development_mode() -> None:
+    s = Settings.from_env({"TWILIO_AUTH_TOKEN": "tok_secret_123"})
+    assert not s.development_mode
+    assert "tok_secret_123" not in repr(s)
+    assert Settings.from_env({}).development_mode
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"IVR_MAX_CALLS": "0"}, "IVR_MAX_CALLS"),
+        ({"IVR_IDLE_TIMEOUT_S": "soon"}, "IVR_IDLE_TIMEOUT_S"),
+        ({"IVR_RECONNECT_BUDGET_S": "nan"}, "IVR_RECONNECT_BUDGET_S"),
+        ({"IVR_FALLBACK_NUMBER": "call bob"}, "IVR_FALLBACK_NUMBER"),
+        ({"IVR_FALLBACK_TWIML_URL": "ftp://x"}, "IVR_FALLBACK_TWIML_URL"),
+        ({"IVR_TWILIO_API_URL": "api.twilio.com"}, "IVR_TWILIO_API_URL"),
+    ],
+)
+def test_wrong_resilience_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
