@@ -52,6 +52,7 @@ from ivr_bridge.settings import Settings
 log = logging.getLogger("ivr_bridge.call")
 
 ULAW_BYTES_PER_MS = 8  # Twilio's 8 kHz mu-law
+POLICY_VIOLATION = 1008  # WebSocket close code for a refused stream
 MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
 # The last few ms of a reply wait in the resampler and frame buffer for more audio. They
 # are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
@@ -70,6 +71,7 @@ class Outcome(StrEnum):
     VOICE_API_UNREACHABLE = "voice_api_unreachable"
     CLOSED_BEFORE_START = "closed_before_start"
     UNUSABLE_START = "unusable_start"
+    REFUSED = "refused"  # the start failed the admission check (per-call token)
     ERROR = "error"  # a bug: logged with its traceback
 
 
@@ -117,7 +119,10 @@ class Call:
         twilio: TwilioSocket,
         session_factory: Callable[[Settings, str], VoiceSession] = new_session,
         metrics: BridgeMetrics | None = None,
+        admit: Callable[[StreamStarted], str | None] | None = None,
     ) -> None:
+        """`admit` checks a stream's `start` (e.g. its per-call token) and returns why it
+        is refused, or None to let it in."""
         self.settings = settings
         self.twilio = twilio
         self.stream = MediaStream()
@@ -131,6 +136,7 @@ class Call:
         self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
         self._session_factory = session_factory
         self.metrics = metrics
+        self._admit = admit
         self._session: VoiceSession | None = None
         self._caller_audio = CallerAudio()
         self._bot_audio = BotAudio()
@@ -203,6 +209,12 @@ class Call:
                 self.call_sid = event.call_sid
                 self.custom_parameters = event.custom_parameters
                 self.log = CallLog(log, {"call": event.call_sid})
+                refusal = self._admit(event) if self._admit else None
+                if refusal is not None:
+                    self.outcome = Outcome.REFUSED
+                    self.log.warning("stream refused: %s", refusal)
+                    await self.twilio.close(POLICY_VIOLATION)
+                    return False
                 return True
             if not isinstance(event, Connected):
                 self._bad_frame(MediaStreamError(f"{type(event).__name__} before start"))
