@@ -14,9 +14,18 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from ivr_bridge.call import Call
+from ivr_bridge.call import Call, Outcome
+from ivr_bridge.fallback import fallback_twiml
+from ivr_bridge.media_stream import StreamStarted
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
+from ivr_bridge.security import (
+    TOKEN_PARAMETER,
+    StreamTokens,
+    signature_valid,
+    signed_url,
+    stream_token_secret,
+)
 from ivr_bridge.settings import Settings
 
 log = logging.getLogger("ivr_bridge")
@@ -24,6 +33,7 @@ log = logging.getLogger("ivr_bridge")
 # Call details handed on to the stream as <Parameter>s (they arrive in start.customParameters).
 FORWARDED_PARAMETERS = ("CallSid", "From", "To")
 MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
+TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 
 
 class StarletteTwilioSocket:
@@ -61,13 +71,15 @@ class StarletteTwilioSocket:
                 await self._ws.close(code)
 
 
-def twiml_for_call(settings: Settings, params: dict[str, str]) -> str:
+def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None = None) -> str:
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=settings.stream_url)
     for name in FORWARDED_PARAMETERS:
         if params.get(name):
             stream.parameter(name=name, value=params[name][:MAX_PARAMETER_CHARS])
+    if token is not None:
+        stream.parameter(name=TOKEN_PARAMETER, value=token)
     response.append(connect)
     return str(response)
 
@@ -76,21 +88,86 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
     active: set[Call] = set()
     metrics = BridgeMetrics(lambda: active)
+    auth_token = settings.twilio_auth_token
+    tokens: StreamTokens | None = None
+    if settings.development_mode:
+        log.warning(
+            "DEVELOPMENT MODE: TWILIO_AUTH_TOKEN is not set, so webhook and Media Stream "
+            "requests are NOT authenticated and anyone can place calls through this bridge. "
+            "Set TWILIO_AUTH_TOKEN to your Twilio auth token before exposing it."
+        )
+    else:
+        tokens = StreamTokens(stream_token_secret(auth_token), settings.stream_token_ttl_s)
+
+    def admit(start: StreamStarted) -> str | None:
+        assert tokens is not None
+        # Popped: the token is spent here and stays out of call records and logs.
+        return tokens.check(start.custom_parameters.pop(TOKEN_PARAMETER, None), start.call_sid)
 
     async def twiml(request: Request) -> Response:
         params = dict(request.query_params)
+        fields: list[tuple[str, str]] = []
         if request.method == "POST":
             # Twilio posts application/x-www-form-urlencoded; parse_qsl reads it without
             # the python-multipart dependency that Request.form() needs.
             body = (await request.body()).decode("utf-8", "replace")
-            params.update(parse_qsl(body, keep_blank_values=True))
-        return Response(twiml_for_call(settings, params), media_type="application/xml")
+            fields = parse_qsl(body, keep_blank_values=True)
+            params.update(fields)
+        if tokens is not None:
+            query = request.scope.get("query_string", b"").decode("latin-1")
+            url = signed_url(settings.public_url, request.url.path, query)
+            signature = request.headers.get("x-twilio-signature")
+            if not signature_valid(auth_token, url, fields, signature):
+                # Neither the signature nor the expected value: both would help a forger.
+                log.warning(
+                    "webhook refused (HTTP 403): %s X-Twilio-Signature on %s %s from %s",
+                    "invalid" if signature else "missing",
+                    request.method,
+                    request.url.path,
+                    request.client.host if request.client else "?",
+                )
+                return Response("Forbidden\n", status_code=403, media_type="text/plain")
+        if request.app.state.draining:  # DRAINING (shutdown): new calls go to the fallback
+            return Response(fallback_twiml(settings), media_type="application/xml")
+        if len(active) >= settings.max_calls:
+            log.warning("at capacity (%d calls): answering with the fallback TwiML", len(active))
+            return Response(fallback_twiml(settings), media_type="application/xml")
+        token = tokens.mint(params.get("CallSid", "")) if tokens is not None else None
+        return Response(twiml_for_call(settings, params, token), media_type="application/xml")
 
     async def media_stream(websocket: WebSocket) -> None:
-        await websocket.accept()
-        call = Call(settings, StarletteTwilioSocket(websocket), metrics=metrics)
-        active.add(call)
+        # Refusals happen before accept(): uvicorn then answers the upgrade with HTTP 403,
+        # and no voice API session is ever opened.
+        client = websocket.client.host if websocket.client else "?"
+        if tokens is not None:
+            signature = websocket.headers.get("x-twilio-signature")
+            if not signature_valid(auth_token, settings.stream_url, (), signature):
+                log.warning(
+                    "media stream refused: %s x-twilio-signature from %s",
+                    "invalid" if signature else "missing",
+                    client,
+                )
+                await websocket.close(code=1008)
+                return
+        if websocket.app.state.draining:  # DRAINING (shutdown): refuse before accept, no call
+            return await websocket.close(code=TRY_AGAIN_LATER)
+        if len(active) >= settings.max_calls:
+            log.warning("media stream from %s refused: at capacity (%d calls)", client, len(active))
+            await websocket.close(code=TRY_AGAIN_LATER)
+            return
+        call = Call(
+            settings,
+            StarletteTwilioSocket(websocket),
+            metrics=metrics,
+            admit=admit if tokens is not None else None,
+        )
+        active.add(call)  # before any await: concurrent upgrades cannot overshoot max_calls
         try:
+            try:
+                await websocket.accept()
+            except (OSError, RuntimeError):  # the caller left during the handshake
+                call.outcome = Outcome.CLOSED_BEFORE_START
+                return
             await call.run()
         finally:
             # Together, with no await between: a scrape counts the call once.
@@ -102,6 +179,13 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "active_calls": len(active)})
 
+    async def readyz(request: Request) -> Response:
+        # Readiness, for load balancers: 503 once draining, while /healthz (liveness) stays 200
+        # so the instance is not killed before its calls finish.
+        if request.app.state.draining:
+            return JSONResponse({"status": "draining", "active_calls": len(active)}, status_code=503)
+        return JSONResponse({"status": "ready", "active_calls": len(active)})
+
     async def metrics_page(request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -110,10 +194,12 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             Route("/twiml", twiml, methods=["GET", "POST"]),
             WebSocketRoute("/media-stream", media_stream),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
         ]
     )
     app.state.settings = settings
     app.state.active_calls = active
     app.state.metrics = metrics
+    app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     return app

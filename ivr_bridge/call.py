@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from ivr_bridge.audio import BotAudio, CallerAudio
+from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import (
     Connected,
     DtmfReceived,
@@ -29,7 +31,7 @@ from ivr_bridge.media_stream import (
     StreamStarted,
     StreamStopped,
 )
-from ivr_bridge.metrics import BridgeMetrics
+from ivr_bridge.metrics import BAD_INPUT_LOG_LIMIT, BridgeMetrics
 from ivr_bridge.playback import Playback, Response
 from ivr_bridge.providers import new_session
 from ivr_bridge.providers.base import (
@@ -48,11 +50,16 @@ from ivr_bridge.providers.base import (
     VoiceSession,
 )
 from ivr_bridge.settings import Settings
+from ivr_bridge.twilio_rest import TwilioRest
 
 log = logging.getLogger("ivr_bridge.call")
 
 ULAW_BYTES_PER_MS = 8  # Twilio's 8 kHz mu-law
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused stream
+# NextEVI documents these close codes as worth a retry; network errors count too.
+RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
+CONNECT_FAILED = -1  # pseudo close code: the session never opened
+RECONNECT_BASE_S = 0.25
 MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
 # The last few ms of a reply wait in the resampler and frame buffer for more audio. They
 # are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
@@ -109,6 +116,8 @@ class CallStats:
     skipped_upstream: int = 0
     provider_errors: int = 0
     early_audio_dropped_ms: int = 0
+    gap_audio_dropped_ms: int = 0  # caller audio dropped while the voice API reconnected
+    reconnects: int = 0
     emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
 
 
@@ -145,6 +154,9 @@ class Call:
         self._caller_ulaw = bytearray()
         self._chunk_bytes = settings.upstream_chunk_ms * ULAW_BYTES_PER_MS
         self._connected = asyncio.Event()
+        self._reconnecting = False  # the voice session dropped and a new one is on its way
+        self._last_frame_at = 0.0
+        self.fallback = ""  # what was done when the voice API could not serve the call
         self._twilio_gone = False
         self._started_at = time.monotonic()
         # Reply state on the outbound side.
@@ -222,10 +234,10 @@ class Call:
     # -- caller -> voice API -------------------------------------------------------------
 
     async def _from_twilio(self) -> None:
-        session = self._session
-        assert session is not None
+        loop = asyncio.get_running_loop()
         while True:
             frame = await self.twilio.receive()
+            self._last_frame_at = loop.time()
             if frame is None:
                 self.outcome = Outcome.CALLER_HUNG_UP
                 return
@@ -233,6 +245,12 @@ class Call:
                 event = self.stream.receive(frame)
             except MediaStreamError as exc:
                 self._bad_frame(exc)
+                # Flood guard (MediaStream.receive): input far faster than real time is no
+                # phone line; refuse the rest of the stream before it starves other calls.
+                if exc.fatal:
+                    self.outcome = Outcome.REFUSED
+                    await self.twilio.close(POLICY_VIOLATION)
+                    return
                 continue
             if isinstance(event, MediaReceived):
                 self.stats.frames_in += 1
@@ -241,7 +259,12 @@ class Call:
                     if self._connected.is_set():
                         pcm = self._caller_audio.process(bytes(self._caller_ulaw))
                         self._caller_ulaw.clear()
-                        await session.send_audio(pcm)
+                        await self._session.send_audio(pcm)  # type: ignore[union-attr]
+                    elif self._reconnecting:
+                        # Speech from the gap would reach the new session late and out of
+                        # context: drop it rather than forward it stale.
+                        self.stats.gap_audio_dropped_ms += len(self._caller_ulaw) // ULAW_BYTES_PER_MS
+                        self._caller_ulaw.clear()
                     elif len(self._caller_ulaw) > MAX_EARLY_AUDIO_MS * ULAW_BYTES_PER_MS:
                         excess = len(self._caller_ulaw) - MAX_EARLY_AUDIO_MS * ULAW_BYTES_PER_MS
                         del self._caller_ulaw[:excess]
@@ -259,26 +282,94 @@ class Call:
     # -- voice API -> caller -------------------------------------------------------------
 
     async def _from_voice_api(self) -> None:
-        session = self._session
-        assert session is not None
+        """Keep a voice session up for the whole call, reconnecting within the budget."""
+        retry_until: float | None = None
+        attempt = 0
+        while True:
+            session = self._session
+            assert session is not None
+            code = await self._serve_session(session)
+            if code is None:  # the call ended (Twilio side) or the voice API ended it normally
+                return
+            await session.close(NORMAL_CLOSE)
+            now = time.monotonic()
+            if code not in RETRYABLE_CLOSE_CODES and code != CONNECT_FAILED:
+                self.outcome = Outcome.VOICE_API_FAILED
+                await self._fall_back()
+                return
+            retry_until = retry_until or now + self.settings.reconnect_budget_s
+            if now >= retry_until:
+                self.log.error("voice API not back within %.0f s", self.settings.reconnect_budget_s)
+                if self.outcome == Outcome.IN_PROGRESS:
+                    self.outcome = (
+                        Outcome.VOICE_API_UNREACHABLE if code == CONNECT_FAILED else Outcome.VOICE_API_FAILED
+                    )
+                await self._fall_back()
+                return
+            # Exponential backoff with full jitter, never past the budget.
+            delay = min(retry_until - now, random.uniform(0, RECONNECT_BASE_S * 2**attempt))
+            attempt += 1
+            self._connected.clear()
+            self._reconnecting = True
+            await asyncio.sleep(delay)
+            self.stats.reconnects += 1
+            self._session = self._session_factory(self.settings, self.call_sid)
+
+    async def _serve_session(self, session: VoiceSession) -> int | None:
+        """Connect and relay one voice session. Returns its close code if it failed (or
+        CONNECT_FAILED), None when the call is over."""
         connect_started = time.monotonic()
         try:
             await session.connect()
         except ConnectionError as exc:
-            self.outcome = Outcome.VOICE_API_UNREACHABLE
-            self.log.error("%s; ending the call", exc)
+            self.log.error("%s", exc)
             if self.metrics:
                 self.metrics.upstream_failed(None)
-            return
+            return CONNECT_FAILED
         if self.metrics:
             self.metrics.upstream_connected(time.monotonic() - connect_started)
+        if self._reconnecting:
+            self.log.info("voice API session restored (reconnect %d)", self.stats.reconnects)
+            self._caller_ulaw.clear()
+            self._caller_audio.reset()
+            # A new session numbers its replies from 1 again.
+            await self._finish_response()
+            self._response_number = self._dropped_through = 0
+            self._response = None
+            self._reconnecting = False
         self._connected.set()
         try:
-            await self._relay_voice_events(session)
+            closed = await self._relay_voice_events(session)
         except ConnectionError:
             self._twilio_gone = True  # the Twilio reader records how the call ended
+            return None
+        if closed.normal:
+            self.outcome = Outcome.VOICE_API_ENDED
+            self.log.info("voice API closed the session normally")
+            return None
+        self.upstream_close_code = closed.code
+        if self.metrics:
+            self.metrics.upstream_failed(closed.code)
+        retry = "; reconnecting" if closed.code in RETRYABLE_CLOSE_CODES else ""
+        self.log.error("voice API closed the session with code %d %s%s", closed.code, closed.reason, retry)
+        return closed.code
 
-    async def _relay_voice_events(self, session: VoiceSession) -> None:
+    async def _fall_back(self) -> None:
+        """The voice API cannot serve this call: hand it to the fallback through Twilio's
+        REST API (the stream then stops), so the caller is never left in dead air."""
+        rest = TwilioRest(self.settings)
+        if not rest.available:
+            self.log.error("no TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN for a fallback: ending the call")
+            return
+        try:
+            found = await rest.redirect(self.call_sid, fallback_twiml(self.settings))
+        except ConnectionError as exc:
+            self.log.error("fallback redirect failed: %s; ending the call", exc)
+            return
+        self.fallback = "redirected" if found else "call already gone"
+        self.log.info("call handed to the fallback (%s)", self.fallback)
+
+    async def _relay_voice_events(self, session: VoiceSession) -> Closed:
         loop = asyncio.get_running_loop()
         while True:
             deadline = self._tail_deadline()
@@ -290,16 +381,7 @@ class Call:
                 continue
             if isinstance(event, Closed):
                 await self._finish_response()
-                if event.normal:
-                    self.outcome = Outcome.VOICE_API_ENDED
-                    self.log.info("voice API closed the session normally")
-                else:
-                    self.outcome = Outcome.VOICE_API_FAILED
-                    self.upstream_close_code = event.code
-                    if self.metrics:
-                        self.metrics.upstream_failed(event.code)
-                    self.log.error("voice API closed the session with code %d %s", event.code, event.reason)
-                return
+                return event
             await self._handle(event, loop.time())
 
     async def _handle(self, event: VoiceEvent, now: float) -> None:
@@ -332,7 +414,11 @@ class Call:
             self.log.warning("voice API error %s: %s", event.code, event.message)
         elif isinstance(event, Skipped):
             self.stats.skipped_upstream += 1
-            self.log.warning("skipped a voice API message: %s", event.reason)
+            if self.metrics:
+                self.metrics.bad_input("voice_api", event.kind)
+            if self.stats.skipped_upstream <= BAD_INPUT_LOG_LIMIT:  # then only counted
+                more = "; more are only counted" if self.stats.skipped_upstream == BAD_INPUT_LOG_LIMIT else ""
+                self.log.warning("skipped a voice API message (%s): %s%s", event.kind, event.reason, more)
         elif isinstance(event, Ready):
             self.log.debug("voice API %s", event.detail)
 
@@ -399,7 +485,14 @@ class Call:
 
     def _bad_frame(self, exc: MediaStreamError) -> None:
         self.stats.bad_frames += 1
-        self.log.warning("skipped a Twilio frame: %s", exc)
+        if self.metrics:
+            self.metrics.bad_input("twilio", exc.kind)
+        # One line each up to a cap, then only counted: garbage must not flood the log. A
+        # fatal one ends the call, so it is always logged.
+        if exc.fatal or self.stats.bad_frames <= BAD_INPUT_LOG_LIMIT:
+            more = "; more are only counted" if self.stats.bad_frames == BAD_INPUT_LOG_LIMIT else ""
+            action = "ending the call on" if exc.fatal else "skipped"
+            self.log.warning("%s a Twilio frame (%s): %s%s", action, exc.kind, exc, more)
 
     def _log_summary(self) -> None:
         s = self.stats

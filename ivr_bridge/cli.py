@@ -20,9 +20,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ivr-bridge: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
     from ivr_bridge.app import create_app
+    from ivr_bridge.server import BridgeServer, server_config
 
     log.info(
         "voice provider: %s%s; Twilio webhook: %s/twiml; stream: %s",
@@ -36,17 +35,10 @@ def serve(args: argparse.Namespace) -> int:
             "IVR_PUBLIC_URL is %s: Twilio needs a public https:// URL to reach the bridge",
             settings.public_url,
         )
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        # Media Streams frames are a few hundred bytes; a large frame is abuse, not audio.
-        ws_max_size=256 * 1024,
-        # Compressing audio costs CPU on every frame and saves almost nothing.
-        ws_per_message_deflate=False,
-        proxy_headers=True,
-    )
+    app = create_app(settings)
+    server = BridgeServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level), app)
+    # SIGTERM/SIGINT drain the calls (up to IVR_DRAIN_TIMEOUT_S) before the server exits.
+    server.run()
     return 0
 
 

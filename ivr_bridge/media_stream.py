@@ -9,22 +9,57 @@ from __future__ import annotations
 
 import binascii
 import json
+import time
 from base64 import b64decode, b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
+BYTES_PER_MS = 8
 EXPECTED_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+# Flood guard. Caller audio is produced in real time, so a stream cannot deliver more audio
+# than the time since its `start`, plus what network jitter bunches up. More than that is
+# a broken or hostile peer whose frames would crowd out every other call on this loop.
+# Measured in audio (not frames) because Twilio promises no frame size; the slack covers
+# a drift between Twilio's 8 kHz clock and ours over an hour-long call.
+MAX_AUDIO_LEAD_MS = 2000
+AUDIO_CLOCK_SLACK = 1.02
+# Frames other than media are bounded by count: Twilio sends ~50 a second in all. Mark
+# echoes are exempt: their number is what this bridge sent, and a `clear` returns every
+# pending one at once.
+MAX_FRAMES_PER_S = 100
+MAX_FRAME_BURST = 200
+
+# Why a frame was rejected: a fixed set, so it can label a metric.
+BAD_FRAME_KINDS = (
+    "binary",
+    "not_json",
+    "not_object",
+    "unknown_event",
+    "before_start",
+    "second_start",
+    "wrong_stream",
+    "missing_field",
+    "bad_field",
+    "bad_base64",
+    "bad_start",
+    "flood",
+)
 
 
 class MediaStreamError(ValueError):
     """An inbound frame that breaks the protocol; the message says how (no payload data).
 
-    `fatal` marks a `start` the stream cannot go on from (no sids, audio it cannot carry);
-    any other bad frame can be skipped.
+    `kind` is one of `BAD_FRAME_KINDS`. `fatal` marks a stream that cannot go on: a
+    `start` it cannot use (no sids, audio it cannot carry) or a flood; any other bad frame
+    can be skipped.
     """
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, message: str, *, kind: str = "bad_field", fatal: bool = False) -> None:
         super().__init__(message)
+        self.kind = kind
         self.fatal = fatal
 
 
@@ -71,16 +106,21 @@ StreamEvent = Connected | StreamStarted | MediaReceived | MarkEchoed | DtmfRecei
 
 def _int(value: object, what: str) -> int:
     # Twilio sends these counters as strings; accept numbers too rather than dropping audio.
+    # OverflowError: JSON allows 1e400, which parses to inf.
     try:
         return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise MediaStreamError(f"{what} is not an integer") from None
 
 
 class MediaStream:
-    """State of one bidirectional Media Stream, as seen from the bridge."""
+    """State of one bidirectional Media Stream, as seen from the bridge.
 
-    def __init__(self) -> None:
+    `clock` (seconds, monotonic) drives the flood guard from the `start` on; None turns
+    the guard off (unit tests that replay recorded frames at full speed).
+    """
+
+    def __init__(self, clock: Callable[[], float] | None = time.monotonic) -> None:
         self.stream_sid: str | None = None
         self.call_sid: str | None = None
         self.stopped = False
@@ -90,19 +130,58 @@ class MediaStream:
         self._last_sequence = 0
         self._last_chunk = 0
         self._sid_json = ""  # the streamSid already JSON-encoded, reused for every outbound frame
+        self._clock = clock
+        self._started_at: float | None = None
+        self._audio_bytes = 0  # media received since `start`, for the flood guard
+        self._frames = 0  # frames other than media and mark echoes since `start`
+        self._flooded = False
 
     # -- inbound -------------------------------------------------------------------------
 
     def receive(self, text: str | bytes) -> StreamEvent:
-        """Parse one inbound frame. Raises MediaStreamError for anything Twilio would not send."""
+        """Parse one inbound frame. Raises MediaStreamError for anything Twilio would not send.
+
+        Once input runs ahead of real time (see `MAX_AUDIO_LEAD_MS`) every call raises a
+        fatal MediaStreamError of kind "flood".
+        """
+        if self._flooded:
+            raise MediaStreamError("input far faster than real time", kind="flood", fatal=True)
+        try:
+            event = self._parse(text)
+        except MediaStreamError:
+            self._charge(frames=1)
+            raise
+        if isinstance(event, MediaReceived):
+            self._charge(audio_bytes=len(event.payload))
+        elif not isinstance(event, MarkEchoed):
+            self._charge(frames=1)
+        return event
+
+    def _charge(self, *, frames: int = 0, audio_bytes: int = 0) -> None:
+        if self._clock is None or self._started_at is None:
+            return
+        self._frames += frames
+        self._audio_bytes += audio_bytes
+        elapsed = self._clock() - self._started_at
+        audio_lead_ms = self._audio_bytes / BYTES_PER_MS - elapsed * 1000 * AUDIO_CLOCK_SLACK
+        if audio_lead_ms > MAX_AUDIO_LEAD_MS or self._frames > MAX_FRAME_BURST + elapsed * MAX_FRAMES_PER_S:
+            self._flooded = True
+            raise MediaStreamError(
+                f"input far faster than real time ({self._audio_bytes // BYTES_PER_MS} ms of audio and "
+                f"{self._frames} other frames in {elapsed:.1f} s)",
+                kind="flood",
+                fatal=True,
+            )
+
+    def _parse(self, text: str | bytes) -> StreamEvent:
         if isinstance(text, bytes):
-            raise MediaStreamError("binary frame (Media Streams frames are JSON text)")
+            raise MediaStreamError("binary frame (Media Streams frames are JSON text)", kind="binary")
         try:
             message = json.loads(text)
-        except ValueError:
-            raise MediaStreamError("frame is not valid JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+            raise MediaStreamError("frame is not valid JSON", kind="not_json") from None
         if not isinstance(message, dict):
-            raise MediaStreamError("frame is not a JSON object")
+            raise MediaStreamError("frame is not a JSON object", kind="not_object")
         event = message.get("event")
         if event == "media":
             return self._media(message)
@@ -114,44 +193,54 @@ class MediaStream:
         if event == "mark":
             mark = message.get("mark")
             if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
-                raise MediaStreamError("mark without mark.name")
+                raise MediaStreamError("mark without mark.name", kind="missing_field")
+            self._track_sequence(message)
             return MarkEchoed(mark["name"])
         if event == "dtmf":
             dtmf = message.get("dtmf")
             if not isinstance(dtmf, dict) or not isinstance(dtmf.get("digit"), str):
-                raise MediaStreamError("dtmf without dtmf.digit")
+                raise MediaStreamError("dtmf without dtmf.digit", kind="missing_field")
+            # Only a keypad's digits: the digit reaches logs and the transcript.
+            if dtmf["digit"] not in DTMF_DIGITS:
+                raise MediaStreamError("dtmf.digit is not a keypad digit")
+            self._track_sequence(message)
             return DtmfReceived(dtmf["digit"])
         if event == "stop":
+            self._track_sequence(message)
             self.stopped = True
             stop = message.get("stop")
             call_sid = stop.get("callSid", "") if isinstance(stop, dict) else ""
             return StreamStopped(str(call_sid or self.call_sid or ""))
-        raise MediaStreamError(f"unknown event {str(event)[:40]!r}")
+        raise MediaStreamError(f"unknown event {str(event)[:40]!r}", kind="unknown_event")
 
     def _start(self, message: dict) -> StreamStarted:
         if self.stream_sid is not None:
-            raise MediaStreamError("second start on one stream")
+            raise MediaStreamError("second start on one stream", kind="second_start")
         start = message.get("start")
         if not isinstance(start, dict):
-            raise MediaStreamError("start without start object", fatal=True)
+            raise MediaStreamError("start without start object", kind="bad_start", fatal=True)
         stream_sid = start.get("streamSid") or message.get("streamSid")
         call_sid = start.get("callSid")
         if not isinstance(stream_sid, str) or not stream_sid:
-            raise MediaStreamError("start without streamSid", fatal=True)
+            raise MediaStreamError("start without streamSid", kind="bad_start", fatal=True)
         if not isinstance(call_sid, str) or not call_sid:
-            raise MediaStreamError("start without callSid", fatal=True)
+            raise MediaStreamError("start without callSid", kind="bad_start", fatal=True)
         media_format = start.get("mediaFormat") or {}
         if not isinstance(media_format, dict) or any(
             media_format.get(k) != v for k, v in EXPECTED_FORMAT.items()
         ):
-            raise MediaStreamError(f"unsupported mediaFormat {media_format!r}"[:120], fatal=True)
+            raise MediaStreamError(
+                f"unsupported mediaFormat {media_format!r}"[:120], kind="bad_start", fatal=True
+            )
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
-            raise MediaStreamError("customParameters is not an object", fatal=True)
+            raise MediaStreamError("customParameters is not an object", kind="bad_start", fatal=True)
         self.stream_sid = stream_sid
         self.call_sid = call_sid
         self._sid_json = json.dumps(stream_sid)
         self._track_sequence(message)
+        if self._clock is not None:
+            self._started_at = self._clock()
         tracks = start.get("tracks")
         return StreamStarted(
             stream_sid=stream_sid,
@@ -166,25 +255,26 @@ class MediaStream:
         self._check_stream(message)
         media = message.get("media")
         if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
-            raise MediaStreamError("media without media.payload")
+            raise MediaStreamError("media without media.payload", kind="missing_field")
         try:
             payload = b64decode(media["payload"], validate=True)
         except (binascii.Error, ValueError):
-            raise MediaStreamError("media payload is not valid base64") from None
+            raise MediaStreamError("media payload is not valid base64", kind="bad_base64") from None
+        # Every field is checked before any counter moves: a rejected frame leaves no trace.
         chunk = _int(media.get("chunk", self._last_chunk + 1), "media.chunk")
+        timestamp = _int(media.get("timestamp", 0), "media.timestamp")
+        self._track_sequence(message)
         if chunk > self._last_chunk + 1 and self._last_chunk:
             self.chunk_gaps += chunk - self._last_chunk - 1
         self._last_chunk = max(chunk, self._last_chunk)
-        self._track_sequence(message)
         self.media_in += 1
-        return MediaReceived(payload, chunk, _int(media.get("timestamp", 0), "media.timestamp"))
+        return MediaReceived(payload, chunk, timestamp)
 
     def _check_stream(self, message: dict) -> None:
         if self.stream_sid is None:
-            raise MediaStreamError(f"{str(message.get('event'))[:20]} before start")
+            raise MediaStreamError(f"{str(message.get('event'))[:20]} before start", kind="before_start")
         if message.get("streamSid") != self.stream_sid:
-            raise MediaStreamError("streamSid does not match this stream")
-        self._track_sequence(message)
+            raise MediaStreamError("streamSid does not match this stream", kind="wrong_stream")
 
     def _track_sequence(self, message: dict) -> None:
         raw = message.get("sequenceNumber")

@@ -17,12 +17,25 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ivr_bridge.media_stream import BAD_FRAME_KINDS
+from ivr_bridge.providers.nextevi import SKIP_KINDS
+
 if TYPE_CHECKING:
     from ivr_bridge.call import Call
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Close codes NextEVI and RFC 6455 document; anything else is counted as "other".
-KNOWN_CLOSE_CODES = frozenset({1001, 1002, 1003, 1006, 1008, 1011, 4001, 4002, 4003, 4004})
+# 1009: a message over the bridge's size limit (a giant TTS chunk).
+KNOWN_CLOSE_CODES = frozenset({1001, 1002, 1003, 1006, 1008, 1009, 1011, 4001, 4002, 4003, 4004})
+# Bad input by where it came from and what was wrong with it; kinds outside these sets
+# (a new one added without updating this) are counted as "other", so labels stay bounded.
+BAD_INPUT_KINDS: dict[str, frozenset[str]] = {
+    "twilio": frozenset(BAD_FRAME_KINDS),
+    "voice_api": frozenset(SKIP_KINDS),
+}
+# Bad input is logged one line each up to this many per call and source, then only
+# counted: a peer sending garbage must not flood the log.
+BAD_INPUT_LOG_LIMIT = 20
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -36,6 +49,7 @@ class _Totals:
     barge_ins: int = 0
     bad_frames: int = 0
     skipped_upstream: int = 0
+    provider_errors: int = 0
 
     def add(self, call: Call) -> None:
         for name, value in _call_counts(call):
@@ -51,6 +65,7 @@ def _call_counts(call: Call) -> Iterator[tuple[str, int]]:
     yield "barge_ins", s.barge_ins
     yield "bad_frames", s.bad_frames
     yield "skipped_upstream", s.skipped_upstream
+    yield "provider_errors", s.provider_errors
 
 
 _COUNTER_HELP = {
@@ -61,6 +76,7 @@ _COUNTER_HELP = {
     "barge_ins": "Bot replies cleared because the caller talked over them",
     "bad_frames": "Twilio frames skipped as malformed",
     "skipped_upstream": "Voice API messages skipped as malformed or undecodable",
+    "provider_errors": "Error messages the voice API sent (the session went on)",
 }
 
 
@@ -99,6 +115,16 @@ class BridgeMetrics:
             ["code"],
             registry=self.registry,
         )
+        self._bad_input = Counter(
+            "ivr_bad_input",
+            "Malformed input skipped or refused, by source (twilio, voice_api) and kind",
+            ["source", "kind"],
+            registry=self.registry,
+        )
+        # Every series exists from the start, so a rate() sees the first one.
+        for source, kinds in BAD_INPUT_KINDS.items():
+            for kind in (*sorted(kinds), "other"):
+                self._bad_input.labels(source, kind)
         self._connect = Histogram(
             "ivr_upstream_connect_seconds",
             "Time to open a voice API session",
@@ -118,6 +144,13 @@ class BridgeMetrics:
             buckets=FAST_BUCKETS,
             registry=self.registry,
         )
+
+    def bad_input(self, source: str, kind: str) -> None:
+        """Count one skipped Twilio frame ("twilio") or voice API message ("voice_api")."""
+        kinds = BAD_INPUT_KINDS.get(source)
+        if kinds is None:
+            return
+        self._bad_input.labels(source, kind if kind in kinds else "other").inc()
 
     def upstream_connected(self, seconds: float) -> None:
         self._connect.observe(seconds)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real app under uvicorn on a free loopback port, in its own thread."""
+"""Shared fixtures: the real app under the production uvicorn configuration
+(`ivr_bridge.server`) on a free loopback port, in its own thread."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-import uvicorn
 
 from ivr_bridge.app import create_app
 from ivr_bridge.call import Call
+from ivr_bridge.server import BridgeServer, server_config
 from ivr_bridge.settings import Settings
 
 
@@ -23,6 +24,7 @@ class RunningBridge:
     settings: Settings
     finished: list[Call] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once a call has ended
+    server: BridgeServer | None = None
     _ended: threading.Condition = field(default_factory=threading.Condition)
 
     def _call_ended(self, call: Call) -> None:
@@ -62,8 +64,9 @@ def _serve(settings: Settings) -> Iterator[RunningBridge]:
     settings = Settings(**{**settings.__dict__, "public_url": public})
     bridge = RunningBridge(public, settings.stream_url, settings)
     app = create_app(settings, on_call_end=bridge._call_ended)
-    config = uvicorn.Config(app, log_level="warning", ws_per_message_deflate=False, lifespan="off")
-    server = uvicorn.Server(config)
+    # Signals are not captured off the main thread: `server.handle_exit` starts a drain.
+    server = BridgeServer(server_config(app, host="127.0.0.1", port=port, log_level="warning"), app)
+    bridge.server = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = threading.Event()

@@ -212,7 +212,7 @@ async def test_caller_socket_drops_without_stop(make_bridge) -> None:
     assert call.outcome == "caller_hung_up"
 
 
-@pytest.mark.parametrize(("code", "outcome"), [(1000, "voice_api_ended"), (1011, "voice_api_failed")])
+@pytest.mark.parametrize(("code", "outcome"), [(1000, "voice_api_ended"), (4003, "voice_api_failed")])
 async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code: int, outcome: str) -> None:
     caplog.set_level(logging.INFO)
     async with voice_api() as standin:
@@ -234,6 +234,7 @@ async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) 
         nextevi_url="ws://127.0.0.1:9/ws/voice",
         nextevi_api_key=API_KEY,
         nextevi_config_id="c",
+        reconnect_budget_s=0.5,
     )
     bridge = make_bridge(settings)
     async with TwilioCaller(bridge.stream_url) as caller:

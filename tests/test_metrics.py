@@ -43,10 +43,10 @@ async def test_metrics_follow_calls(make_bridge) -> None:
             await caller.hang_up()
         await bridge.wait_for_calls(1)
 
-        # A second call whose voice API session fails with 1011.
+        # A second call whose voice API session fails with 4003 (access denied: no retry).
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             session = await standin.wait_for_session(1)
-            await standin.close_session(session, code=1011)
+            await standin.close_session(session, code=4003)
             await caller.wait_closed(10)
         await bridge.wait_for_calls(2)
 
@@ -54,7 +54,7 @@ async def test_metrics_follow_calls(make_bridge) -> None:
     assert value(after, "ivr_active_calls") == 0
     assert value(after, "ivr_calls_total", outcome="stream_stopped") == 1
     assert value(after, "ivr_calls_total", outcome="voice_api_failed") == 1
-    assert value(after, "ivr_upstream_errors_total", code="1011") == 1
+    assert value(after, "ivr_upstream_errors_total", code="4003") == 1
     assert value(after, "ivr_barge_ins_total") == 1
     assert value(after, "ivr_barge_in_stop_seconds_count") == 1
     assert value(after, "ivr_reply_latency_seconds_count") >= 1

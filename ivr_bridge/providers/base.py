@@ -70,9 +70,13 @@ class ProviderError:
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """A message that was malformed or could not be decoded; logged and counted, call goes on."""
+    """A message that was malformed or could not be decoded; logged and counted, call goes on.
+
+    `kind` names the fault from a small fixed set (a metric label); `reason` says more.
+    """
 
     reason: str
+    kind: str = "malformed"
 
 
 @dataclass(frozen=True, slots=True)

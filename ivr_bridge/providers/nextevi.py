@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from base64 import b64decode
@@ -45,6 +46,11 @@ KEEP_ALIVE_AFTER_S = 10.0  # idle time before a keep_alive; the API drops long-i
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a 1 MB audio chunk (the API's limit) in base64 JSON, with room
 # Types seen from NextEVI's SDKs that carry nothing a phone call needs.
 QUIET_TYPES = frozenset({"turn_complete", "idle_warning", "system_message"})
+# Unknown message types are reported once each, up to this many per session; the set of
+# types seen is bounded so a peer inventing new ones cannot grow it without end.
+MAX_UNKNOWN_TYPES = 32
+# Why a message was skipped: a fixed set, so it can label a metric.
+SKIP_KINDS = ("binary", "not_json", "not_object", "unknown_type", "missing_field", "bad_base64", "bad_wav")
 # Close codes the API documents as worth a retry (retries come with the resilience work).
 RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
 
@@ -97,15 +103,18 @@ class NextEviProtocol:
         return _envelope("keep_alive")
 
     def receive(self, message: str | bytes) -> list[VoiceEvent]:
+        """Events for one server message; never raises: a bad message becomes `Skipped`."""
         if isinstance(message, bytes):
-            return self._skip("binary message from the voice API")
+            return self._skip("binary message from the voice API", "binary")
         try:
             msg = json.loads(message)
-        except ValueError:
-            return self._skip("message is not valid JSON")
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
+            return self._skip("message is not valid JSON", "not_json")
         if not isinstance(msg, dict):
-            return self._skip("message is not a JSON object")
-        kind = msg.get("type")
+            return self._skip("message is not a JSON object", "not_object")
+        raw_kind = msg.get("type")
+        # Only strings name a type; anything else (a list, a number) is an unknown type.
+        kind = raw_kind if isinstance(raw_kind, str) else repr(raw_kind)[:40]
         # The documents wrap payloads in `data`; NextEVI's SDKs send the same fields flat.
         data = msg.get("data")
         payload: dict = data if isinstance(data, dict) else msg
@@ -130,9 +139,12 @@ class NextEviProtocol:
             self._boundary()
             return [TurnEvent(kind.removeprefix("turn_"), str(payload.get("turn_id", "")))]
         if kind == "emotion_update":
-            top = payload.get("top_emotions") or []
+            top = payload.get("top_emotions")
+            entries = top if isinstance(top, list) else []
             return [
-                Emotions([(str(e.get("name")), float(e.get("score", 0))) for e in top if isinstance(e, dict)])
+                Emotions(
+                    [(str(e.get("name")), _score(e.get("score"))) for e in entries if isinstance(e, dict)]
+                )
             ]
         if kind == "status":
             status = str(payload.get("status", ""))
@@ -144,14 +156,15 @@ class NextEviProtocol:
         if kind == "error":
             return [
                 ProviderError(
-                    str(payload.get("error_code", "unknown")), str(payload.get("error_message", ""))[:200]
+                    str(payload.get("error_code", "unknown"))[:40],
+                    str(payload.get("error_message", ""))[:200],
                 )
             ]
         if kind in QUIET_TYPES:
             return []
-        if kind not in self._unknown:
-            self._unknown.add(str(kind))
-            return self._skip(f"unknown message type {str(kind)[:40]!r}")
+        if kind[:40] not in self._unknown and len(self._unknown) < MAX_UNKNOWN_TYPES:
+            self._unknown.add(kind[:40])
+            return self._skip(f"unknown message type {kind[:40]!r}", "unknown_type")
         self.skipped += 1
         return []
 
@@ -160,15 +173,15 @@ class NextEviProtocol:
             self.stale_chunks += 1
             return []
         if not isinstance(content, str):
-            return self._skip("tts_chunk without content")
+            return self._skip("tts_chunk without content", "missing_field")
         try:
             audio = b64decode(content, validate=True)
         except (binascii.Error, ValueError):
-            return self._skip("tts_chunk content is not base64")
+            return self._skip("tts_chunk content is not base64", "bad_base64")
         try:
             pcm = decode_tts_audio(audio)
         except WavError as exc:
-            return self._skip(f"tts_chunk WAV rejected: {exc}")
+            return self._skip(f"tts_chunk WAV rejected: {exc}", "bad_wav")
         if not len(pcm.samples):
             return []
         if not self._open:
@@ -180,9 +193,18 @@ class NextEviProtocol:
         self._open = False
         self._muted = False
 
-    def _skip(self, reason: str) -> list[VoiceEvent]:
+    def _skip(self, reason: str, kind: str) -> list[VoiceEvent]:
         self.skipped += 1
-        return [Skipped(reason)]
+        return [Skipped(reason, kind)]
+
+
+def _score(value: object) -> float:
+    # A score that is not a finite number counts as 0 rather than failing the message.
+    try:
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return score if math.isfinite(score) else 0.0
 
 
 class NextEviSession:
