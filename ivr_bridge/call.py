@@ -60,6 +60,8 @@ POLICY_VIOLATION = 1008  # WebSocket close code for a refused stream
 RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
 CONNECT_FAILED = -1  # pseudo close code: the session never opened
 RECONNECT_BASE_S = 0.25
+RENEWING = -2  # pseudo close code: closed by us to renew the session
+RENEW_MARGIN_S = 60.0  # renew this long before the session cap, at a quiet moment
 MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the voice API connects
 # The last few ms of a reply wait in the resampler and frame buffer for more audio. They
 # are flushed shortly before Twilio would run out of audio, or after a pause in the reply.
@@ -79,6 +81,8 @@ class Outcome(StrEnum):
     CLOSED_BEFORE_START = "closed_before_start"
     UNUSABLE_START = "unusable_start"
     REFUSED = "refused"  # the start failed the admission check (per-call token)
+    IDLE = "idle"  # no media from Twilio for IVR_IDLE_TIMEOUT_S
+    TWILIO_STALLED = "twilio_stalled"  # the Twilio socket stopped accepting frames
     ERROR = "error"  # a bug: logged with its traceback
 
 
@@ -118,6 +122,7 @@ class CallStats:
     early_audio_dropped_ms: int = 0
     gap_audio_dropped_ms: int = 0  # caller audio dropped while the voice API reconnected
     reconnects: int = 0
+    renewals: int = 0
     emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
 
 
@@ -155,6 +160,8 @@ class Call:
         self._chunk_bytes = settings.upstream_chunk_ms * ULAW_BYTES_PER_MS
         self._connected = asyncio.Event()
         self._reconnecting = False  # the voice session dropped and a new one is on its way
+        self._renewing = False  # the session is being replaced before the provider's cap
+        self._session_started_at = 0.0
         self._last_frame_at = 0.0
         self.fallback = ""  # what was done when the voice API could not serve the call
         self._twilio_gone = False
@@ -182,7 +189,11 @@ class Call:
             "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
         )
         from_twilio = asyncio.create_task(self._from_twilio(), name="from-twilio")
-        tasks = {from_twilio, asyncio.create_task(self._from_voice_api(), name="from-voice-api")}
+        tasks = {
+            from_twilio,
+            asyncio.create_task(self._from_voice_api(), name="from-voice-api"),
+            asyncio.create_task(self._watchdog(), name="call-watchdog"),
+        }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if self._twilio_gone and from_twilio not in done:
@@ -293,6 +304,13 @@ class Call:
                 return
             await session.close(NORMAL_CLOSE)
             now = time.monotonic()
+            if code == RENEWING:
+                self._renewing = False
+                self._connected.clear()
+                self._reconnecting = True
+                self.stats.renewals += 1
+                self._session = self._session_factory(self.settings, self.call_sid)
+                continue
             if code not in RETRYABLE_CLOSE_CODES and code != CONNECT_FAILED:
                 self.outcome = Outcome.VOICE_API_FAILED
                 await self._fall_back()
@@ -328,6 +346,7 @@ class Call:
             return CONNECT_FAILED
         if self.metrics:
             self.metrics.upstream_connected(time.monotonic() - connect_started)
+        self._session_started_at = asyncio.get_running_loop().time()
         if self._reconnecting:
             self.log.info("voice API session restored (reconnect %d)", self.stats.reconnects)
             self._caller_ulaw.clear()
@@ -341,8 +360,11 @@ class Call:
         try:
             closed = await self._relay_voice_events(session)
         except ConnectionError:
-            self._twilio_gone = True  # the Twilio reader records how the call ended
+            if self.outcome != Outcome.TWILIO_STALLED:
+                self._twilio_gone = True  # the Twilio reader records how the call ended
             return None
+        if closed.normal and self._renewing:
+            return RENEWING
         if closed.normal:
             self.outcome = Outcome.VOICE_API_ENDED
             self.log.info("voice API closed the session normally")
@@ -450,12 +472,54 @@ class Call:
     async def _send_audio(self, ulaw: bytes, now: float) -> None:
         if not ulaw or self._response is None:
             return
-        await self.twilio.send(self.stream.media(ulaw))
-        await self.twilio.send(self.stream.mark(self.playback.sent(self._response, len(ulaw))))
+        await self._send(self.stream.media(ulaw))
+        await self._send(self.stream.mark(self.playback.sent(self._response, len(ulaw))))
         frames = len(ulaw) // 160
         self.stats.frames_out += frames
         self.stats.bytes_out += len(ulaw)
         self._playout_end = max(self._playout_end, now) + len(ulaw) / 8000
+
+    async def _send(self, text: str) -> None:
+        # A Twilio socket that stops reading would hold the bot's audio here without end
+        # (and upstream frames behind it): bound the wait and end the call instead.
+        try:
+            async with asyncio.timeout(self.settings.twilio_send_timeout_s):
+                await self.twilio.send(text)
+        except TimeoutError:
+            self.outcome = Outcome.TWILIO_STALLED
+            self.log.error(
+                "Twilio took over %.1f s to accept a frame; ending the call",
+                self.settings.twilio_send_timeout_s,
+            )
+            raise ConnectionError("Twilio socket stalled") from None
+
+    async def _watchdog(self) -> None:
+        """Ends an idle call, and renews the voice session before its provider's cap."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        renew_margin = min(RENEW_MARGIN_S, settings.max_session_s / 4)
+        self._last_frame_at = loop.time()
+        while True:
+            await asyncio.sleep(min(1.0, settings.idle_timeout_s / 4, renew_margin / 4))
+            now = loop.time()
+            if now - self._last_frame_at > settings.idle_timeout_s:
+                self.outcome = Outcome.IDLE
+                self.log.warning("no media from Twilio for %.0f s; ending the call", settings.idle_timeout_s)
+                return
+            age = now - self._session_started_at
+            quiet = not self.playback.speaking and not self._tail_pending
+            due = age > settings.max_session_s - renew_margin
+            if (
+                self._connected.is_set()
+                and not self._renewing
+                and due
+                and (quiet or age > settings.max_session_s - 5)
+            ):
+                # Renew between sentences, not mid-reply; forced just before the cap.
+                self._renewing = True
+                self.log.info("voice session %.0f s old: renewing it before the provider's cap", age)
+                assert self._session is not None
+                await self._session.close(NORMAL_CLOSE)
 
     def _tail_deadline(self) -> float | None:
         if not self._tail_pending:
@@ -464,7 +528,7 @@ class Call:
 
     async def _barge_in(self, reason: str) -> None:
         # Clear first: every ms spent before it is stale speech in the caller's ear.
-        await self.twilio.send(self.stream.clear())
+        await self._send(self.stream.clear())
         self._bot_audio.reset()
         dropped_ms = self.playback.cleared()
         self._dropped_through = self._response_number

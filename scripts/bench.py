@@ -278,6 +278,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
             "NEXTEVI_API_KEY": API_KEY,
             "NEXTEVI_CONFIG_ID": CONFIG_ID,
             "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
+            "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
         },
         log=workdir / f"bridge-{concurrency}.log",
     )

@@ -88,9 +88,7 @@ async def test_non_retryable_close_goes_to_the_fallback_number(make_bridge, twil
     assert len(standin.sessions) == 1  # 4003 is not retried
 
 
-async def test_unreachable_voice_api_apologises_via_rest_after_the_budget(
-    make_bridge, twilio_rest
-) -> None:
+async def test_unreachable_voice_api_apologises_via_rest_after_the_budget(make_bridge, twilio_rest) -> None:
     rest, url = twilio_rest
     settings = Settings(
         provider="nextevi",
@@ -136,3 +134,80 @@ async def test_caller_audio_from_the_gap_is_not_forwarded(make_bridge) -> None:
     forwarded_ms = (len(first.audio) + len(second.audio)) // 48
     assert forwarded_ms + call.stats.gap_audio_dropped_ms + 100 >= call.stats.frames_in * 20
     assert len(second.audio) // 48 <= call.stats.frames_in * 20 - len(first.audio) // 48
+
+
+async def test_no_media_from_twilio_ends_the_call_as_idle(make_bridge) -> None:
+    bridge = make_bridge(Settings(provider="echo", idle_timeout_s=1.0))
+    async with TwilioCaller(bridge.stream_url) as caller:  # connects, then sends nothing
+        await caller.wait_closed(15)
+    [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "idle"
+
+
+async def test_session_is_renewed_before_the_provider_cap(make_bridge) -> None:
+    async with voice_api(VoiceApiBehaviour(reply_ms=400)) as standin:
+        settings = nextevi_settings(standin)
+        bridge = make_bridge(Settings(**{**settings.__dict__, "max_session_s": 2.0}))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            first = await standin.wait_for_session(0)
+            second = await standin.wait_for_session(1, timeout=15)
+            await caller.say(tone_ulaw(500))
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 400, 15)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert first.close_code == 1000  # renewed, not dropped
+    assert second.replies_started >= 1 and call.stats.renewals >= 1
+    assert call.outcome == "stream_stopped" and call.stats.reconnects == 0
+
+
+class StalledTwilio:
+    """A Twilio socket whose reader has stopped: frames go in, sends never complete.
+
+    On loopback the kernel's socket buffers absorb megabytes before a real stall shows,
+    so this drives the orchestrator directly."""
+
+    def __init__(self, frames: list[str]) -> None:
+        self.frames = frames
+        self.closed_with: int | None = None
+        self._gone = asyncio.Event()
+
+    async def receive(self) -> str | bytes | None:
+        await asyncio.sleep(0)  # a real socket yields to the loop between frames
+        if self.frames:
+            return self.frames.pop(0)
+        await self._gone.wait()
+        return None
+
+    async def send(self, text: str) -> None:
+        await asyncio.Event().wait()  # never accepted
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed_with = code
+        self._gone.set()
+
+
+async def test_stalled_twilio_reader_ends_the_call() -> None:
+    import json
+    from base64 import b64encode
+
+    from ivr_bridge.call import Call
+
+    sid = "MZ" + "2" * 32
+    start = {
+        "streamSid": sid,
+        "callSid": "CA" + "3" * 32,
+        "accountSid": "AC",
+        "tracks": ["inbound"],
+        "customParameters": {},
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+    }
+    speech = tone_ulaw(600, hz=500) + b"\xff" * 8 * 900  # an utterance, then silence: echo replies
+    frames = [json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": start})]
+    for i in range(0, len(speech), 160):
+        payload = b64encode(speech[i : i + 160]).decode()
+        frames.append(json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}}))
+    twilio = StalledTwilio(frames)
+    call = Call(Settings(provider="echo", twilio_send_timeout_s=0.5, idle_timeout_s=60), twilio)
+    await asyncio.wait_for(call.run(), 15)
+    assert call.outcome == "twilio_stalled"
+    assert twilio.closed_with == 1000

@@ -322,9 +322,9 @@ async def test_reused_token_is_refused(make_bridge) -> None:
             await standin.wait_for_session()
             await first.hang_up()
         await refused_stream(bridge, standin, sid, target.parameters)
-        first_call, second_call = await bridge.wait_for_calls(2)
-    assert first_call.outcome == "stream_stopped"
-    assert second_call.outcome == "refused"
+        calls = await bridge.wait_for_calls(2)
+    # The refusal can finish before the first call's teardown: compare without order.
+    assert sorted(call.outcome for call in calls) == ["refused", "stream_stopped"]
     assert len(standin.sessions) == 1
 
 
