@@ -5,6 +5,7 @@ ends only its own call."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -13,6 +14,7 @@ from base64 import b64encode
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from ivr_bridge.audio import wav_bytes
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
@@ -86,14 +88,15 @@ async def test_media_before_start_is_skipped(make_bridge, caplog) -> None:
             await ws.send(media("MZ1", "AAAA"))
             await ws.send(start("MZ1", "CAbefore"))
             session = await standin.wait_for_session()
-            await ws.send(media("MZ1", b64encode(bytes(800)).decode()))
+            for _ in range(5):  # 500 ms of audio: it flows once the session is open
+                await ws.send(media("MZ1", b64encode(bytes(800)).decode()))
             await asyncio.wait_for(_until(lambda: len(session.audio) >= 4800), 10)
             await ws.send(json.dumps({"event": "stop", "streamSid": "MZ1", "stop": {"callSid": "CAbefore"}}))
         [call] = await bridge.wait_for_calls(1)
     # Before `start` the call sid is not known yet: the line carries "-" in its place.
     [line] = bad_lines(caplog, "a Twilio frame")
     assert "(before_start)" in line
-    assert call.outcome == "stream_stopped" and call.stats.frames_in == 1
+    assert call.outcome == "stream_stopped" and call.stats.frames_in == 5
 
 
 async def _until(predicate) -> None:
@@ -108,9 +111,11 @@ async def test_odd_length_media_reaches_the_voice_api(make_bridge, caplog) -> No
         async with TwilioCaller(bridge.stream_url) as caller:
             session = await standin.wait_for_session()
             assert caller._ws is not None
-            for size in (161, 77, 1, 561):  # 800 bytes: one whole upstream chunk
-                await caller._ws.send(media(caller.stream_sid, b64encode(bytes([0x7F]) * size).decode()))
-            await asyncio.wait_for(_until(lambda: len(session.audio) >= 4800), 10)
+            for _ in range(3):  # 2400 bytes in odd pieces; the first chunk may wait for the session
+                for size in (161, 77, 1, 561):
+                    await caller._ws.send(media(caller.stream_sid, b64encode(bytes([0x7F]) * size).decode()))
+            # All of it reaches the voice API, three 24 kHz samples per mu-law byte.
+            await asyncio.wait_for(_until(lambda: len(session.audio) >= 6 * 2400), 10)
             await complete_turn(caller)
             await caller.hang_up()
         [call] = await bridge.wait_for_calls(1)
@@ -131,7 +136,7 @@ async def test_mark_nobody_sent_is_ignored(make_bridge, caplog) -> None:
         [call] = await bridge.wait_for_calls(1)
     [line] = bad_lines(caplog, "never sent")
     assert call.call_sid in line
-    assert call.playback.responses[0].heard_ms == call.playback.responses[0].sent_ms
+    assert call.stats.bad_frames == 0 and not bad_lines(caplog, "a Twilio frame")
 
 
 async def _healthy_call(url: str) -> TwilioCaller:
@@ -151,11 +156,10 @@ async def test_flood_ends_only_that_call(make_bridge, caplog) -> None:
         assert flooder._ws is not None
         frame = media(flooder.stream_sid, b64encode(bytes(160)).decode())
         sent = 0
-        try:
-            for sent in range(1, 20_000):  # 400 s of audio, as fast as the socket takes it
+        with contextlib.suppress(ConnectionClosed):  # the bridge closes the socket on us
+            while sent < 20_000:  # 400 s of audio, as fast as the socket takes it
                 await flooder._ws.send(frame)
-        except Exception:
-            pass
+                sent += 1
         await flooder.wait_closed(10)
         good = await asyncio.wait_for(healthy, 30)
         calls = await bridge.wait_for_calls(2)
@@ -177,10 +181,8 @@ async def test_five_megabyte_frame_ends_only_that_call(make_bridge) -> None:
         big = TwilioCaller(bridge.stream_url)
         await big.connect()
         assert big._ws is not None
-        try:
+        with contextlib.suppress(ConnectionClosed):  # closed while sending
             await big._ws.send(media(big.stream_sid, b64encode(bytes(5 * 2**20 * 3 // 4)).decode()))
-        except Exception:
-            pass
         await big.wait_closed(10)
         good = await asyncio.wait_for(healthy, 30)
         calls = await bridge.wait_for_calls(2)
