@@ -49,6 +49,9 @@ class _Totals:
     barge_ins: int = 0
     bad_frames: int = 0
     skipped_upstream: int = 0
+    reconnects: int = 0
+    renewals: int = 0
+    gap_audio_dropped_ms: int = 0
     provider_errors: int = 0
 
     def add(self, call: Call) -> None:
@@ -65,6 +68,9 @@ def _call_counts(call: Call) -> Iterator[tuple[str, int]]:
     yield "barge_ins", s.barge_ins
     yield "bad_frames", s.bad_frames
     yield "skipped_upstream", s.skipped_upstream
+    yield "reconnects", s.reconnects
+    yield "renewals", s.renewals
+    yield "gap_audio_dropped_ms", s.gap_audio_dropped_ms
     yield "provider_errors", s.provider_errors
 
 
@@ -76,6 +82,9 @@ _COUNTER_HELP = {
     "barge_ins": "Bot replies cleared because the caller talked over them",
     "bad_frames": "Twilio frames skipped as malformed",
     "skipped_upstream": "Voice API messages skipped as malformed or undecodable",
+    "reconnects": "Voice API sessions reopened after a retryable drop",
+    "renewals": "Voice API sessions replaced before the provider's session cap",
+    "gap_audio_dropped_ms": "Caller audio dropped while the voice API reconnected, in ms",
     "provider_errors": "Error messages the voice API sent (the session went on)",
 }
 
