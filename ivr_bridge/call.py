@@ -161,6 +161,7 @@ class Call:
         self._connected = asyncio.Event()
         self._reconnecting = False  # the voice session dropped and a new one is on its way
         self._renewing = False  # the session is being replaced before the provider's cap
+        self._gap = ""  # why the session is being replaced: "drop" or "renewal"
         self._session_started_at = 0.0
         self._last_frame_at = 0.0
         self.fallback = ""  # what was done when the voice API could not serve the call
@@ -307,7 +308,7 @@ class Call:
             if code == RENEWING:
                 self._renewing = False
                 self._connected.clear()
-                self._reconnecting = True
+                self._reconnecting, self._gap = True, "renewal"
                 self.stats.renewals += 1
                 self._session = self._session_factory(self.settings, self.call_sid)
                 continue
@@ -315,6 +316,8 @@ class Call:
                 self.outcome = Outcome.VOICE_API_FAILED
                 await self._fall_back()
                 return
+            if code != CONNECT_FAILED:  # that session was up: a fresh budget for this drop
+                retry_until, attempt = None, 0
             retry_until = retry_until or now + self.settings.reconnect_budget_s
             if now >= retry_until:
                 self.log.error("voice API not back within %.0f s", self.settings.reconnect_budget_s)
@@ -328,9 +331,8 @@ class Call:
             delay = min(retry_until - now, random.uniform(0, RECONNECT_BASE_S * 2**attempt))
             attempt += 1
             self._connected.clear()
-            self._reconnecting = True
+            self._reconnecting, self._gap = True, "drop"
             await asyncio.sleep(delay)
-            self.stats.reconnects += 1
             self._session = self._session_factory(self.settings, self.call_sid)
 
     async def _serve_session(self, session: VoiceSession) -> int | None:
@@ -348,7 +350,11 @@ class Call:
             self.metrics.upstream_connected(time.monotonic() - connect_started)
         self._session_started_at = asyncio.get_running_loop().time()
         if self._reconnecting:
-            self.log.info("voice API session restored (reconnect %d)", self.stats.reconnects)
+            if self._gap == "drop":
+                self.stats.reconnects += 1
+                self.log.info("voice API session restored (reconnect %d)", self.stats.reconnects)
+            else:
+                self.log.info("voice API session renewed")
             self._caller_ulaw.clear()
             self._caller_audio.reset()
             # A new session numbers its replies from 1 again.
@@ -567,7 +573,9 @@ class Call:
         self.log.info(
             "call ended: %s after %.1f s; frames in %d out %d, sequence gaps %d, chunk gaps %d, "
             "barge-ins %d, bad frames %d; replies: %s",
-            f"{self.outcome} ({self.upstream_close_code})" if self.upstream_close_code else self.outcome,
+            f"{self.outcome} ({self.upstream_close_code})"
+            if self.outcome == Outcome.VOICE_API_FAILED
+            else self.outcome,
             time.monotonic() - self._started_at,
             s.frames_in,
             s.frames_out,

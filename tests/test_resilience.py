@@ -104,7 +104,7 @@ async def test_unreachable_voice_api_apologises_via_rest_after_the_budget(make_b
         await caller.wait_closed(10)
     [call] = await bridge.wait_for_calls(1)
     assert "<Say>" in update.params["Twiml"] and "<Hangup" in update.params["Twiml"]
-    assert call.outcome == "voice_api_unreachable" and call.stats.reconnects >= 1
+    assert call.outcome == "voice_api_unreachable" and call.stats.reconnects == 0
 
 
 async def test_fallback_for_a_call_already_gone_is_not_an_error(make_bridge, twilio_rest) -> None:
@@ -211,3 +211,23 @@ async def test_stalled_twilio_reader_ends_the_call() -> None:
     await asyncio.wait_for(call.run(), 15)
     assert call.outcome == "twilio_stalled"
     assert twilio.closed_with == 1000
+
+
+async def test_each_drop_gets_a_fresh_reconnect_budget(make_bridge) -> None:
+    async with voice_api(VoiceApiBehaviour(reply_ms=400)) as standin:
+        settings = nextevi_settings(standin)
+        bridge = make_bridge(Settings(**{**settings.__dict__, "reconnect_budget_s": 1.0}))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            for index in range(3):
+                session = await standin.wait_for_session(index, timeout=15)
+                # Each session lives longer than the whole budget before it drops.
+                await caller.wait_for(lambda s=session: len(s.audio) >= 48 * 1200, 10)
+                await standin.close_session(session, code=1001)
+            # The budget would be long spent if it ran from the first drop.
+            last = await standin.wait_for_session(3, timeout=15)
+            await caller.say(tone_ulaw(500))
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 400, 15)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert call.stats.reconnects == 3 and call.outcome == "stream_stopped"
+    assert last.replies_started >= 1
