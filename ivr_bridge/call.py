@@ -82,6 +82,8 @@ class Outcome(StrEnum):
     UNUSABLE_START = "unusable_start"
     REFUSED = "refused"  # the start failed the admission check (per-call token)
     IDLE = "idle"  # no media from Twilio for IVR_IDLE_TIMEOUT_S
+    FLOODED = "flooded"  # Twilio-side input far faster than real time: no phone line
+    SHUTDOWN = "shutdown"  # still active when the instance's drain timeout ran out
     TWILIO_STALLED = "twilio_stalled"  # the Twilio socket stopped accepting frames
     ERROR = "error"  # a bug: logged with its traceback
 
@@ -179,8 +181,21 @@ class Call:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    async def end(self, outcome: Outcome, code: int) -> None:
+        """End the call from outside (e.g. a shutdown): close the Twilio socket; the call's
+        own tasks then wind down and close the voice session."""
+        self.outcome = outcome
+        await self.twilio.close(code)
+
     async def run(self) -> None:
-        if not await self._wait_for_start():
+        try:
+            async with asyncio.timeout(self.settings.idle_timeout_s):
+                started = await self._wait_for_start()
+        except TimeoutError:
+            self.outcome = Outcome.IDLE
+            self.log.warning("no start within %.0f s; ending the stream", self.settings.idle_timeout_s)
+            started = False
+        if not started:
             if self.outcome == Outcome.IN_PROGRESS:
                 self.outcome = Outcome.CLOSED_BEFORE_START
             await self.twilio.close(NORMAL_CLOSE)
@@ -260,7 +275,7 @@ class Call:
                 # Flood guard (MediaStream.receive): input far faster than real time is no
                 # phone line; refuse the rest of the stream before it starves other calls.
                 if exc.fatal:
-                    self.outcome = Outcome.REFUSED
+                    self.outcome = Outcome.FLOODED
                     await self.twilio.close(POLICY_VIOLATION)
                     return
                 continue
@@ -271,7 +286,11 @@ class Call:
                     if self._connected.is_set():
                         pcm = self._caller_audio.process(bytes(self._caller_ulaw))
                         self._caller_ulaw.clear()
-                        await self._session.send_audio(pcm)  # type: ignore[union-attr]
+                        # Usually one chunk; after a connect or a large frame, several, each
+                        # within the voice API's message size limit.
+                        step = self._chunk_bytes * 6  # PCM16 at 24 kHz: 6 bytes per mu-law byte
+                        for start in range(0, len(pcm), step):
+                            await self._session.send_audio(pcm[start : start + step])  # type: ignore[union-attr]
                     elif self._reconnecting:
                         # Speech from the gap would reach the new session late and out of
                         # context: drop it rather than forward it stale.

@@ -18,6 +18,8 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
+from ivr_bridge.call import Outcome
+
 log = logging.getLogger("ivr_bridge.server")
 
 GOING_AWAY = 1001  # WebSocket close code: the server is going down
@@ -99,7 +101,7 @@ class BridgeServer(uvicorn.Server):
                 # Closing its Twilio socket ends a call through its own shutdown path: the
                 # reader sees the close, the voice session is closed, the summary logged.
                 await asyncio.gather(
-                    *(call.twilio.close(GOING_AWAY) for call in list(active)), return_exceptions=True
+                    *(call.end(Outcome.SHUTDOWN, GOING_AWAY) for call in list(active)), return_exceptions=True
                 )
                 ending_started = loop.time()
                 while active and loop.time() - ending_started < CALL_END_GRACE_S:

@@ -211,6 +211,7 @@ class LeakResult:
     growth_kib_per_100: float = 0.0  # least-squares slope after warm-up
     growth_endpoints_kib_per_100: float = 0.0
     limit_kib_per_100: float = LEAK_LIMIT_KIB_PER_100
+    memory_judged: bool = False  # enough calls after warm-up for a slope
     failures: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -283,12 +284,16 @@ async def run_leak(args: argparse.Namespace, workdir: Path) -> LeakResult:
         stop(bridge)
     result.seconds = round(time.monotonic() - started, 1)
     result.failures = dict(failures)
-    after = [p for p in result.rss_kib if p[0] >= min(WARMUP_CALLS, args.calls // 2)]
+    after = [p for p in result.rss_kib if p[0] >= WARMUP_CALLS]
     result.growth_kib_per_100 = round(slope_per_100(after), 1)
     if len(after) >= 2:
         span = (after[-1][0] - after[0][0]) / 100
         result.growth_endpoints_kib_per_100 = round((after[-1][1] - after[0][1]) / span, 1)
-    result.passed = result.calls_failed == 0 and result.growth_kib_per_100 < LEAK_LIMIT_KIB_PER_100
+    # Fewer than three samples after warm-up (e.g. --quick) is still warm-up: reported,
+    # not judged.
+    result.memory_judged = len(after) >= 3
+    flat = result.growth_kib_per_100 < LEAK_LIMIT_KIB_PER_100 or not result.memory_judged
+    result.passed = result.calls_failed == 0 and flat
     return result
 
 
@@ -357,7 +362,7 @@ async def run_upstream(args: argparse.Namespace, workdir: Path) -> UpstreamResul
     clip = tone(400)
     url = f"ws://{HOST}:{port}/media-stream"
     kills: list[float] = []
-    restarts: list[float] = []  # the moment the new stand-in accepts connections
+    restarts: list[float] = []  # the new stand-in accepts connections (refined from its own record)
     heard = [[False] * (k + 1) for _ in range(n)]
     failures: Counter[str] = Counter()
     started = time.monotonic()
@@ -428,7 +433,10 @@ async def run_upstream(args: argparse.Namespace, workdir: Path) -> UpstreamResul
     result.standin_down_ms = percentiles([(r - kl) * 1000 for kl, r in zip(kills, restarts, strict=False)])
     result.replies_heard = [sum(h[e] for h in heard) for e in range(k + 1)]
     result.every_call_replied_after_every_restart = all(all(h) for h in heard)
-    sessions = read_jsonl(workdir / "standin-first-audio.jsonl")
+    records = read_jsonl(workdir / "standin-first-audio.jsonl")
+    listening = [r["listening_at"] for r in records if "listening_at" in r]
+    restarts = listening[1:] if len(listening) == len(kills) + 1 else restarts
+    sessions = [r for r in records if "connection_id" in r]
     per_epoch = [0] * (k + 1)
     from_restart: list[float] = []
     from_kill: list[float] = []
@@ -678,6 +686,8 @@ def standin_child(port: int, live: str, timeline: str) -> int:
             loop.add_signal_handler(signum, stopped.set)
         standin = LiveStandIn(VoiceApiBehaviour(record_audio=False), timeline_path=timeline)
         await standin.start(HOST, port)
+        # The parent's own probe of the port would be up to a poll late; this is exact.
+        out.write(json.dumps({"listening_at": time.monotonic()}) + "\n")
         try:
             await stopped.wait()
         finally:
@@ -706,7 +716,8 @@ def report(results: dict[str, Any]) -> str:
             f"  VmRSS idle {r.rss_idle_kib} KiB; after each {BLOCK_CALLS} calls (KiB): "
             + ", ".join(str(v) for _, v in r.rss_kib),
             f"  growth after {WARMUP_CALLS} calls: {r.growth_kib_per_100} KiB/100 calls (least squares), "
-            f"{r.growth_endpoints_kib_per_100} (end points); limit < {r.limit_kib_per_100:g}",
+            f"{r.growth_endpoints_kib_per_100} (end points); limit < {r.limit_kib_per_100:g}"
+            f"{'' if r.memory_judged else ' (not judged: too few calls after warm-up)'}",
             f"  bridge call outcomes: {r.outcomes}",
         ]
     if "upstream" in results:
@@ -751,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller counts: under a minute")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--parts", default="leak,upstream,bad", help="comma-separated: leak,upstream,bad")
-    parser.add_argument("--calls", type=int, help="leak: calls (default 1000, quick 300)")
+    parser.add_argument("--calls", type=int, help="leak: calls (default 1000, quick 200)")
     parser.add_argument("--leak-concurrency", type=int, default=10)
     parser.add_argument(
         "--upstream-calls", type=int, help="upstream: concurrent calls (default 20, quick 10)"
@@ -769,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.standin_child:
         return standin_child(args.port, args.live, args.timeline)
-    args.calls = args.calls or (300 if args.quick else 1000)
+    args.calls = args.calls or (200 if args.quick else 1000)
     args.upstream_calls = args.upstream_calls or (10 if args.quick else 20)
     args.restarts = args.restarts or (2 if args.quick else 3)
     args.bad_rounds = args.bad_rounds or (6 if args.quick else 30)

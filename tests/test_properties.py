@@ -198,7 +198,7 @@ def _wav_header(channels: int, rate: int, bits: int, data_size: int, tag: int = 
     fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
     return (
         b"RIFF"
-        + struct.pack("<I", 36 + data_size)
+        + struct.pack("<I", (36 + data_size) % 2**32)
         + b"WAVEfmt "
         + struct.pack("<I", 16)
         + fmt

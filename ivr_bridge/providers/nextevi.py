@@ -269,8 +269,11 @@ class NextEviSession:
             try:
                 message = await self._ws.recv()
             except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else 1006
-                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                # A close the bridge itself sent (1009: a message over MAX_MESSAGE_BYTES)
+                # has no received frame; only a connection that just died has neither.
+                frame = exc.rcvd or exc.sent
+                code = frame.code if frame is not None else 1006
+                reason = frame.reason if frame is not None else ""
                 self._closed = Closed(code, reason[:120])
                 return self._closed
             self._events = self.protocol.receive(message)
