@@ -74,7 +74,11 @@ class StarletteTwilioSocket:
 def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None = None) -> str:
     response = VoiceResponse()
     connect = Connect()
-    stream = connect.stream(url=settings.stream_url)
+    stream = connect.stream(
+        url=settings.stream_url,
+        status_callback=f"{settings.public_url}/stream-status",
+        status_callback_method="POST",
+    )
     for name in FORWARDED_PARAMETERS:
         if params.get(name):
             stream.parameter(name=name, value=params[name][:MAX_PARAMETER_CHARS])
@@ -104,7 +108,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         # Popped: the token is spent here and stays out of call records and logs.
         return tokens.check(start.custom_parameters.pop(TOKEN_PARAMETER, None), start.call_sid)
 
-    async def twiml(request: Request) -> Response:
+    async def signed_form(request: Request) -> dict[str, str] | Response:
+        """The webhook's parameters, or a 403 if it is not signed by Twilio (when checked)."""
         params = dict(request.query_params)
         fields: list[tuple[str, str]] = []
         if request.method == "POST":
@@ -127,6 +132,23 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                     request.client.host if request.client else "?",
                 )
                 return Response("Forbidden\n", status_code=403, media_type="text/plain")
+        return params
+
+    async def stream_status(request: Request) -> Response:
+        params = await signed_form(request)
+        if isinstance(params, Response):
+            return params
+        event, call_sid = params.get("StreamEvent", "?"), params.get("CallSid", "-")
+        if event == "stream-error":
+            log.warning("[%s] Twilio stream error: %s", call_sid, params.get("StreamError", "")[:200])
+        else:
+            log.info("[%s] Twilio stream status: %s", call_sid, event[:40])
+        return Response(status_code=204)
+
+    async def twiml(request: Request) -> Response:
+        params = await signed_form(request)
+        if isinstance(params, Response):
+            return params
         if request.app.state.draining:  # DRAINING (shutdown): new calls go to the fallback
             return Response(fallback_twiml(settings), media_type="application/xml")
         if len(active) >= settings.max_calls:
@@ -194,6 +216,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             Route("/twiml", twiml, methods=["GET", "POST"]),
             WebSocketRoute("/media-stream", media_stream),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/stream-status", stream_status, methods=["POST"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
         ]

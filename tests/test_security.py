@@ -405,3 +405,36 @@ async def test_scripted_caller_signs_and_completes(make_bridge) -> None:
     assert report["reason"] is None and report["bytes_received"] > 0
     [call] = await bridge.wait_for_calls(1)
     assert call.outcome == "stream_stopped"
+
+
+async def test_stream_status_callbacks_are_signed_checked_and_logged(make_bridge, caplog) -> None:
+    import logging
+    import xml.etree.ElementTree as ET
+
+    import httpx
+    from twilio.request_validator import RequestValidator
+
+    from ivr_bridge.settings import Settings
+
+    caplog.set_level(logging.INFO)
+    token = "status_callback_token"
+    bridge = make_bridge(Settings(provider="echo", twilio_auth_token=token))
+    url = f"{bridge.base_url}/stream-status"
+    form = {"StreamEvent": "stream-error", "StreamError": "boom", "CallSid": "CA9", "StreamSid": "MZ9"}
+    signed = RequestValidator(token).compute_signature(url, form)
+    async with httpx.AsyncClient() as client:
+        ok = await client.post(url, data=form, headers={"X-Twilio-Signature": signed})
+        forged = await client.post(url, data=form, headers={"X-Twilio-Signature": "bm9wZQ=="})
+        unsigned = await client.post(url, data=form)
+        webhook_form = {"CallSid": "CA9"}
+        twiml_url = f"{bridge.base_url}/twiml"
+        twiml_signature = RequestValidator(token).compute_signature(twiml_url, webhook_form)
+        twiml = await client.post(
+            twiml_url, data=webhook_form, headers={"X-Twilio-Signature": twiml_signature}
+        )
+    assert (ok.status_code, forged.status_code, unsigned.status_code) == (204, 403, 403)
+    assert "[CA9] Twilio stream error: boom" in caplog.text
+    assert token not in caplog.text
+    stream = ET.fromstring(twiml.text).find("./Connect/Stream")
+    assert stream is not None and stream.get("statusCallback") == url
+    assert stream.get("statusCallbackMethod") == "POST"
