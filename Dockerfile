@@ -3,7 +3,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY ivr_bridge ./ivr_bridge
 RUN pip install --no-cache-dir .
-ENV IVR_PUBLIC_URL=http://127.0.0.1:8080
 EXPOSE 8080
 USER nobody
 CMD ["ivr-bridge", "serve", "--host", "0.0.0.0", "--port", "8080"]
