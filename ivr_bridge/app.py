@@ -42,6 +42,7 @@ class StarletteTwilioSocket:
     def __init__(self, websocket: WebSocket) -> None:
         self._ws = websocket
         self._closed = False
+        self.close_code: int | None = None  # the code the socket closed with, once closed
 
     async def receive(self) -> str | bytes | None:
         if self._closed:
@@ -52,6 +53,7 @@ class StarletteTwilioSocket:
             message = {"type": "websocket.disconnect"}
         if message["type"] == "websocket.disconnect":
             self._closed = True
+            self.close_code = message.get("code")
             return None
         text = message.get("text")
         return text if text is not None else message.get("bytes", b"")

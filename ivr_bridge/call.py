@@ -22,6 +22,7 @@ from typing import Protocol
 from ivr_bridge.audio import BotAudio, CallerAudio
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import (
+    MESSAGE_TOO_BIG,
     Connected,
     DtmfReceived,
     MarkEchoed,
@@ -267,6 +268,10 @@ class Call:
             self._last_frame_at = loop.time()
             if frame is None:
                 self.outcome = Outcome.CALLER_HUNG_UP
+                if getattr(self.twilio, "close_code", None) == MESSAGE_TOO_BIG:
+                    self._bad_frame(
+                        MediaStreamError("frame over the size limit", kind="too_large", fatal=True)
+                    )
                 return
             try:
                 event = self.stream.receive(frame)

@@ -46,7 +46,9 @@ BAD_FRAME_KINDS = (
     "bad_base64",
     "bad_start",
     "flood",
+    "too_large",  # over the server's frame size limit: the socket closes with 1009
 )
+MESSAGE_TOO_BIG = 1009
 
 
 class MediaStreamError(ValueError):

@@ -186,7 +186,8 @@ async def test_flood_ends_only_that_call(make_bridge, caplog) -> None:
     assert value(samples, "ivr_bad_input_total", source="twilio", kind="flood") == 1
 
 
-async def test_five_megabyte_frame_ends_only_that_call(make_bridge) -> None:
+async def test_five_megabyte_frame_ends_only_that_call(make_bridge, caplog) -> None:
+    caplog.set_level(logging.INFO)
     async with voice_api(VoiceApiBehaviour(**BEHAVIOUR)) as standin:
         bridge = make_bridge(nextevi_settings(standin))
         healthy = asyncio.create_task(_healthy_call(bridge.stream_url))
@@ -198,7 +199,11 @@ async def test_five_megabyte_frame_ends_only_that_call(make_bridge) -> None:
         await big.wait_closed(10)
         good = await asyncio.wait_for(healthy, 30)
         calls = await bridge.wait_for_calls(2)
+        _, samples = await scrape(bridge.base_url)
     assert big.close_code == 1009  # uvicorn's ws_max_size (256 KiB)
+    [line] = bad_lines(caplog, "a Twilio frame")
+    assert big.call_sid in line and "too_large" in line
+    assert value(samples, "ivr_bad_input_total", source="twilio", kind="too_large") == 1
     ok = next(c for c in calls if c.call_sid == good.call_sid)
     assert ok.outcome == "stream_stopped" and len(good.received) >= 1600
     assert next(c for c in calls if c.call_sid == big.call_sid).outcome == "caller_hung_up"
