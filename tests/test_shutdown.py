@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import socket
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,9 +195,9 @@ async def test_rolling_restart_under_load_cuts_no_call(tmp_path: Path) -> None:
                 raise AssertionError("no instance ready")
             assert instance is new
             twiml = await http.post(f"{instance.base_url}/twiml", data={"CallSid": "CA" + "2" * 32})
-            stream_url = re.search(r'<Stream url="([^"]+)"', twiml.text)
-            assert stream_url, twiml.text
-            async with TwilioCaller(stream_url.group(1), continuous=True) as caller:
+            stream = ET.fromstring(twiml.text).find("./Connect/Stream")
+            assert stream is not None, twiml.text
+            async with TwilioCaller(stream.get("url", ""), continuous=True) as caller:
                 await caller.say(tone_ulaw(300))
                 await caller.hang_up()
             assert caller.close_code == NORMAL_CLOSE
