@@ -14,7 +14,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from ivr_bridge.call import Call, Outcome
+from ivr_bridge.call import POLICY_VIOLATION, Call, Outcome
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import StreamStarted
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -171,10 +171,11 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                     "invalid" if signature else "missing",
                     client,
                 )
-                await websocket.close(code=1008)
+                await websocket.close(code=POLICY_VIOLATION)
                 return
         if websocket.app.state.draining:  # DRAINING (shutdown): refuse before accept, no call
-            return await websocket.close(code=TRY_AGAIN_LATER)
+            await websocket.close(code=TRY_AGAIN_LATER)
+            return
         if len(active) >= settings.max_calls:
             log.warning("media stream from %s refused: at capacity (%d calls)", client, len(active))
             await websocket.close(code=TRY_AGAIN_LATER)

@@ -1,10 +1,11 @@
 """One phone call: joins the Twilio stream, the audio converters and a voice session.
 
-Two tasks per call. `_from_twilio` parses caller frames, converts mu-law 8 kHz to PCM16
+Three tasks per call. `_from_twilio` parses caller frames, converts mu-law 8 kHz to PCM16
 24 kHz and forwards it upstream in `IVR_UPSTREAM_CHUNK_MS` chunks. `_from_voice_api`
-turns voice events into Twilio frames: speech into whole 20 ms mu-law frames, each chunk
-followed by a mark; an interruption into `clear` at once. When either side ends, the
-other is closed and both tasks are cancelled and awaited.
+turns voice events into Twilio frames (speech into whole 20 ms mu-law frames, each chunk
+followed by a mark; an interruption into `clear` at once) and reconnects a dropped voice
+session. `_watchdog` ends an idle stream and renews the session before its cap. When any
+of them ends, the others are cancelled and awaited.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from ivr_bridge.audio import BotAudio, CallerAudio
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import (
     MESSAGE_TOO_BIG,
-    Connected,
     DtmfReceived,
     MarkEchoed,
     MediaReceived,
@@ -37,6 +37,7 @@ from ivr_bridge.playback import Playback, Response
 from ivr_bridge.providers import new_session
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
+    RETRYABLE_CLOSE_CODES,
     AssistantAudio,
     AssistantText,
     Closed,
@@ -57,9 +58,7 @@ log = logging.getLogger("ivr_bridge.call")
 
 ULAW_BYTES_PER_MS = 8  # Twilio's 8 kHz mu-law
 POLICY_VIOLATION = 1008  # WebSocket close code for a refused stream
-# NextEVI documents these close codes as worth a retry; network errors count too.
-RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
-CONNECT_FAILED = -1  # pseudo close code: the session never opened
+CONNECT_FAILED = -1  # pseudo close code: the session never opened (retried, like a drop)
 RECONNECT_BASE_S = 0.25
 RENEWING = -2  # pseudo close code: closed by us to renew the session
 RENEW_MARGIN_S = 60.0  # renew this long before the session cap, at a quiet moment
@@ -256,8 +255,7 @@ class Call:
                     await self.twilio.close(POLICY_VIOLATION)
                     return False
                 return True
-            if not isinstance(event, Connected):
-                self._bad_frame(MediaStreamError(f"{type(event).__name__} before start"))
+            # Anything else before `start` was raised as a MediaStreamError by the stream.
 
     # -- caller -> voice API -------------------------------------------------------------
 
@@ -402,7 +400,7 @@ class Call:
         self.upstream_close_code = closed.code
         if self.metrics:
             self.metrics.upstream_failed(closed.code)
-        retry = "; reconnecting" if closed.code in RETRYABLE_CLOSE_CODES else ""
+        retry = "; reconnecting" if closed.retryable else ""
         self.log.error("voice API closed the session with code %d %s%s", closed.code, closed.reason, retry)
         return closed.code
 
@@ -466,11 +464,13 @@ class Call:
             self.log.warning("voice API error %s: %s", event.code, event.message)
         elif isinstance(event, Skipped):
             self.stats.skipped_upstream += 1
-            if self.metrics:
-                self.metrics.bad_input("voice_api", event.kind)
-            if self.stats.skipped_upstream <= BAD_INPUT_LOG_LIMIT:  # then only counted
-                more = "; more are only counted" if self.stats.skipped_upstream == BAD_INPUT_LOG_LIMIT else ""
-                self.log.warning("skipped a voice API message (%s): %s%s", event.kind, event.reason, more)
+            self._bad_input(
+                "voice_api",
+                event.kind,
+                self.stats.skipped_upstream,
+                "skipped a voice API message",
+                event.reason,
+            )
         elif isinstance(event, Ready):
             self.log.debug("voice API %s", event.detail)
 
@@ -579,14 +579,19 @@ class Call:
 
     def _bad_frame(self, exc: MediaStreamError) -> None:
         self.stats.bad_frames += 1
+        action = "ending the call on a Twilio frame" if exc.fatal else "skipped a Twilio frame"
+        self._bad_input("twilio", exc.kind, self.stats.bad_frames, action, str(exc), always=exc.fatal)
+
+    def _bad_input(
+        self, source: str, kind: str, count: int, action: str, detail: str, *, always: bool = False
+    ) -> None:
+        """Count bad input; log it once each up to a cap (then only count: garbage must not
+        flood the log). What ends the call is always logged."""
         if self.metrics:
-            self.metrics.bad_input("twilio", exc.kind)
-        # One line each up to a cap, then only counted: garbage must not flood the log. A
-        # fatal one ends the call, so it is always logged.
-        if exc.fatal or self.stats.bad_frames <= BAD_INPUT_LOG_LIMIT:
-            more = "; more are only counted" if self.stats.bad_frames == BAD_INPUT_LOG_LIMIT else ""
-            action = "ending the call on" if exc.fatal else "skipped"
-            self.log.warning("%s a Twilio frame (%s): %s%s", action, exc.kind, exc, more)
+            self.metrics.bad_input(source, kind)
+        if always or count <= BAD_INPUT_LOG_LIMIT:
+            more = "; more are only counted" if count == BAD_INPUT_LOG_LIMIT else ""
+            self.log.warning("%s (%s): %s%s", action, kind, detail, more)
 
     def _log_summary(self) -> None:
         s = self.stats

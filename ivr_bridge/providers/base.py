@@ -14,6 +14,9 @@ from ivr_bridge.audio import Pcm
 
 # Close codes of the upstream socket (RFC 6455 and NextEVI's 4xxx), for log lines.
 NORMAL_CLOSE = 1000
+# Closes worth a retry: going away, abnormal closure, server error (RFC 6455) and NextEVI's
+# 4004 rate limit. Bad credentials, config or data (4001-4003, 1002, 1003) are not.
+RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,10 @@ class Closed:
     @property
     def normal(self) -> bool:
         return self.code == NORMAL_CLOSE
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_CLOSE_CODES
 
 
 VoiceEvent = (

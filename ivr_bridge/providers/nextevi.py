@@ -51,8 +51,6 @@ QUIET_TYPES = frozenset({"turn_complete", "idle_warning", "system_message"})
 MAX_UNKNOWN_TYPES = 32
 # Why a message was skipped: a fixed set, so it can label a metric.
 SKIP_KINDS = ("binary", "not_json", "not_object", "unknown_type", "missing_field", "bad_base64", "bad_wav")
-# Close codes the API documents as worth a retry (retries come with the resilience work).
-RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
 
 
 def _envelope(kind: str, data: dict | None = None) -> str:
