@@ -102,11 +102,6 @@ async def test_media_before_start_is_skipped(make_bridge, caplog) -> None:
     assert call.outcome == "stream_stopped" and call.stats.frames_in >= 5
 
 
-async def _until(predicate) -> None:
-    while not predicate():
-        await asyncio.sleep(0.02)
-
-
 async def test_odd_length_media_reaches_the_voice_api(make_bridge, caplog) -> None:
     caplog.set_level(logging.INFO)
     async with voice_api(VoiceApiBehaviour(**BEHAVIOUR)) as standin:
@@ -115,10 +110,13 @@ async def test_odd_length_media_reaches_the_voice_api(make_bridge, caplog) -> No
             session = await standin.wait_for_session()
             assert caller._ws is not None
             raw = 0
-            while not session.audio:  # audio flows once the session is open
+            for _ in range(500):  # audio flows once the session is open; paced like a line
+                if session.audio:
+                    break
                 await caller._ws.send(media(caller.stream_sid, b64encode(bytes(161)).decode()))
                 raw += 161
                 await asyncio.sleep(0.02)
+            assert session.audio
             for size in (161, 77, 1, 561, 3, 5):
                 await caller._ws.send(media(caller.stream_sid, b64encode(bytes([0x7F]) * size).decode()))
                 raw += size

@@ -307,19 +307,13 @@ class TwilioCaller:
         self._changed = asyncio.Event()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            if self.closed.is_set():
-                raise TimeoutError(self._describe(predicate, "the connection closed first"))
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(self._describe(predicate, f"still false after {timeout}s"))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+        """Wait until `predicate` holds; TimeoutError (saying why) on timeout or close."""
+        if not await self.wait_until(predicate, timeout):
+            why = "the connection closed first" if self.closed.is_set() else f"still false after {timeout}s"
+            raise TimeoutError(self._describe(predicate, why))
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Like :meth:`wait_for` but returns False (timeout, or the socket closed) instead of raising."""
+        """Wait until `predicate` holds; False on timeout or when the socket closes first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not predicate():
