@@ -29,25 +29,22 @@ import argparse
 import bisect
 import json
 import math
-import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from processes import ROOT, cpu_seconds, free_port, percentiles, spawn, status_kib, stop
 
-ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "examples" / "scenarios" / "load.json"
 API_KEY = "oak_bench_key"
 CONFIG_ID = "cfg_bench"
 PCM_BYTES_PER_FRAME = 960  # 20 ms of 24 kHz PCM16
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level
 
 
@@ -86,36 +83,7 @@ class Level:
         )
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
-
-    return {"n": len(ordered), "p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "max": round(ordered[-1], 3)}
-
-
 # -- processes -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def rss_mb(pid: int, key: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def wait_until(predicate: object, timeout: float, what: str) -> None:
@@ -130,36 +98,15 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
     raise SystemExit(f"bench: {what} did not happen within {timeout} s")
 
 
-def spawn(
-    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
-) -> subprocess.Popen[bytes]:
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "ivr_bridge", *args],
-        env={**os.environ, **(env or {})},
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # -- joining the two timelines -------------------------------------------------------------
 
 
-def read_lines(path: Path) -> list[dict]:
+def read_lines(path: Path, event: str | None = None) -> list[dict]:
+    """A JSON-lines file's records (only those of `event`, for the stand-in's timeline)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if event is None or r.get("event") == event]
 
 
 def joined(callers: list[dict], sessions: list[dict]) -> Iterator[tuple[dict, dict]]:
@@ -288,7 +235,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         wait_until(
             lambda: socket.create_connection(("127.0.0.1", standin_port), timeout=1), 30, "stand-in start"
         )
-        level.rss_idle_mb = rss_mb(bridge.pid, "VmRSS")
+        level.rss_idle_mb = status_kib(bridge.pid, "VmRSS") / 1024
         cpu_before = cpu_seconds(bridge.pid)
         ramp = args.ramp if args.ramp is not None else min(15.0, concurrency * 0.05)
         result = subprocess.run(
@@ -304,7 +251,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
             capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
-        level.rss_peak_mb = rss_mb(bridge.pid, "VmHWM")
+        level.rss_peak_mb = status_kib(bridge.pid, "VmHWM") / 1024
         bridge_clear_times(level, httpx.get(f"{base}/metrics", timeout=10).text)
         report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
         if not report:
@@ -312,11 +259,21 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
                 f"bench: loadtest printed no JSON (exit {result.returncode}): {result.stderr[-500:]}"
             )
         # Sessions write their timeline when they close, right after their calls end.
-        wait_until(lambda: len(read_lines(standin_timeline)) >= concurrency, 30, "stand-in sessions closing")
+        wait_until(
+            lambda: len(read_lines(standin_timeline, "session")) >= concurrency,
+            30,
+            "stand-in sessions closing",
+        )
     finally:
         stop(bridge)
         stop(standin)
-    summarise(level, report, read_lines(caller_timeline), read_lines(standin_timeline), args.chunk_ms // 20)
+    summarise(
+        level,
+        report,
+        read_lines(caller_timeline),
+        read_lines(standin_timeline, "session"),
+        args.chunk_ms // 20,
+    )
     return level
 
 

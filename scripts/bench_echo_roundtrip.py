@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from processes import free_port, spawn, stop
 
 from ivr_bridge.audio import Resampler, ulaw_decode, ulaw_encode
 from ivr_bridge.audio.measure import aligned_snr_db
@@ -42,21 +41,12 @@ def load_8k(path: Path) -> np.ndarray:
 
 
 def start_bridge() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVR_", "NEXTEVI_"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ivr_bridge", "serve", "--port", str(port), "--log-level", "WARNING"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    port = free_port()
+    proc = spawn(["serve", "--port", str(port), "--log-level", "WARNING"])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
                 return proc, f"ws://127.0.0.1:{port}/media-stream"
         except httpx.TransportError:
             time.sleep(0.1)
@@ -93,8 +83,7 @@ def main() -> int:
     try:
         received = asyncio.run(call(url, sent))
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop(proc)
     delay, snr = aligned_snr_db(ulaw_decode(sent), ulaw_decode(received))
     # The echo starts its reply on a 20 ms frame boundary: the remainder is the path delay.
     result = {

@@ -28,10 +28,8 @@ import asyncio
 import base64
 import contextlib
 import json
-import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +49,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file: the package is the checkout next to it
 
+from processes import free_port, percentiles, spawn, status_kib, stop  # noqa: E402
+
 from ivr_bridge.audio import ulaw_encode  # noqa: E402
 from ivr_bridge.standins.twilio import TwilioCaller  # noqa: E402
 
@@ -68,41 +68,10 @@ BLOCK_CALLS = 100
 # -- small process and measurement helpers ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-
-
 def spawn_bridge(
     port: int, env: dict[str, str], log: Path, level: str = "WARNING"
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "ivr_bridge", "serve", "--port", str(port), "--log-level", level]
-    return spawn(cmd, env, log)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return spawn(["serve", "--port", str(port), "--log-level", level], env, log)
 
 
 async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -154,23 +123,6 @@ def labelled(metrics: dict[str, float], name: str) -> dict[str, float]:
     """Non-zero samples of one labelled counter, keyed by their label text."""
     prefix = name + "{"
     return {k[len(prefix) : -1]: v for k, v in metrics.items() if k.startswith(prefix) and v}
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 1)
-
-    return {
-        "n": len(ordered),
-        "min": round(ordered[0], 1),
-        "p50": at(0.5),
-        "p95": at(0.95),
-        "max": round(ordered[-1], 1),
-    }
 
 
 def tone(ms: int, hz: float = 440.0, amplitude: float = 8000.0) -> bytes:
@@ -254,7 +206,7 @@ async def run_leak(args: argparse.Namespace, workdir: Path) -> LeakResult:
     try:
         async with httpx.AsyncClient() as client:
             await bridge_ready(client, base, bridge)
-            result.rss_idle_kib = rss_kib(bridge.pid)
+            result.rss_idle_kib = status_kib(bridge.pid, "VmRSS")
             done = 0
             while done < args.calls:
                 block = min(BLOCK_CALLS, args.calls - done)
@@ -276,7 +228,7 @@ async def run_leak(args: argparse.Namespace, workdir: Path) -> LeakResult:
                 # compares like with like (no call state in flight).
                 await wait_for(lambda: _none_active(client, base), 15, "calls ending")
                 await asyncio.sleep(0.3)
-                result.rss_kib.append((done, rss_kib(bridge.pid)))
+                result.rss_kib.append((done, status_kib(bridge.pid, "VmRSS")))
                 if not args.json:
                     print(f"  leak: {done} calls, VmRSS {result.rss_kib[-1][1]} KiB", flush=True)
             result.outcomes = labelled(await scrape(client, base), "ivr_calls_total")
@@ -330,12 +282,10 @@ class UpstreamResult:
 
 
 def spawn_standin(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, __file__, "--standin-child", "--port", str(port),
-        "--live", str(workdir / "standin-first-audio.jsonl"),
-        "--timeline", str(workdir / "standin-timeline.jsonl"),
-    ]  # fmt: skip
-    return spawn(cmd, {}, workdir / "standin.log")
+    # Its --timeline is written as events happen, so a stand-in killed with SIGKILL has
+    # already recorded when it listened and each session's first audio.
+    args = ["stub-voice-api", "--port", str(port), "--timeline", str(workdir / "standin-timeline.jsonl")]
+    return spawn(args, {}, workdir / "standin.log")
 
 
 async def run_upstream(args: argparse.Namespace, workdir: Path) -> UpstreamResult:
@@ -430,13 +380,15 @@ async def run_upstream(args: argparse.Namespace, workdir: Path) -> UpstreamResul
     result.dropped_ms_per_reconnect = round(result.gap_audio_dropped_ms / max(result.reconnects, 1), 1)
     result.upstream_errors = labelled(metrics, "ivr_upstream_errors_total")
     result.outcomes = labelled(metrics, "ivr_calls_total")
-    result.standin_down_ms = percentiles([(r - kl) * 1000 for kl, r in zip(kills, restarts, strict=False)])
+    result.standin_down_ms = percentiles(
+        [(r - kl) * 1000 for kl, r in zip(kills, restarts, strict=False)], digits=1
+    )
     result.replies_heard = [sum(h[e] for h in heard) for e in range(k + 1)]
     result.every_call_replied_after_every_restart = all(all(h) for h in heard)
-    records = read_jsonl(workdir / "standin-first-audio.jsonl")
-    listening = [r["listening_at"] for r in records if "listening_at" in r]
+    records = read_jsonl(workdir / "standin-timeline.jsonl")
+    listening = [r["at"] for r in records if r["event"] == "listening"]
     restarts = listening[1:] if len(listening) == len(kills) + 1 else restarts
-    sessions = [r for r in records if "connection_id" in r]
+    sessions = [r for r in records if r["event"] == "first_audio"]
     per_epoch = [0] * (k + 1)
     from_restart: list[float] = []
     from_kill: list[float] = []
@@ -444,11 +396,11 @@ async def run_upstream(args: argparse.Namespace, workdir: Path) -> UpstreamResul
         e = sum(1 for r in restarts if r <= s["opened_at"])
         per_epoch[e] += 1
         if e:
-            from_restart.append((s["first_audio_at"] - restarts[e - 1]) * 1000)
-            from_kill.append((s["first_audio_at"] - kills[e - 1]) * 1000)
+            from_restart.append((s["at"] - restarts[e - 1]) * 1000)
+            from_kill.append((s["at"] - kills[e - 1]) * 1000)
     result.sessions_per_epoch = per_epoch
-    result.first_audio_after_restart_ms = percentiles(from_restart)
-    result.first_audio_after_kill_ms = percentiles(from_kill)
+    result.first_audio_after_restart_ms = percentiles(from_restart, digits=1)
+    result.first_audio_after_kill_ms = percentiles(from_kill, digits=1)
     result.passed = (
         result.calls_failed == 0
         and result.reconnects == result.reconnects_expected
@@ -664,39 +616,6 @@ async def run_bad(args: argparse.Namespace, workdir: Path) -> BadResult:
 # -- the stand-in child -----------------------------------------------------------------
 
 
-def standin_child(port: int, live: str, timeline: str) -> int:
-    """The NextEVI stand-in, noting each session's first audio arrival the moment it comes."""
-    from ivr_bridge.standins.nextevi import NextEviStandIn, VoiceApiBehaviour
-
-    out = open(live, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - line-buffered: survives SIGKILL
-
-    class LiveStandIn(NextEviStandIn):
-        async def _on_audio(self, peer: Any, audio: bytes, *, binary: bool) -> None:
-            await super()._on_audio(peer, audio, binary=binary)
-            tl = peer.session.timeline
-            if tl is not None and len(tl.audio_at) == 1:
-                record = {"connection_id": peer.session.connection_id, "opened_at": tl.opened_at,
-                          "first_audio_at": tl.audio_at[0]}  # fmt: skip
-                out.write(json.dumps(record) + "\n")
-
-    async def serve() -> None:
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopped.set)
-        standin = LiveStandIn(VoiceApiBehaviour(record_audio=False), timeline_path=timeline)
-        await standin.start(HOST, port)
-        # The parent's own probe of the port would be up to a poll late; this is exact.
-        out.write(json.dumps({"listening_at": time.monotonic()}) + "\n")
-        try:
-            await stopped.wait()
-        finally:
-            await standin.stop()
-
-    asyncio.run(serve())
-    return 0
-
-
 # -- report -------------------------------------------------------------------------------
 
 
@@ -773,13 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bad-rounds", type=int, help="bad: rounds of every kind (default 30, quick 6)")
     parser.add_argument("--bad-concurrency", type=int, default=8)
     parser.add_argument("--keep", type=Path, help="keep logs and timelines in this folder")
-    parser.add_argument("--standin-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--live", help=argparse.SUPPRESS)
-    parser.add_argument("--timeline", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.standin_child:
-        return standin_child(args.port, args.live, args.timeline)
     args.calls = args.calls or (200 if args.quick else 1000)
     args.upstream_calls = args.upstream_calls or (10 if args.quick else 20)
     args.restarts = args.restarts or (2 if args.quick else 3)

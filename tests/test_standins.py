@@ -663,9 +663,14 @@ async def test_nextevi_timeline_records_socket_times(tmp_path: Any) -> None:
             await collect(ws, lambda got: sum(m["type"] == "tts_chunk" for m in got) == 2)
             await standin.interrupt(standin.sessions[0])
         await asyncio.wait_for(standin.sessions[0].closed.wait(), TIMEOUT)
-    [line] = path.read_text().splitlines()
-    record = json.loads(line)
+    listening, first_audio, record = (json.loads(line) for line in path.read_text().splitlines())
     frames = speech_turn()
+    # Written as they happened: a stand-in killed mid-session has already recorded these.
+    assert listening["event"] == "listening" and listening["at"] <= record["opened_at"]
+    assert first_audio["event"] == "first_audio"
+    assert first_audio["connection_id"] == record["connection_id"]
+    assert first_audio["at"] == record["audio_at"][0]
+    assert record["event"] == "session"
     assert record["connection_id"] == standin.sessions[0].connection_id
     assert record["audio_bytes"] == list(itertools.accumulate(len(f) for f in frames))
     assert len(record["audio_at"]) == len(frames) and record["audio_at"] == sorted(record["audio_at"])

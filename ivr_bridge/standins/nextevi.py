@@ -176,7 +176,9 @@ class NextEviStandIn:
     """A NextEVI-protocol server on a loopback port; records what each client sent."""
 
     def __init__(self, behaviour: VoiceApiBehaviour | None = None, timeline_path: str | None = None) -> None:
-        """`timeline_path`: append each ended session's `Timeline` there as a JSON line."""
+        """`timeline_path`: append events there as JSON lines, each written when it happens
+        (so a stand-in killed mid-run has written everything up to then): `listening`, a
+        session's `first_audio`, and `session` (its whole `Timeline`) when it ends."""
         self.timeline_path = timeline_path
         self.behaviour = behaviour or VoiceApiBehaviour()
         self.sessions: list[Session] = []
@@ -203,6 +205,7 @@ class NextEviStandIn:
             compression="deflate" if self.behaviour.permessage_deflate else None,
             max_size=2**20,  # the documented 1 MB chunk limit; larger closes with 1009
         )
+        self._timeline_event("listening", at=time.monotonic())
 
     async def stop(self) -> None:
         if self._server is None:
@@ -339,13 +342,18 @@ class NextEviStandIn:
             session.closed.set()
 
     def _write_timeline(self, session: Session) -> None:
-        if self.timeline_path is None or session.timeline is None:
+        if session.timeline is not None:
+            self._timeline_event(
+                "session", connection_id=session.connection_id, close_code=session.close_code,
+                **vars(session.timeline),
+            )  # fmt: skip
+
+    def _timeline_event(self, event: str, **fields: Any) -> None:
+        if self.timeline_path is None:
             return
-        record = {"connection_id": session.connection_id, "close_code": session.close_code}
-        record.update(vars(session.timeline))
-        # One short append per ended session; the stand-in is a test tool, not the hot path.
+        # A short append a few times per session; the stand-in is a test tool, not a hot path.
         with open(self.timeline_path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record, separators=(",", ":")) + "\n")
+            out.write(json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n")
 
     async def _reject(self, ws: ServerConnection, session: Session, code: int, why: str) -> None:
         self.rejected.append(session)
@@ -406,9 +414,15 @@ class NextEviStandIn:
     async def _on_audio(self, peer: _Peer, audio: bytes, *, binary: bool) -> None:
         session = peer.session
         if session.timeline is not None:
-            session.timeline.audio_at.append(time.monotonic())
+            now = time.monotonic()
+            session.timeline.audio_at.append(now)
             total = session.timeline.audio_bytes[-1] if session.timeline.audio_bytes else 0
             session.timeline.audio_bytes.append(total + len(audio))
+            if not total:
+                self._timeline_event(
+                    "first_audio", connection_id=session.connection_id,
+                    opened_at=session.timeline.opened_at, at=now,
+                )  # fmt: skip
         if self.behaviour.record_audio:
             session.audio += audio
         if binary:
@@ -626,7 +640,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-interrupt", action="store_true", help="ignore barge-in")
     parser.add_argument("--permessage-deflate", action="store_true")
     parser.add_argument(
-        "--timeline", metavar="FILE", help="append each ended session's send/receive times as a JSON line"
+        "--timeline",
+        metavar="FILE",
+        help="append timing events (listening, first audio, whole sessions) as JSON lines",
     )
 
 
