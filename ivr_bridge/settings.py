@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ PROVIDERS = ("nextevi", "echo")
 DEFAULT_NEXTEVI_URL = "wss://api.nextevi.com/ws/voice"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
+DEFAULT_DATABASE_PATH = "ivr-bridge.db"
+DTMF_KEYS = "0123456789*#"
 
 
 class SettingsError(ValueError):
@@ -41,6 +44,26 @@ class Settings:
     idle_timeout_s: float = 10.0  # no media from Twilio this long ends the call
     drain_timeout_s: float = 30.0  # on SIGTERM, how long active calls may finish
     twilio_send_timeout_s: float = 5.0  # a Twilio socket that takes longer to accept a frame ends the call
+    # Call-centre routing: events out, call control in, every call on record.
+    hook_urls: tuple[str, ...] = ()  # each receives every call event as a signed JSON POST
+    hook_secret: str = ""  # HMAC-SHA256 key of the hook signatures
+    hook_timeout_s: float = 5.0  # per delivery attempt
+    hook_retries: int = 3  # further attempts after a failed delivery, with backoff
+    dtmf_map: tuple[tuple[str, str], ...] = ()  # (key, "transfer:+1555..." | "hangup")
+    api_token: str = ""  # bearer token of the call-control API; unset => the API is off
+    playout_wait_s: float = 10.0  # transfer/hang-up wait this long for the bot's sentence to play
+    database_path: str = DEFAULT_DATABASE_PATH  # SQLite file of the call records
+    database_url: str = ""  # set => records go to this database instead (PostgreSQL)
+    instance_id: str = ""  # names this instance's calls in a shared database (default: host name)
+
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy async URL of the call records."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.database_path}"
+
+    @property
+    def dtmf_actions(self) -> dict[str, str]:
+        return dict(self.dtmf_map)
 
     @property
     def development_mode(self) -> bool:
@@ -61,7 +84,8 @@ class Settings:
             f"Settings(public_url={self.public_url!r}, provider={self.provider!r}, "
             f"nextevi_url={self.nextevi_url!r}, nextevi_api_key={key}, "
             f"nextevi_config_id={self.nextevi_config_id!r}, upstream_chunk_ms={self.upstream_chunk_ms}, "
-            f"twilio_auth_token={token}, max_calls={self.max_calls})"
+            f"twilio_auth_token={token}, max_calls={self.max_calls}, hooks={len(self.hook_urls)}, "
+            f"database={redact_url(self.database)!r})"
         )
 
     @classmethod
@@ -139,7 +163,25 @@ class Settings:
         ):
             raise SettingsError("IVR_FALLBACK_NUMBER must be an E.164 number like +15550100 or a sip: URI")
 
+        hook_urls = tuple(url.strip() for url in get("IVR_HOOK_URL").split(",") if url.strip())
+        for url in hook_urls:
+            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                raise SettingsError(f"IVR_HOOK_URL must be http(s) URLs separated by commas, got {url!r}")
+        hook_secret = get("IVR_HOOK_SECRET")
+        if hook_urls and not hook_secret:
+            raise SettingsError("IVR_HOOK_SECRET is required when IVR_HOOK_URL is set (hooks are signed)")
+
         return cls(
+            hook_urls=hook_urls,
+            hook_secret=hook_secret,
+            hook_timeout_s=number("IVR_HOOK_TIMEOUT_S", 5, 0.1, 120),
+            hook_retries=int(number("IVR_HOOK_RETRIES", 3, 0, 20)),
+            dtmf_map=parse_dtmf_map(get("IVR_DTMF_MAP")),
+            api_token=get("IVR_API_TOKEN"),
+            playout_wait_s=number("IVR_PLAYOUT_WAIT_S", 10, 0, 120),
+            database_path=get("IVR_DATABASE_PATH", DEFAULT_DATABASE_PATH),
+            database_url=parse_database_url(get("IVR_DATABASE_URL")),
+            instance_id=get("IVR_INSTANCE_ID") or socket.gethostname(),
             twilio_auth_token=get("TWILIO_AUTH_TOKEN"),
             twilio_account_sid=get("TWILIO_ACCOUNT_SID"),
             stream_token_ttl_s=number("IVR_STREAM_TOKEN_TTL_S", 120, 5, 3600),
@@ -160,3 +202,54 @@ class Settings:
             nextevi_project_id=get("NEXTEVI_PROJECT_ID"),
             upstream_chunk_ms=chunk_ms,
         )
+
+
+def is_phone_target(target: str) -> bool:
+    """An E.164 number (+15550100) or a SIP URI: what `<Dial>` can reach."""
+    return (target.startswith("+") and target[1:].isdigit() and 7 <= len(target) <= 16) or (
+        target.startswith("sip:") and len(target) > 4
+    )
+
+
+def parse_dtmf_map(raw: str) -> tuple[tuple[str, str], ...]:
+    """`0=transfer:+15550100,9=hangup` -> (("0", "transfer:+15550100"), ("9", "hangup"))."""
+    entries: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, _, action = (x.strip() for x in item.partition("="))
+        if len(key) != 1 or key not in DTMF_KEYS:
+            raise SettingsError(f"IVR_DTMF_MAP: {key!r} is not a phone key (0-9, * or #)")
+        kind, _, target = action.partition(":")
+        if not (action == "hangup" or (kind == "transfer" and is_phone_target(target))):
+            raise SettingsError(
+                f"IVR_DTMF_MAP: key {key} needs 'hangup' or 'transfer:+E164NUMBER', got {action!r}"
+            )
+        if key in entries:
+            raise SettingsError(f"IVR_DTMF_MAP: key {key} is mapped twice")
+        entries[key] = action
+    return tuple(entries.items())
+
+
+def parse_database_url(raw: str) -> str:
+    """A PostgreSQL or SQLite URL, given the async driver SQLAlchemy needs for it."""
+    if not raw:
+        return ""
+    scheme, sep, rest = raw.partition("://")
+    drivers = {
+        "postgresql": "postgresql+asyncpg",
+        "postgres": "postgresql+asyncpg",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+        "sqlite": "sqlite+aiosqlite",
+        "sqlite+aiosqlite": "sqlite+aiosqlite",
+    }
+    if not sep or scheme not in drivers:
+        raise SettingsError("IVR_DATABASE_URL must be a postgresql:// (or sqlite://) URL")
+    return f"{drivers[scheme]}://{rest}"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
