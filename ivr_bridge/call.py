@@ -6,6 +6,10 @@ turns voice events into Twilio frames (speech into whole 20 ms mu-law frames, ea
 followed by a mark; an interruption into `clear` at once) and reconnects a dropped voice
 session. `_watchdog` ends an idle stream and renews the session before its cap. When any
 of them ends, the others are cancelled and awaited.
+
+What happens on the call (it started, words said and heard, keys, barge-ins, its end) goes
+out as `CallEvent`s through `on_event`, which only queues them: hooks and the call record
+are written off the audio path.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ivr_bridge.audio import BotAudio, CallerAudio
+from ivr_bridge.events import CallEvent, EventType
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import (
     MESSAGE_TOO_BIG,
@@ -52,6 +57,7 @@ from ivr_bridge.providers.base import (
     VoiceSession,
 )
 from ivr_bridge.settings import Settings
+from ivr_bridge.transcript import Transcript, TranscriptLine
 from ivr_bridge.twilio_rest import TwilioRest
 
 log = logging.getLogger("ivr_bridge.call")
@@ -85,6 +91,8 @@ class Outcome(StrEnum):
     FLOODED = "flooded"  # Twilio-side input far faster than real time: no phone line
     SHUTDOWN = "shutdown"  # still active when the instance's drain timeout ran out
     TWILIO_STALLED = "twilio_stalled"  # the Twilio socket stopped accepting frames
+    TRANSFERRED = "transferred"  # handed to another number (control API, hook or key)
+    HUNG_UP = "hung_up"  # ended by the control API, a hook or a key
     ERROR = "error"  # a bug: logged with its traceback
 
 
@@ -105,11 +113,13 @@ class CallLog(logging.LoggerAdapter):
         return f"[{self.extra['call']}] {msg}", kwargs  # type: ignore[index]
 
 
-@dataclass(slots=True)
-class TranscriptLine:
-    at: float  # seconds since the call started
-    role: str  # "user" | "assistant" | "dtmf"
-    text: str
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A transfer or hang-up requested for this call: its stream's `stop` is expected."""
+
+    action: str  # "transfer" | "hangup"
+    to: str = ""
+    source: str = "api"  # "api" | "hook" | "dtmf"
 
 
 @dataclass(slots=True)
@@ -125,7 +135,11 @@ class CallStats:
     gap_audio_dropped_ms: int = 0  # caller audio dropped while the voice API reconnected
     reconnects: int = 0
     renewals: int = 0
+    turns: int = 0  # final user utterances
     emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    reply_ms: list[float] = field(default_factory=list)  # end of the caller's turn -> bot speech
+    clear_ms: list[float] = field(default_factory=list)  # interruption reached us -> `clear` sent
 
 
 class Call:
@@ -136,19 +150,32 @@ class Call:
         session_factory: Callable[[Settings, str], VoiceSession] = new_session,
         metrics: BridgeMetrics | None = None,
         admit: Callable[[StreamStarted], str | None] | None = None,
+        on_event: Callable[[CallEvent], None] | None = None,
     ) -> None:
         """`admit` checks a stream's `start` (e.g. its per-call token) and returns why it
-        is refused, or None to let it in."""
+        is refused, or None to let it in. `on_event` gets the call's events; it must only
+        queue them (it runs on the audio path)."""
         self.settings = settings
         self.twilio = twilio
         self.stream = MediaStream()
         self.playback = Playback()
         self.stats = CallStats()
-        self.transcript: list[TranscriptLine] = []
+        self.words = Transcript(self._elapsed)
         self.outcome = Outcome.IN_PROGRESS
         self.upstream_close_code: int | None = None
         self.call_sid = ""
+        self.stream_sid = ""
+        self.account_sid = ""
+        self.caller = ""  # the caller's number (Twilio's From)
+        self.called = ""  # the number called (To)
         self.custom_parameters: dict[str, str] = {}
+        self.handoff: Handoff | None = None
+        self.started_at = time.time()
+        self._on_event = on_event
+        self._event_seq = 0
+        # Set while nothing the bot said is still playing: a transfer or hang-up waits for it.
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
         self._session_factory = session_factory
         self.metrics = metrics
@@ -176,8 +203,15 @@ class Call:
         self._dropped_through = 0  # replies up to this number were interrupted: drop their audio
         self._playout_end = 0.0  # loop time at which Twilio will have played all we sent
         self._last_audio_at = 0.0
-        self._assistant_text: dict[str, str] = {}
         self._turn_ended_at: float | None = None  # for the reply latency of the next response
+
+    @property
+    def transcript(self) -> list[TranscriptLine]:
+        return self.words.lines
+
+    @property
+    def provider(self) -> str:
+        return self._session.name if self._session is not None else ""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -204,6 +238,18 @@ class Call:
         self.log.info(
             "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
         )
+        self._emit(
+            "call.started",
+            {
+                "stream_sid": self.stream_sid,
+                "account_sid": self.account_sid,
+                "from": self.caller,
+                "to": self.called,
+                "custom_parameters": self.custom_parameters,
+                "provider": self._session.name,
+                "instance": self.settings.instance_id,
+            },
+        )
         from_twilio = asyncio.create_task(self._from_twilio(), name="from-twilio")
         tasks = {
             from_twilio,
@@ -228,7 +274,11 @@ class Call:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._session.close(NORMAL_CLOSE)
             await self.twilio.close(NORMAL_CLOSE)
+            self._quiet.set()  # nothing more will play: a waiting transfer goes ahead
+            for line in self.words.finish():
+                self._emit_line(line)
             self._log_summary()
+            self._emit("call.ended", self._ending())
 
     async def _wait_for_start(self) -> bool:
         while True:
@@ -246,7 +296,6 @@ class Call:
                 continue
             if isinstance(event, StreamStarted):
                 self.call_sid = event.call_sid
-                self.custom_parameters = event.custom_parameters
                 self.log = CallLog(log, {"call": event.call_sid})
                 refusal = self._admit(event) if self._admit else None
                 if refusal is not None:
@@ -254,6 +303,14 @@ class Call:
                     self.log.warning("stream refused: %s", refusal)
                     await self.twilio.close(POLICY_VIOLATION)
                     return False
+                self.stream_sid = event.stream_sid
+                self.account_sid = event.account_sid
+                # The webhook's call details arrive as parameters (app.twiml_for_call).
+                params = dict(event.custom_parameters)
+                params.pop("CallSid", None)
+                self.caller = params.pop("From", "")
+                self.called = params.pop("To", "")
+                self.custom_parameters = params
                 return True
             # Anything else before `start` was raised as a MediaStreamError by the stream.
 
@@ -265,7 +322,7 @@ class Call:
             frame = await self.twilio.receive()
             self._last_frame_at = loop.time()
             if frame is None:
-                self.outcome = Outcome.CALLER_HUNG_UP
+                self.outcome = self._handoff_outcome() or Outcome.CALLER_HUNG_UP
                 if getattr(self.twilio, "close_code", None) == MESSAGE_TOO_BIG:
                     self._bad_frame(
                         MediaStreamError("frame over the size limit", kind="too_large", fatal=True)
@@ -304,13 +361,17 @@ class Call:
                         del self._caller_ulaw[:excess]
                         self.stats.early_audio_dropped_ms += excess // ULAW_BYTES_PER_MS
             elif isinstance(event, MarkEchoed):
-                if self.playback.echoed(event.name).response is None:
+                mark = self.playback.echoed(event.name)
+                if mark.response is None:
                     self.log.debug("echo of a mark this call never sent: %.40r", event.name)
+                elif mark.response.marks_pending == 0:
+                    self._settle(mark.response)
+                self._update_quiet()
             elif isinstance(event, DtmfReceived):
-                self.log.info("caller pressed %s", event.digit)
-                self._note("dtmf", event.digit)
+                self._dtmf(event.digit)
             elif isinstance(event, StreamStopped):
-                self.outcome = Outcome.STREAM_STOPPED
+                # A `stop` after a transfer ends only the stream: the call goes on elsewhere.
+                self.outcome = self._handoff_outcome() or Outcome.STREAM_STOPPED
                 return
 
     # -- voice API -> caller -------------------------------------------------------------
@@ -367,6 +428,7 @@ class Call:
             self.log.error("%s", exc)
             if self.metrics:
                 self.metrics.upstream_failed(None)
+            self._emit("upstream.error", {"code": "connect_failed", "message": str(exc), "retrying": True})
             return CONNECT_FAILED
         if self.metrics:
             self.metrics.upstream_connected(time.monotonic() - connect_started)
@@ -381,6 +443,7 @@ class Call:
             self._caller_audio.reset()
             # A new session numbers its replies from 1 again.
             await self._finish_response()
+            self.words.new_session()
             self._response_number = self._dropped_through = 0
             self._response = None
             self._reconnecting = False
@@ -402,6 +465,10 @@ class Call:
             self.metrics.upstream_failed(closed.code)
         retry = "; reconnecting" if closed.retryable else ""
         self.log.error("voice API closed the session with code %d %s%s", closed.code, closed.reason, retry)
+        self._emit(
+            "upstream.error",
+            {"code": str(closed.code), "message": closed.reason[:200], "retrying": closed.retryable},
+        )
         return closed.code
 
     async def _fall_back(self) -> None:
@@ -438,30 +505,28 @@ class Call:
         if isinstance(event, AssistantAudio):
             await self._speak(event, now)
         elif isinstance(event, Interruption):
-            await self._barge_in(event.reason)
-            if self.metrics:
-                self.metrics.barged_in(asyncio.get_running_loop().time() - now)
+            await self._barge_in(event.reason, now)
         elif isinstance(event, UserTranscript):
             if event.final:
                 await self._finish_response()
                 self._turn_ended_at = now
-                self._note("user", event.text)
+                self.stats.turns += 1
+                self._emit_line(self.words.user(event.text))
         elif isinstance(event, AssistantText):
-            text = self._assistant_text.get(event.response_id, "")
-            # The final chunk may repeat the whole reply or carry only its last piece.
-            text = event.text if event.text.startswith(text) and text else text + event.text
-            self._assistant_text[event.response_id] = text
-            if event.final:
-                self._note("assistant", self._assistant_text.pop(event.response_id))
+            for line in self.words.reply_text(event.response, event.text, event.final):
+                self._emit_line(line)
         elif isinstance(event, TurnEvent):
             await self._finish_response()
             if event.kind == "end":
                 self._turn_ended_at = now
         elif isinstance(event, Emotions):
-            self.stats.emotions.append((self._elapsed(), event.top[:3]))
+            top = event.top[:3]
+            self.stats.emotions.append((self._elapsed(), top))
+            self._emit("emotion", {"top": [{"name": name, "score": score} for name, score in top]})
         elif isinstance(event, ProviderError):
             self.stats.provider_errors += 1
             self.log.warning("voice API error %s: %s", event.code, event.message)
+            self._emit("upstream.error", {"code": event.code, "message": event.message, "retrying": False})
         elif isinstance(event, Skipped):
             self.stats.skipped_upstream += 1
             self._bad_input(
@@ -481,11 +546,15 @@ class Call:
             await self._finish_response()
             self._response_number = event.response
             self._response = self.playback.start_response()
+            self.words.reply_speech(event.response, self._response)
         await self._send_audio(self._bot_audio.process(event.pcm), now)
         self._tail_pending = True
+        self._quiet.clear()
         if self._turn_ended_at is not None and self._response.sent_bytes:
+            latency = now - self._turn_ended_at
+            self.stats.reply_ms.append(round(latency * 1000, 1))
             if self.metrics:
-                self.metrics.reply_started(now - self._turn_ended_at)
+                self.metrics.reply_started(latency)
             self._turn_ended_at = None
         self._last_audio_at = now
 
@@ -498,6 +567,9 @@ class Call:
         if self._tail_pending:
             self._tail_pending = False
             await self._send_audio(self._bot_audio.flush(), asyncio.get_running_loop().time())
+            if self._response is not None and self._response.marks_pending == 0:
+                self._settle(self._response)  # its last mark came back before the tail went
+            self._update_quiet()
 
     async def _send_audio(self, ulaw: bytes, now: float) -> None:
         if not ulaw or self._response is None:
@@ -556,26 +628,146 @@ class Call:
             return None
         return max(self._playout_end - TAIL_MARGIN_S, self._last_audio_at + TAIL_IDLE_S)
 
-    async def _barge_in(self, reason: str) -> None:
+    async def _barge_in(self, reason: str, now: float) -> None:
         # Clear first: every ms spent before it is stale speech in the caller's ear.
         await self._send(self.stream.clear())
+        clear_s = asyncio.get_running_loop().time() - now
         self._bot_audio.reset()
         dropped_ms = self.playback.cleared()
+        response = self._response
         self._dropped_through = self._response_number
         self._response = None
         self._tail_pending = False
         self._playout_end = 0.0
         self.stats.barge_ins += 1
+        self.stats.clear_ms.append(round(clear_s * 1000, 2))
+        if self.metrics:
+            self.metrics.barged_in(clear_s)
         self.log.info("barge-in (%s): cleared %d ms of unplayed speech", reason, dropped_ms)
+        self._emit(
+            "barge_in",
+            {
+                "reply": response.number if response else None,
+                "heard_ms": response.heard_ms if response else 0,
+                "dropped_ms": dropped_ms,
+                "reason": reason,
+            },
+        )
+        self._settle(None)
+        self._update_quiet()
+
+    # -- call control --------------------------------------------------------------------
+
+    async def played_out(self, timeout: float) -> bool:
+        """Wait until the bot's speech sent so far has played (its last mark echoed), so a
+        transfer or hang-up does not cut off a goodbye. False if `timeout` ran out first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._quiet.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call's live state, for the control API."""
+        return {
+            "call_sid": self.call_sid,
+            "stream_sid": self.stream_sid,
+            "from": self.caller,
+            "to": self.called,
+            "state": self._state(),
+            "outcome": str(self.outcome),
+            "provider": self.provider,
+            "instance": self.settings.instance_id,
+            "started_at": self.started_at,
+            "duration_s": self._elapsed(),
+            "bot_speaking": not self._quiet.is_set(),
+            "turns": self.stats.turns,
+            "barge_ins": self.stats.barge_ins,
+            "transcript": [{"at": line.at, **line.as_dict()} for line in self.transcript],
+            "emotions": [{"at": at, "top": dict(top)} for at, top in self.stats.emotions],
+            "dtmf": [{"at": at, "digit": digit} for at, digit in self.stats.dtmf],
+            "latency": self._latency(),
+            "handoff": vars(self.handoff) if self.handoff else None,
+            "custom_parameters": self.custom_parameters,
+        }
+
+    def _state(self) -> str:
+        if self.outcome != Outcome.IN_PROGRESS:
+            return "ending"
+        if self.handoff is not None:
+            return "transferring" if self.handoff.action == "transfer" else "hanging_up"
+        if not self._connected.is_set():
+            return "reconnecting" if self._reconnecting else "connecting"
+        return "active"
+
+    def _handoff_outcome(self) -> Outcome | None:
+        if self.handoff is None:
+            return None
+        return Outcome.TRANSFERRED if self.handoff.action == "transfer" else Outcome.HUNG_UP
+
+    def _update_quiet(self) -> None:
+        if self._tail_pending or self.playback.speaking:
+            self._quiet.clear()
+        else:
+            self._quiet.set()
+
+    def _dtmf(self, digit: str) -> None:
+        self.log.info("caller pressed %s", digit)
+        self.words.dtmf(digit)
+        self.stats.dtmf.append((self._elapsed(), digit))
+        # A mapped key's action is applied by whoever handles the event (the app's control).
+        self._emit("dtmf", {"digit": digit, "action": self.settings.dtmf_actions.get(digit, "")})
 
     # -- bookkeeping ---------------------------------------------------------------------
 
     def _elapsed(self) -> float:
         return round(time.monotonic() - self._started_at, 2)
 
-    def _note(self, role: str, text: str) -> None:
-        self.transcript.append(TranscriptLine(self._elapsed(), role, text))
-        self.log.info("%s: %s", role, text)
+    def _settle(self, response: Response | None) -> None:
+        for line in self.words.settle(response, tail_pending=self._tail_pending):
+            self._emit_line(line)
+
+    def _emit_line(self, line: TranscriptLine) -> None:
+        if line.role == "assistant" and line.interrupted:
+            self.log.info("assistant (cut after %d ms): %s", line.heard_ms, line.heard_text)
+        else:
+            self.log.info("%s: %s", line.role, line.text)
+        self._emit("transcript", {"at": line.at, **line.as_dict()})
+
+    def _emit(self, kind: EventType, data: dict[str, Any]) -> None:
+        if self._on_event is None or not self.call_sid:
+            return
+        self._event_seq += 1
+        event = CallEvent(kind, self.call_sid, self._event_seq, time.time(), self._elapsed(), data)
+        try:
+            self._on_event(event)
+        except Exception:  # a subscriber's bug must not end the call
+            self.log.exception("call event %s not delivered", kind)
+
+    def _latency(self) -> dict[str, dict[str, float | int]]:
+        return {"reply_ms": _summary(self.stats.reply_ms), "clear_ms": _summary(self.stats.clear_ms)}
+
+    def _ending(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "outcome": str(self.outcome),
+            "duration_s": self._elapsed(),
+            "turns": s.turns,
+            "replies": len(self.playback.responses),
+            "barge_ins": s.barge_ins,
+            "emotions": dict(Counter(top[0][0] for _, top in s.emotions if top).most_common()),
+            "latency": self._latency(),
+            "transfer_to": self.handoff.to if self.handoff else "",
+            "ended_by": self.handoff.source if self.handoff else "",
+            "fallback": self.fallback,
+            "upstream_close_code": self.upstream_close_code,
+            "reconnects": s.reconnects,
+            "frames_in": s.frames_in,
+            "frames_out": s.frames_out,
+            "bad_frames": s.bad_frames,
+            "sequence_gaps": self.stream.sequence_gaps,
+        }
 
     def _bad_frame(self, exc: MediaStreamError) -> None:
         self.stats.bad_frames += 1
@@ -615,8 +807,23 @@ class Call:
             replies or "none",
         )
         for line in self.transcript:
-            self.log.info("transcript %6.2fs %s: %s", line.at, line.role, line.text)
+            text = f"{line.heard_text} [cut]" if line.interrupted else line.text
+            self.log.info("transcript %6.2fs %s: %s", line.at, line.role, text)
         if s.emotions:
             # The strongest emotion of each update, counted over the call.
             counts = Counter(top[0][0] for _, top in s.emotions if top)
             self.log.info("emotions: %s", ", ".join(f"{name} x{n}" for name, n in counts.most_common()))
+
+
+def _summary(values: list[float]) -> dict[str, float | int]:
+    """Count, median, p95 and maximum of a call's latency samples (ms)."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    n = len(ordered)
+    return {
+        "count": n,
+        "p50": ordered[n // 2],
+        "p95": ordered[min(n - 1, round(0.95 * (n - 1)))],
+        "max": ordered[-1],
+    }

@@ -73,7 +73,7 @@ def test_every_documented_message_in_both_shapes(shape: str) -> None:
     chunk = message(
         "llm_response_chunk", shape, content="Hi", is_final=False, generation_id="g1", chunk_index=0
     )
-    assert p.receive(chunk) == [AssistantText("Hi", False, "g1")]
+    assert p.receive(chunk) == [AssistantText("Hi", False, "g1", response=1)]  # the reply that opens next
     err = message("error", shape, error_code="AUDIO_PROCESSING_FAILED", error_message="bad chunk")
     assert p.receive(err) == [ProviderError("AUDIO_PROCESSING_FAILED", "bad chunk")]
     [audio] = p.receive(tts(wav_bytes(np.zeros(2400, dtype=np.int16), 24000)))

@@ -75,7 +75,7 @@ async def test_scenario_with_barge_in_and_dtmf_against_the_bridge(make_bridge, t
 
     assert report.ok, report.reason
     assert report.call_sid == details.call_sid == call.call_sid
-    assert call.custom_parameters["From"] == "+15550001111"  # the TwiML's <Parameter>s reached start
+    assert call.caller == "+15550001111"  # the TwiML's <Parameter>s reached start
     assert ("dtmf", "1") in [(line.role, line.text) for line in call.transcript]
     assert report.violations == [] and report.errors == []
 

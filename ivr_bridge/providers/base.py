@@ -49,9 +49,13 @@ class UserTranscript:
 
 @dataclass(frozen=True, slots=True)
 class AssistantText:
+    """Words of a bot reply. `response` numbers the reply as `AssistantAudio` does (0:
+    unknown); a final piece may repeat the whole text or carry only its last words."""
+
     text: str
     final: bool
     response_id: str = ""
+    response: int = 0
 
 
 @dataclass(frozen=True, slots=True)

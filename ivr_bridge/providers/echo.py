@@ -16,6 +16,7 @@ from ivr_bridge.audio import Pcm
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
+    AssistantText,
     Closed,
     Interruption,
     Ready,
@@ -92,7 +93,10 @@ class EchoEngine:
         self.response += 1
         self._reply_until = self.clock + len(utterance)
         seconds = len(utterance) / SAMPLE_RATE
-        events: list[VoiceEvent] = [UserTranscript(f"({seconds:.1f} s of speech)", final=True)]
+        events: list[VoiceEvent] = [
+            UserTranscript(f"({seconds:.1f} s of speech)", final=True),
+            AssistantText(f"(your {seconds:.1f} s of speech, played back)", True, "", self.response),
+        ]
         for start in range(0, len(utterance), REPLY_CHUNK):
             chunk = Pcm(utterance[start : start + REPLY_CHUNK], SAMPLE_RATE)
             events.append(AssistantAudio(chunk, self.response))

@@ -127,7 +127,10 @@ class NextEviProtocol:
             if generation != self._generation:
                 self._boundary()
                 self._generation = generation
-            return [AssistantText(str(payload.get("content", "")), bool(payload.get("is_final")), generation)]
+            # The text comes ahead of its speech: it belongs to the reply that opens next.
+            number = self.response if self._open else self.response + 1
+            content, final = str(payload.get("content", "")), bool(payload.get("is_final"))
+            return [AssistantText(content, final, generation, number)]
         if kind == "transcription":
             final = bool(payload.get("is_final"))
             if final:
