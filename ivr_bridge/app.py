@@ -1,10 +1,16 @@
-"""HTTP and WebSocket routes: thin adapters between Starlette and the call orchestrator."""
+"""HTTP and WebSocket routes: thin adapters between Starlette and the call orchestrator.
+
+Each call's events go to the call records and the hooks (both queue, and write off the
+audio path); a mapped key or a hook's answer becomes a transfer or hang-up (`control`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -14,11 +20,16 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from ivr_bridge.call import POLICY_VIOLATION, Call, Outcome
+from ivr_bridge.call import POLICY_VIOLATION, Call, Handoff, Outcome
+from ivr_bridge.control import CallControl, ControlError
+from ivr_bridge.control_api import control_routes
+from ivr_bridge.events import CallEvent
 from ivr_bridge.fallback import fallback_twiml
+from ivr_bridge.hooks import HookAction, HookDispatcher
 from ivr_bridge.media_stream import StreamStarted
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
+from ivr_bridge.records import CallStore
 from ivr_bridge.security import (
     TOKEN_PARAMETER,
     StreamTokens,
@@ -34,6 +45,7 @@ log = logging.getLogger("ivr_bridge")
 FORWARDED_PARAMETERS = ("CallSid", "From", "To")
 MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
+HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
 
 
 class StarletteTwilioSocket:
@@ -93,6 +105,41 @@ def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None
 def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = None) -> Starlette:
     """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
     active: set[Call] = set()
+    by_sid: dict[str, Call] = {}  # active calls that have started, for call control
+    store = CallStore(settings.database, settings.instance_id)
+    control = CallControl(settings, by_sid, previous=lambda sid: _previous_handoff(store, sid))
+    background: set[asyncio.Task[Any]] = set()
+
+    def run_in_background(work: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    async def apply(call_sid: str, action: str, source: str) -> None:
+        try:
+            await control.apply(call_sid, action, source)
+        except ControlError as exc:
+            log.warning("[%s] %s from %s not carried out: %s", call_sid, action, source, exc)
+
+    async def hook_answered(event: CallEvent, answer: HookAction) -> None:
+        if answer.action == "none":
+            return
+        if event.type == "call.ended":
+            log.info("[%s] hook answered %s to call.ended: ignored", event.call_sid, answer.action)
+            return
+        await apply(event.call_sid, f"{answer.action}:{answer.to}".rstrip(":"), "hook")
+
+    hooks = HookDispatcher(settings, on_action=hook_answered)
+
+    def publish(call: Call, event: CallEvent) -> None:
+        """A call's event: on record, to the hooks, and a mapped key carried out."""
+        if event.type == "call.started":
+            by_sid[event.call_sid] = call
+        store.record(event)
+        hooks.publish(event)
+        if event.type == "dtmf" and event.data["action"]:
+            run_in_background(apply(event.call_sid, event.data["action"], "dtmf"), f"dtmf-{event.call_sid}")
+
     metrics = BridgeMetrics(lambda: active)
     auth_token = settings.twilio_auth_token
     tokens: StreamTokens | None = None
@@ -185,6 +232,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             StarletteTwilioSocket(websocket),
             metrics=metrics,
             admit=admit if tokens is not None else None,
+            on_event=lambda event: publish(call, event),
         )
         active.add(call)  # before any await: concurrent upgrades cannot overshoot max_calls
         try:
@@ -198,6 +246,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             # Together, with no await between: a scrape counts the call once.
             metrics.call_ended(call)
             active.discard(call)
+            if by_sid.get(call.call_sid) is call:
+                del by_sid[call.call_sid]
             if on_call_end is not None:
                 on_call_end(call)
 
@@ -214,6 +264,16 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def metrics_page(request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Migrates the records and marks calls a crash of this instance cut as interrupted.
+        await store.open()
+        try:
+            yield
+        finally:
+            await hooks.aclose(HOOK_DRAIN_S)  # after the drain: the calls' last events go out
+            await store.close()
+
     app = Starlette(
         routes=[
             Route("/twiml", twiml, methods=["GET", "POST"]),
@@ -222,10 +282,26 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             Route("/stream-status", stream_status, methods=["POST"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
-        ]
+            *control_routes(settings.api_token, by_sid, control, store.get),
+        ],
+        lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.active_calls = active
+    app.state.calls_by_sid = by_sid
+    app.state.store = store
+    app.state.hooks = hooks
+    app.state.control = control
     app.state.metrics = metrics
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     return app
+
+
+async def _previous_handoff(store: CallStore, call_sid: str) -> Handoff | None:
+    """A transfer or hang-up already carried out for a call, from its record."""
+    record = await store.get(call_sid)
+    for event in (record or {}).get("events", ()):
+        data = event["data"]
+        if event["type"] == "control" and data.get("result") == "done":
+            return Handoff(data["action"], data.get("to", ""), data.get("source", "api"))
+    return None

@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -688,9 +688,13 @@ class Call:
             "emotions": [{"at": at, "top": dict(top)} for at, top in self.stats.emotions],
             "dtmf": [{"at": at, "digit": digit} for at, digit in self.stats.dtmf],
             "latency": self._latency(),
-            "handoff": vars(self.handoff) if self.handoff else None,
+            "handoff": asdict(self.handoff) if self.handoff else None,
             "custom_parameters": self.custom_parameters,
         }
+
+    def controlled(self, result: dict[str, Any]) -> None:
+        """A transfer or hang-up of this call was carried out (ivr_bridge.control)."""
+        self._emit("control", result)
 
     def _state(self) -> str:
         if self.outcome != Outcome.IN_PROGRESS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -21,7 +22,20 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
     from ivr_bridge.app import create_app
+    from ivr_bridge.records import CallStore, RecordsError
     from ivr_bridge.server import BridgeServer, server_config
+
+    async def open_records() -> None:
+        # Before serving: a database that cannot be reached is one clear line, not a traceback.
+        async with CallStore(settings.database, settings.instance_id) as store:
+            await store.open()
+
+    try:
+        asyncio.run(open_records())
+    except RecordsError as exc:
+        setting = "IVR_DATABASE_URL" if settings.database_url else "IVR_DATABASE_PATH"
+        print(f"ivr-bridge: {setting}: {exc}", file=sys.stderr)
+        return 2
 
     log.info(
         "voice provider: %s%s; Twilio webhook: %s/twiml; stream: %s",
@@ -64,9 +78,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=voice_api_standin.run)
 
+    from ivr_bridge.standins import twilio_rest as twilio_rest_standin
+
+    p = commands.add_parser(
+        "stub-twilio-api",
+        help="run a stand-in of Twilio's call-update REST API (for trying transfers and hang-ups)",
+        description="Prints each call update (transfer TwiML, hang-up) as a JSON line. Point the "
+        "bridge at it with IVR_TWILIO_API_URL=http://HOST:PORT and the same account sid and token.",
+    )
+    twilio_rest_standin.add_arguments(p)
+    p.set_defaults(func=twilio_rest_standin.run)
+
+    from ivr_bridge.standins import hook_receiver
+
+    p = commands.add_parser(
+        "hook-receiver",
+        help="run a hook receiver that checks signatures and prints each call event",
+        description="Receives the bridge's hooks (IVR_HOOK_URL=http://HOST:PORT/), checks each "
+        "signature and prints each event as a JSON line; --on TYPE=ACTION answers an action.",
+    )
+    hook_receiver.add_arguments(p)
+    p.set_defaults(func=hook_receiver.run)
+
+    from ivr_bridge import records_cli
     from ivr_bridge.loadgen import cli as loadgen_cli
 
     loadgen_cli.register(commands)
+    records_cli.register(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

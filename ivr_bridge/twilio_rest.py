@@ -1,4 +1,4 @@
-"""Twilio's REST API, for what a stream cannot do: redirect a call to other TwiML."""
+"""Twilio's REST API, for what a stream cannot do: redirect a call to other TwiML, or end it."""
 
 from __future__ import annotations
 
@@ -29,11 +29,18 @@ class TwilioRest:
     async def redirect(self, call_sid: str, twiml: str) -> bool:
         """Replace the call's TwiML (Twilio then stops its stream). False if the call is
         already gone; raises ConnectionError (no secrets in it) on any other failure."""
+        return await self._update(call_sid, twiml=twiml)
+
+    async def hang_up(self, call_sid: str) -> bool:
+        """End the call. False if it is already gone; raises ConnectionError otherwise."""
+        return await self._update(call_sid, status="completed")
+
+    async def _update(self, call_sid: str, **fields: str) -> bool:
         assert self._client is not None, "no REST credentials"
         calls = self._client.calls(call_sid)
         try:
             # The twilio client is synchronous (requests): keep it off the event loop.
-            await asyncio.to_thread(calls.update, twiml=twiml)
+            await asyncio.to_thread(calls.update, **fields)
         except TwilioRestException as exc:
             if exc.code == CALL_NOT_FOUND:
                 return False

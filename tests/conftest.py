@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import pytest
 from ivr_bridge.app import create_app
 from ivr_bridge.call import Call
 from ivr_bridge.server import BridgeServer, server_config
-from ivr_bridge.settings import Settings
+from ivr_bridge.settings import DEFAULT_DATABASE_PATH, Settings
 
 
 @dataclass
@@ -61,7 +62,11 @@ def _serve(settings: Settings) -> Iterator[RunningBridge]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     public = f"http://127.0.0.1:{port}"
-    settings = Settings(**{**settings.__dict__, "public_url": public})
+    changes: dict[str, object] = {"public_url": public}
+    if settings.database_path == DEFAULT_DATABASE_PATH and not settings.database_url:
+        # Each bridge keeps its call records in a file of its own, not in the checkout.
+        changes["database_path"] = f"{tempfile.mkdtemp(prefix='ivr-records-')}/calls.db"
+    settings = Settings(**{**settings.__dict__, **changes})
     bridge = RunningBridge(public, settings.stream_url, settings)
     app = create_app(settings, on_call_end=bridge._call_ended)
     # Signals are not captured off the main thread: `server.handle_exit` starts a drain.

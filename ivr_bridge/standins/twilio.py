@@ -118,6 +118,7 @@ class TwilioCaller:
         self.clears = 0
         self.marks_received: list[str] = []
         self.marks_played: list[str] = []
+        self.marks_played_at: list[float] = []  # time.monotonic() of each played mark's echo
         self.marks_flushed: list[str] = []
         self.violations: list[str] = []
         self.closed = asyncio.Event()
@@ -487,6 +488,7 @@ class TwilioCaller:
             if isinstance(head, _Mark):
                 self._queue.popleft()
                 self.marks_played.append(head.name)
+                self.marks_played_at.append(time.monotonic())
                 await self._echo_mark(head.name)
                 self._notify()
                 continue
