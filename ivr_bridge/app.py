@@ -106,8 +106,11 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
     active: set[Call] = set()
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
+    metrics = BridgeMetrics(lambda: active)
     store = CallStore(settings.database, settings.instance_id)
-    control = CallControl(settings, by_sid, previous=lambda sid: _previous_handoff(store, sid))
+    control = CallControl(
+        settings, by_sid, previous=lambda sid: _previous_handoff(store, sid), metrics=metrics
+    )
     background: set[asyncio.Task[Any]] = set()
 
     def run_in_background(work: Coroutine[Any, Any, Any], name: str) -> None:
@@ -130,6 +133,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         await apply(event.call_sid, f"{answer.action}:{answer.to}".rstrip(":"), "hook")
 
     hooks = HookDispatcher(settings, on_action=hook_answered)
+    metrics.watch_routing(hooks, store)
 
     def publish(call: Call, event: CallEvent) -> None:
         """A call's event: on record, to the hooks, and a mapped key carried out."""
@@ -140,7 +144,6 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         if event.type == "dtmf" and event.data["action"]:
             run_in_background(apply(event.call_sid, event.data["action"], "dtmf"), f"dtmf-{event.call_sid}")
 
-    metrics = BridgeMetrics(lambda: active)
     auth_token = settings.twilio_auth_token
     tokens: StreamTokens | None = None
     if settings.development_mode:

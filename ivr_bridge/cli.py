@@ -27,8 +27,8 @@ def serve(args: argparse.Namespace) -> int:
 
     async def open_records() -> None:
         # Before serving: a database that cannot be reached is one clear line, not a traceback.
-        async with CallStore(settings.database, settings.instance_id) as store:
-            await store.open()
+        async with CallStore(settings.database, settings.instance_id):
+            pass  # opened: migrated, and calls a crash of this instance cut marked interrupted
 
     try:
         asyncio.run(open_records())

@@ -20,6 +20,7 @@ from typing import Any
 from twilio.twiml.voice_response import VoiceResponse
 
 from ivr_bridge.call import Call, Handoff, Outcome
+from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.settings import Settings, is_phone_target
 from ivr_bridge.twilio_rest import TwilioRest
 
@@ -65,6 +66,7 @@ class CallControl:
         settings: Settings,
         calls: Mapping[str, Call],
         previous: Callable[[str], Awaitable[Handoff | None]] | None = None,
+        metrics: BridgeMetrics | None = None,
     ) -> None:
         """`calls`: this instance's active calls by sid. `previous` finds a handoff another
         instance (or an earlier run) already made for a call, in the call records."""
@@ -72,6 +74,7 @@ class CallControl:
         self._calls = calls
         self._rest = TwilioRest(settings)
         self._previous = previous
+        self._metrics = metrics
         self._requests: OrderedDict[str, tuple[Handoff, asyncio.Future[ControlResult]]] = OrderedDict()
 
     async def transfer(self, call_sid: str, to: str, source: str = "api") -> ControlResult:
@@ -165,4 +168,6 @@ class CallControl:
         )
         if call is not None:
             call.controlled(result.as_dict())
+        if self._metrics is not None:
+            self._metrics.controlled(handoff.action, handoff.source, result.result)
         return result

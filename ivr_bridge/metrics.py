@@ -22,6 +22,8 @@ from ivr_bridge.providers.nextevi import SKIP_KINDS
 
 if TYPE_CHECKING:
     from ivr_bridge.call import Call
+    from ivr_bridge.hooks import HookDispatcher
+    from ivr_bridge.records import CallStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Close codes NextEVI and RFC 6455 document; anything else is counted as "other".
@@ -110,6 +112,36 @@ class _LiveCalls(Collector):
         )
 
 
+class _Routing(Collector):
+    """Hook deliveries and call-record writes, read from their own counters at scrape time."""
+
+    def __init__(self, hooks: HookDispatcher, store: CallStore) -> None:
+        self._hooks = hooks
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        deliveries = CounterMetricFamily(
+            "ivr_hook_deliveries",
+            "Hook deliveries by result: delivered, retried (attempts that failed and were "
+            "retried), failed (given up) and dropped (queue full)",
+            labels=["result"],
+        )
+        for result, value in vars(self._hooks.stats).items():
+            deliveries.add_metric([result], value)
+        yield deliveries
+        yield GaugeMetricFamily("ivr_hook_queued", "Hook deliveries waiting", value=self._hooks.pending)
+        yield GaugeMetricFamily(
+            "ivr_records_queued",
+            "Call events waiting to be written to the records",
+            value=self._store.pending,
+        )
+        yield CounterMetricFamily(
+            "ivr_records_dropped",
+            "Call events not recorded (queue full, or refused by the database)",
+            value=self._store.dropped,
+        )
+
+
 class BridgeMetrics:
     """The metrics of one bridge instance, in a registry of their own."""
 
@@ -153,6 +185,19 @@ class BridgeMetrics:
             buckets=FAST_BUCKETS,
             registry=self.registry,
         )
+
+        self._control = Counter(
+            "ivr_control_actions",
+            "Transfers and hang-ups carried out, by action, source (api, hook, dtmf) and result",
+            ["action", "source", "result"],
+            registry=self.registry,
+        )
+
+    def watch_routing(self, hooks: HookDispatcher, store: CallStore) -> None:
+        self.registry.register(_Routing(hooks, store))
+
+    def controlled(self, action: str, source: str, result: str) -> None:
+        self._control.labels(action, source, result).inc()
 
     def bad_input(self, source: str, kind: str) -> None:
         """Count one skipped Twilio frame ("twilio") or voice API message ("voice_api")."""

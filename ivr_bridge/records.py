@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
@@ -187,25 +188,26 @@ class CallStore:
     # -- opening and closing --------------------------------------------------------------
 
     @property
-    def redacted_url(self) -> str:
-        return redact_url(self.url)
+    def pending(self) -> int:
+        """Events queued, not yet written."""
+        return len(self._queue)
 
     @property
-    def is_sqlite(self) -> bool:
-        return make_url(self.url).get_backend_name() == "sqlite"
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
 
     async def open(self, *, mark_interrupted: bool = True) -> int:
         """Connect, migrate to head and (unless `mark_interrupted=False`, e.g. for reading)
         mark this instance's calls left `in_progress` as `interrupted`; returns how many.
 
         Raises RecordsError when the database cannot be reached or migrated."""
-        if self._engine is None:
-            self._engine = self._create_engine()
-            self._write_engine = self._engine.execution_options(ivr_write=True)
         try:
+            if self._engine is None:
+                self._engine = self._create_engine()
+                self._write_engine = self._engine.execution_options(ivr_write=True)
             await self._migrate()
             count = await self._mark_interrupted() if mark_interrupted else 0
-        except (TimeoutError, exc.SQLAlchemyError, OSError) as e:
+        except Exception as e:  # unreachable, refused, an unknown schema revision, a bad URL...
             raise RecordsError(f"cannot open the call records at {self.redacted_url}: {_reason(e)}") from e
         if self._writer is None:
             self._loop = asyncio.get_running_loop()
@@ -278,6 +280,9 @@ class CallStore:
         assert self._engine is not None and self._write_engine is not None
         if self._engine.dialect.name == "sqlite":
             await _sqlite_wal(self._engine)
+        async with self._engine.connect() as conn:  # the usual case, without a lock or alembic
+            if await conn.run_sync(_schema_revision) == SCHEMA_REVISION:
+                return  # (importing alembic logs lines at INFO)
 
         def upgrade(connection: Connection) -> None:
             if connection.dialect.name == "postgresql":
@@ -285,7 +290,7 @@ class CallStore:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             current = _schema_revision(connection)
             if current == SCHEMA_REVISION:
-                return  # the usual case: no need to load alembic (whose import logs at INFO)
+                return  # another instance migrated it while we waited
             from alembic import command
             from alembic.config import Config
 
@@ -332,7 +337,8 @@ class CallStore:
     # -- writing ------------------------------------------------------------------------
 
     def record(self, event: CallEvent) -> None:
-        """Queue a call event for the database. Never blocks, never raises."""
+        """Queue a call event for the database. Never blocks, never raises; may be called
+        before `open()` (the writer starts there) and from another thread."""
         try:
             if not isinstance(event, CallEvent):
                 raise TypeError(f"not a CallEvent: {type(event).__name__}")
@@ -372,6 +378,7 @@ class CallStore:
                 await self._wake.wait()
                 continue
             batch = list(islice(self._queue, BATCH_MAX))
+            self._poke.clear()  # a flush from now on asks for another attempt
             try:
                 await self._write_batch(batch)
             except Exception as e:
@@ -384,7 +391,6 @@ class CallStore:
                         _reason(e),
                         len(self._queue),
                     )
-                self._poke.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._poke.wait()
@@ -428,41 +434,46 @@ class CallStore:
 
     async def _write(self, batch: Iterable[CallEvent]) -> None:
         assert self._write_engine is not None
-        started: list[dict[str, Any]] = []
-        ended: list[dict[str, Any]] = []
-        rows: list[dict[str, Any]] = []
+        # Keyed, so that an event queued twice (a retry) is one row: PostgreSQL refuses to
+        # upsert a row twice in one statement.
+        started: dict[str, dict[str, Any]] = {}
+        ended: dict[str, dict[str, Any]] = {}
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
         for ev in batch:
+            if (ev.call_sid, ev.seq) in rows:
+                continue
             at = datetime.fromtimestamp(ev.at, UTC)
             data = ev.data if isinstance(ev.data, dict) else {"value": ev.data}
-            rows.append(
-                {
-                    "call_sid": ev.call_sid,
-                    "seq": ev.seq,
-                    "type": ev.type,
-                    "at": at,
-                    "elapsed": float(ev.elapsed),
-                    "data": data,
-                    "event_id": ev.id,
-                }
-            )
+            rows[ev.call_sid, ev.seq] = {
+                "call_sid": ev.call_sid,
+                "seq": ev.seq,
+                "type": ev.type,
+                "at": at,
+                "elapsed": float(ev.elapsed),
+                "data": data,
+                "event_id": ev.id,
+            }
             if ev.type == "call.started":
-                started.append(self._started_row(ev.call_sid, at, data))
+                started.setdefault(ev.call_sid, self._started_row(ev.call_sid, at, data))
             elif ev.type == "call.ended":
-                ended.append(self._ended_row(ev.call_sid, at, float(ev.elapsed), data))
+                ended[ev.call_sid] = self._ended_row(ev.call_sid, at, float(ev.elapsed), data)
         insert = postgresql.insert if self._write_engine.dialect.name == "postgresql" else sqlite.insert
         async with self._write_engine.begin() as conn:
             if started:
-                await conn.execute(insert(calls).on_conflict_do_nothing(index_elements=["call_sid"]), started)
+                await conn.execute(
+                    insert(calls).on_conflict_do_nothing(index_elements=["call_sid"]), list(started.values())
+                )
             if rows:
                 await conn.execute(
-                    insert(events).on_conflict_do_nothing(index_elements=["call_sid", "seq"]), rows
+                    insert(events).on_conflict_do_nothing(index_elements=["call_sid", "seq"]),
+                    list(rows.values()),
                 )
             if ended:
                 stmt = insert(calls)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["call_sid"], set_={c: stmt.excluded[c] for c in _END_COLUMNS}
                 )
-                await conn.execute(stmt, ended)
+                await conn.execute(stmt, list(ended.values()))
 
     def _started_row(self, call_sid: str, at: datetime, data: dict[str, Any]) -> dict[str, Any]:
         params = data.get("custom_parameters")
@@ -588,6 +599,10 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable across a crash of the process
         cursor.close()
 
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ivr_write") else "BEGIN")
+
 
 async def _sqlite_wal(engine: AsyncEngine) -> None:
     """Put the file in WAL mode (readers never block the writer). Switching takes a lock the
@@ -609,14 +624,10 @@ async def _sqlite_wal(engine: AsyncEngine) -> None:
             async with engine.connect() as conn:
                 await conn.run_sync(wal)
             return
-        except exc.OperationalError as e:
+        except (exc.OperationalError, sqlite3.OperationalError) as e:  # the raw cursor's is not wrapped
             if "locked" not in str(e) or attempt == 99:
                 raise
             await asyncio.sleep(0.05)
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("ivr_write") else "BEGIN")
 
 
 def _schema_revision(connection: Connection) -> str | None:

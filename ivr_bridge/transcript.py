@@ -59,10 +59,10 @@ class _Reply:
 
 def heard_part(text: str, heard_ms: int, total_ms: int) -> str:
     """The words of `text` spoken in its first `heard_ms` of `total_ms`, whole words only."""
-    if heard_ms >= total_ms:
-        return text
     if heard_ms <= 0 or total_ms <= 0:
         return ""
+    if heard_ms >= total_ms:
+        return text
     cut = len(text) * heard_ms // total_ms
     if cut < len(text) and not text[cut].isspace():
         cut = text.rfind(" ", 0, cut) + 1  # back to the end of the last whole word

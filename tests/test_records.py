@@ -257,6 +257,11 @@ async def test_rerecording_the_same_events_changes_nothing(backend: Backend) -> 
     record_all(store, [CallEvent(e.type, e.call_sid, e.seq, e.at, e.elapsed, e.data) for e in call[:3]])
     assert await store.flush(10)
     assert await store.get("CA0001") == before
+
+    record_all(store, call + call)  # twice in one batch
+    assert await store.flush(10)
+    assert store.dropped == 0
+    assert await store.get("CA0001") == before
     assert await backend.scalars("SELECT count(*) FROM ivr_call_events") == [len(call)]
     assert await backend.scalars("SELECT count(*) FROM ivr_calls") == [1]
 
@@ -503,6 +508,7 @@ async def test_the_writer_rides_out_a_database_outage(
     started = time.perf_counter()
     record_all(store, call[1:])
     assert time.perf_counter() - started < 0.05
+    assert store.pending >= len(call) - 1
     deadline = time.monotonic() + 20
     while store.write_failures < 3:  # each flush makes the writer retry at once
         assert time.monotonic() < deadline, "the writer did not retry"
@@ -513,6 +519,7 @@ async def test_the_writer_rides_out_a_database_outage(
 
     await proxy.start()  # the database is back, on the same port
     assert await store.flush(15)
+    assert store.pending == 0
     assert "writing to" in caplog.text
     record = await store.get("CA0001")
     assert record is not None

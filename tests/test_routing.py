@@ -4,8 +4,14 @@ API in, transfers and hang-ups through a stand-in of Twilio's REST API, and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -61,18 +67,27 @@ async def first_reply_playing(caller: TwilioCaller) -> None:
     await caller.wait_for(lambda: caller.received_total >= 8 * 200, 15)
 
 
-async def record_of(bridge: Any, call_sid: str, until: str = "") -> dict[str, Any]:
-    """The call's stored record, once its outcome is `until` (any outcome if empty)."""
-    async with CallStore(bridge.settings.database, bridge.settings.instance_id) as store:
-        await store.open(mark_interrupted=False)
+async def record_of(
+    settings: Settings, call_sid: str, until: str | Callable[[dict[str, Any]], bool] = ""
+) -> dict[str, Any]:
+    """The call's stored record, once its outcome is `until` (any outcome if empty), or
+    once `until(record)` holds."""
+    # Opened as a reader: `async with` would mark the running bridge's calls interrupted.
+    store = CallStore(settings.database, settings.instance_id)
+    await store.open(mark_interrupted=False)
+    try:
         deadline = time.monotonic() + 15
         while True:
             record = await store.get(call_sid)
-            if record is not None and (not until or record["outcome"] == until):
+            if record is not None and (
+                until(record) if callable(until) else until in ("", record["outcome"])
+            ):
                 return record
             if time.monotonic() > deadline:
                 raise TimeoutError(f"record of {call_sid}: {record and record['outcome']}")
-            await asyncio.sleep(0.05)  # polled: the bridge writes from another process's view
+            await asyncio.sleep(0.05)  # polled: the bridge's writer gives no signal across threads
+    finally:
+        await store.close()
 
 
 async def test_key_0_transfers_after_the_bots_sentence(make_bridge, twilio_rest, receiver) -> None:
@@ -112,7 +127,7 @@ async def test_key_0_transfers_after_the_bots_sentence(make_bridge, twilio_rest,
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     kinds = [e["type"] for e in events]
     assert kinds[0] == "call.started" and kinds[-1] == "call.ended"
-    assert kinds.index("dtmf") < kinds.index("control")
+    assert kinds.index("dtmf") < kinds.index("control") and "emotion" in kinds
     dtmf = next(e for e in events if e["type"] == "dtmf")
     assert dtmf["data"] == {"digit": "0", "action": f"transfer:{AGENT}"}
     control = next(e for e in events if e["type"] == "control")
@@ -123,7 +138,7 @@ async def test_key_0_transfers_after_the_bots_sentence(make_bridge, twilio_rest,
     assert ended["outcome"] == "transferred" and ended["transfer_to"] == AGENT and ended["turns"] == 1
 
     # On record, as `ivr-bridge calls show` reads it.
-    record = await record_of(bridge, caller.call_sid, "transferred")
+    record = await record_of(bridge.settings, caller.call_sid, "transferred")
     assert record["transfer_to"] == AGENT
     assert [line["role"] for line in record["transcript"]] == ["user", "assistant"]
     assert "dtmf" in [e["type"] for e in record["events"]]
@@ -196,7 +211,7 @@ async def test_control_api_shows_a_live_call_and_then_its_record(make_bridge) ->
         assert live["active"] is True and live["transcript"][0]["role"] == "user"
         await caller.hang_up()
     [call] = await bridge.wait_for_calls(1)
-    await record_of(bridge, call.call_sid, "stream_stopped")
+    await record_of(bridge.settings, call.call_sid, "stream_stopped")
     async with api(bridge) as client:
         stored = (await client.get(f"/calls/{call.call_sid}")).json()
     assert stored["active"] is False and stored["outcome"] == "stream_stopped"
@@ -313,9 +328,9 @@ async def test_records_survive_a_restart_and_a_crash_is_marked(make_bridge, tmp_
         await caller.wait_for(lambda: caller.received_total >= 8 * 600, 15)
         await caller.hang_up()
     await first.wait_for_calls(1)
-    assert (await record_of(first, "CA-crashed"))["outcome"] == "interrupted"
-    assert (await record_of(first, "CA-other-box"))["outcome"] == "in_progress"
-    await record_of(first, caller.call_sid, "stream_stopped")
+    assert (await record_of(first.settings, "CA-crashed"))["outcome"] == "interrupted"
+    assert (await record_of(first.settings, "CA-other-box"))["outcome"] == "in_progress"
+    await record_of(first.settings, caller.call_sid, "stream_stopped")
     first.server.should_exit = True
 
     second = make_bridge(settings)
@@ -323,3 +338,43 @@ async def test_records_survive_a_restart_and_a_crash_is_marked(make_bridge, tmp_
         stored = (await client.get(f"/calls/{caller.call_sid}")).json()
     assert stored["outcome"] == "stream_stopped" and stored["active"] is False
     assert [line["role"] for line in stored["transcript"]] == ["user", "assistant"]
+
+
+async def test_a_call_cut_by_a_crash_is_on_record_and_marked_interrupted(tmp_path) -> None:
+    """A real crash: the bridge process is SIGKILLed mid-call, then started again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = tmp_path / "calls.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVR_", "NEXTEVI_", "TWILIO_"))}
+    env |= {"IVR_DATABASE_PATH": str(database), "IVR_INSTANCE_ID": "crashy"}
+    command = [sys.executable, "-m", "ivr_bridge", "serve", "--port", str(port), "--log-level", "WARNING"]
+
+    async def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):  # start-up: the process offers nothing to wait on but its port
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                        return process
+                await asyncio.sleep(0.1)
+        process.kill()
+        raise TimeoutError("the bridge did not start")
+
+    bridge = await start()
+    try:
+        reader = Settings(database_path=str(database), instance_id="crashy")
+        async with TwilioCaller(f"ws://127.0.0.1:{port}/media-stream", continuous=True) as caller:
+            await caller.say(tone_ulaw(600))
+            await caller.wait_for(lambda: caller.received_total >= 8 * 600, 15)
+            # The caller's words are on record before the crash.
+            record = await record_of(reader, caller.call_sid, lambda record: bool(record["transcript"]))
+            assert record["outcome"] == "in_progress"
+            bridge.send_signal(signal.SIGKILL)
+            bridge.wait(10)
+        bridge = await start()
+        record = await record_of(reader, caller.call_sid, "interrupted")
+        assert record["transcript"][0]["role"] == "user" and record["ended_at"] is not None
+    finally:
+        bridge.kill()
+        bridge.wait(10)

@@ -63,3 +63,46 @@ def test_auth_token_is_secret_and_leaves_development_mode() -> None:
 def test_wrong_resilience_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def test_routing_settings() -> None:
+    s = Settings.from_env(
+        {
+            "IVR_HOOK_URL": "https://crm.example.com/ivr, http://127.0.0.1:8090/",
+            "IVR_HOOK_SECRET": "hook_secret_123",
+            "IVR_DTMF_MAP": "0=transfer:+15550100, 9=hangup, #=transfer:sip:desk@pbx.example.com",
+            "IVR_API_TOKEN": "api_secret_123",
+            "IVR_DATABASE_URL": "postgresql://ivr:db_secret_123@db.example.com/calls",
+        }
+    )
+    assert s.hook_urls == ("https://crm.example.com/ivr", "http://127.0.0.1:8090/")
+    assert s.dtmf_actions == {
+        "0": "transfer:+15550100",
+        "9": "hangup",
+        "#": "transfer:sip:desk@pbx.example.com",
+    }
+    assert s.database == "postgresql+asyncpg://ivr:db_secret_123@db.example.com/calls"
+    for secret in ("hook_secret_123", "api_secret_123", "db_secret_123"):
+        assert secret not in repr(s)
+    defaults = Settings.from_env({})
+    assert defaults.database == "sqlite+aiosqlite:///ivr-bridge.db" and defaults.instance_id
+    assert defaults.api_token == "" and defaults.hook_urls == () and defaults.dtmf_map == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"IVR_HOOK_URL": "crm.example.com/ivr", "IVR_HOOK_SECRET": "s"}, "IVR_HOOK_URL"),
+        ({"IVR_HOOK_URL": "https://crm.example.com/ivr"}, "IVR_HOOK_SECRET"),
+        ({"IVR_HOOK_RETRIES": "-1"}, "IVR_HOOK_RETRIES"),
+        ({"IVR_DTMF_MAP": "x=hangup"}, "IVR_DTMF_MAP"),
+        ({"IVR_DTMF_MAP": "1=transfer:5550100"}, "IVR_DTMF_MAP"),
+        ({"IVR_DTMF_MAP": "1=hangup,1=transfer:+15550100"}, "IVR_DTMF_MAP"),
+        ({"IVR_DTMF_MAP": "1=dance"}, "IVR_DTMF_MAP"),
+        ({"IVR_PLAYOUT_WAIT_S": "forever"}, "IVR_PLAYOUT_WAIT_S"),
+        ({"IVR_DATABASE_URL": "mysql://db/calls"}, "IVR_DATABASE_URL"),
+    ],
+)
+def test_wrong_routing_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
