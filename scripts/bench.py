@@ -13,7 +13,11 @@ and records:
 - bridge-added latency, voice API -> caller: the stand-in's send time of each tts_chunk to
   the caller's arrival time of the first media after it;
 - tts_interruption -> clear: the stand-in's send time to the caller's arrival time;
-- frames lost in each direction; calls completed; the generator's own send lateness.
+- frames lost in each direction; calls completed; the generator's own send lateness;
+- with `--hooks`, hook deliveries to a receiver process (`ivr-bridge hook-receiver`).
+
+The bridge runs as shipped: every call is written to its records (SQLite, in the work
+folder).
 
 Timestamps come from `time.monotonic()` in the caller and the stand-in, one clock for all
 processes on Linux. Both include their own event-loop delays, so the figures are an upper
@@ -46,6 +50,7 @@ API_KEY = "oak_bench_key"
 CONFIG_ID = "cfg_bench"
 PCM_BYTES_PER_FRAME = 960  # 20 ms of 24 kHz PCM16
 LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level
+HOOK_SECRET = "bench-hook-secret"
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Level:
     cpu_per_call_minute: float = 0.0
     rss_idle_mb: float = 0.0
     rss_peak_mb: float = 0.0
+    hooks_delivered: int = 0
+    hooks_failed: int = 0
+    events_on_record: int = 0
     rss_per_call_mb: float = 0.0
     inbound_ms: dict[str, float] = field(default_factory=dict)
     outbound_ms: dict[str, float] = field(default_factory=dict)
@@ -197,6 +205,21 @@ def bridge_clear_times(level: Level, metrics_text: str) -> None:
     level.clear_in_bridge_within_5ms = round(dict(buckets).get(0.005, 0.0) / total, 4)
 
 
+def metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def count_events(database: Path) -> int:
+    """Call events on record (the bridge has stopped, so its writer has caught up)."""
+    import sqlite3
+
+    with sqlite3.connect(database) as db:
+        return int(db.execute("SELECT count(*) FROM ivr_call_events").fetchone()[0])
+
+
 # -- one level ---------------------------------------------------------------------------
 
 
@@ -217,9 +240,21 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         ],
         log=workdir / f"standin-{concurrency}.log",
     )  # fmt: skip
+    hooks: dict[str, str] = {}
+    receiver = None
+    if args.hooks:
+        hook_port = free_port()
+        receiver = spawn(
+            ["hook-receiver", "--port", str(hook_port), "--secret", HOOK_SECRET],
+            log=workdir / f"hooks-{concurrency}.log",
+        )
+        hooks = {"IVR_HOOK_URL": f"http://127.0.0.1:{hook_port}/", "IVR_HOOK_SECRET": HOOK_SECRET}
+    database = workdir / f"calls-{concurrency}.db"
     bridge = spawn(
         ["serve", "--port", str(bridge_port), "--log-level", "WARNING"],
         env={
+            **hooks,
+            "IVR_DATABASE_PATH": str(database),
             "IVR_PROVIDER": "nextevi",
             "NEXTEVI_URL": f"ws://127.0.0.1:{standin_port}/ws/voice",
             "NEXTEVI_API_KEY": API_KEY,
@@ -252,7 +287,9 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
         level.rss_peak_mb = status_kib(bridge.pid, "VmHWM") / 1024
-        bridge_clear_times(level, httpx.get(f"{base}/metrics", timeout=10).text)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        bridge_clear_times(level, metrics)
+        level.hooks_failed = int(metric(metrics, 'ivr_hook_deliveries_total{result="failed"}'))
         report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
         if not report:
             raise SystemExit(
@@ -265,8 +302,14 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
             "stand-in sessions closing",
         )
     finally:
-        stop(bridge)
+        stop(bridge)  # drains: the records and the hooks get the calls' last events
         stop(standin)
+        if receiver is not None:
+            stop(receiver)
+    level.events_on_record = count_events(database)
+    if args.hooks:
+        log_lines = (workdir / f"hooks-{concurrency}.log").read_text().splitlines()
+        level.hooks_delivered = sum(line.startswith("{") for line in log_lines)
     summarise(
         level,
         report,
@@ -316,7 +359,7 @@ def table(levels: list[Level]) -> str:
 
     rows = [
         "calls  ok/fail  CPU s/call-min  RSS MB/call  in p50/p99 ms  out p50/p99 ms  clear p99 ms  "
-        "clear in bridge p99  lost in/out  gen late p99 ms  within limits",
+        "clear in bridge p99  lost in/out  gen late p99 ms  recorded  hooks  within limits",
     ]
     for lv in levels:
         rows.append(
@@ -325,7 +368,7 @@ def table(levels: list[Level]) -> str:
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms):<6}  {p(lv.clear_ms):>12}  "
             f"{in_bridge(lv):>19}  "
             f"{lv.frames_lost_in:5d}/{lv.frames_lost_out:<5d}  {p(lv.generator_lateness_ms):>15}  "
-            f"{'yes' if lv.within_limits else 'no'}"
+            f"{lv.events_on_record:8d}  {lv.hooks_delivered:5d}  {'yes' if lv.within_limits else 'no'}"
         )
     return "\n".join(rows)
 
@@ -344,6 +387,7 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=600, help="per level")
     parser.add_argument("--keep", type=Path, help="keep logs and timelines in this folder")
+    parser.add_argument("--hooks", action="store_true", help="send every call event to a hook receiver")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
