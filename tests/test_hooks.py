@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -355,6 +356,8 @@ async def test_delivery_is_signed_with_the_headers(
     assert request.headers["x-ivr-event"] == "call.started"
     assert request.headers["x-ivr-delivery"] == event.id
     assert request.headers["user-agent"] == "ivr-bridge"
+    assert request.headers["accept-encoding"] == "identity"  # the answer is read with a size cap
+    assert "authorization" not in request.headers and "cookie" not in request.headers
     assert re.fullmatch(r"t=\d+,v1=[0-9a-f]{64}", request.headers["x-ivr-signature"])
     assert abs(int(request.headers["x-ivr-signature"][2:12]) - time.time()) < 60
     assert receiver.rejected == 0
@@ -421,6 +424,123 @@ async def test_gives_up_after_the_retries_and_moves_on(
     assert "transcript" in warning and "seq 1" in warning and "3 attempt" in warning and "HTTP 500" in warning
     assert f"{safe_url(url)}:" in warning and "/hooks" in warning
     for secret in ("hunter2pw", "querysecret", "hookuser", SECRET, "v1="):
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "credentials"),
+    [
+        ("hookuser:hunter2pw", "hookuser:hunter2pw"),
+        ("hook%3Auser:p%40ss%20w%C3%B6rd", "hook:user:p@ss w\u00f6rd"),  # decoded, then UTF-8
+        ("onlyuser", "onlyuser:"),
+    ],
+)
+async def test_credentials_in_the_url_are_sent_as_basic_auth(
+    receivers: StartReceiver,
+    dispatchers: MakeDispatcher,
+    caplog: pytest.LogCaptureFixture,
+    userinfo: str,
+    credentials: str,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ivr_bridge.hooks")
+    receiver, url = receivers()
+    dispatcher = dispatchers(hook_settings(url.replace("http://", f"http://{userinfo}@") + "?token=q1"))
+    dispatcher.publish(make_event(1))
+    assert await dispatcher.flush(TIMEOUT)
+    [request] = receiver.requests()
+    expected = base64.b64encode(credentials.encode()).decode()
+    assert request.headers["authorization"] == f"Basic {expected}"
+    assert request.headers["host"] == url.split("/")[2]  # no credentials in the Host header
+    assert request.path == "/hooks" and dispatcher.stats.delivered == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_not_followed(
+    receivers: StartReceiver, dispatchers: MakeDispatcher, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    redirect = HookResponse(status, headers={"Location": "/elsewhere"})
+    receiver, url = receivers(lambda event, attempt: redirect if event["seq"] == 1 else None)
+    dispatcher = dispatchers(hook_settings(url, retries=3))
+    dispatcher.publish(make_event(1))
+    dispatcher.publish(make_event(2))
+    assert await dispatcher.flush(TIMEOUT)
+    assert [(r.seq, r.status, r.path) for r in receiver.requests()] == [
+        (1, status, "/hooks"),
+        (2, 200, "/hooks"),
+    ]
+    assert (dispatcher.stats.delivered, dispatcher.stats.retried, dispatcher.stats.failed) == (1, 0, 1)
+    [warning] = hook_warnings(caplog)
+    assert f"HTTP {status}" in warning and "1 attempt" in warning
+
+
+async def test_an_oversized_answer_is_no_action(
+    receivers: StartReceiver, dispatchers: MakeDispatcher
+) -> None:
+    big = {"action": "hangup", "padding": "x" * (64 * 1024)}  # valid, but past the 64 KiB cap
+    receiver, url = receivers([HookResponse(body=big), HookResponse(body={"action": "hangup"})])
+    seen: list[int] = []
+
+    async def on_action(event: CallEvent, action: HookAction) -> None:
+        seen.append(event.seq)
+
+    dispatcher = dispatchers(hook_settings(url), on_action)
+    dispatcher.publish(make_event(1))
+    dispatcher.publish(make_event(2))
+    assert await dispatcher.flush(TIMEOUT)
+    await dispatcher.aclose(TIMEOUT)
+    assert seqs(receiver.delivered()) == [1, 2]
+    assert (dispatcher.stats.delivered, dispatcher.stats.retried) == (2, 0)  # delivered all the same
+    assert seen == [2]
+
+
+async def test_deliveries_reuse_their_connection(
+    receivers: StartReceiver, dispatchers: MakeDispatcher
+) -> None:
+    receiver, url = receivers()
+    dispatcher = dispatchers(hook_settings(url))
+    for seq in range(1, 11):
+        dispatcher.publish(make_event(seq))
+    assert await dispatcher.flush(TIMEOUT)
+    requests = receiver.requests()
+    assert len(requests) == 10 and all(r.peer for r in requests)
+    assert len({r.peer for r in requests}) == 1  # keep-alive: one connection for them all
+
+
+async def test_a_proxy_from_the_environment_is_used(
+    receivers: StartReceiver, dispatchers: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As with httpx: HTTP_PROXY / NO_PROXY apply. The receiver stands in for the proxy: a
+    # host that does not resolve reaches it only through the proxy.
+    receiver, url = receivers()
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", url.removesuffix("/hooks"))
+    dispatcher = dispatchers(hook_settings("http://hooks.invalid/events"))
+    dispatcher.publish(make_event(1))
+    assert await dispatcher.flush(TIMEOUT)
+    [request] = receiver.requests()
+    assert request.headers["host"] == "hooks.invalid" and request.path == "/events"
+    assert dispatcher.stats.delivered == 1
+
+    monkeypatch.setenv("NO_PROXY", "hooks.invalid")
+    direct = dispatchers(hook_settings("http://hooks.invalid/events", retries=0))
+    direct.publish(make_event(2))
+    assert await direct.flush(TIMEOUT)
+    assert direct.stats.failed == 1 and len(receiver.requests()) == 1
+
+
+async def test_an_unusable_url_is_not_retried_and_its_secrets_stay_out_of_the_logs(
+    dispatchers: MakeDispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ivr_bridge.hooks")
+    url = "http://hookuser:hunter2pw@127.0.0.1:99999/hooks?token=querysecret"  # no such port
+    dispatcher = dispatchers(hook_settings(url, retries=3))
+    dispatcher.publish(make_event(1))
+    assert await dispatcher.flush(TIMEOUT)
+    assert (dispatcher.stats.failed, dispatcher.stats.retried) == (1, 0)
+    [warning] = hook_warnings(caplog)
+    assert "1 attempt" in warning
+    for secret in ("hunter2pw", "querysecret", "hookuser"):
         assert secret not in caplog.text
 
 

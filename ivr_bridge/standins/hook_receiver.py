@@ -64,6 +64,7 @@ class ReceivedHook:
     at: float  # time.monotonic() on arrival
     status: int  # what the receiver answered
     path: str
+    peer: str = ""  # the client's "host:port": one per connection it used
 
     @property
     def type(self) -> str:
@@ -175,7 +176,8 @@ class HookReceiver:
             answer = self._responder(event, attempt) if self._responder else None
             if answer is None:
                 answer = self._script.popleft() if self._script else HookResponse()
-            record = ReceivedHook(event, headers, arrived, answer.status, request.url.path)
+            peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+            record = ReceivedHook(event, headers, arrived, answer.status, request.url.path, peer)
             self.received.append(record)
             self._changed.notify_all()
         if self._on_receive is not None:
