@@ -130,7 +130,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         if event.type == "call.ended":
             log.info("[%s] hook answered %s to call.ended: ignored", event.call_sid, answer.action)
             return
-        await apply(event.call_sid, f"{answer.action}:{answer.to}".rstrip(":"), "hook")
+        await apply(
+            event.call_sid, "hangup" if answer.action == "hangup" else f"transfer:{answer.to}", "hook"
+        )
 
     hooks = HookDispatcher(settings, on_action=hook_answered)
     metrics.watch_routing(hooks, store)

@@ -137,7 +137,6 @@ class CallStats:
     renewals: int = 0
     turns: int = 0  # final user utterances
     emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
-    dtmf: list[tuple[float, str]] = field(default_factory=list)
     reply_ms: list[float] = field(default_factory=list)  # end of the caller's turn -> bot speech
     clear_ms: list[float] = field(default_factory=list)  # interruption reached us -> `clear` sent
 
@@ -668,9 +667,10 @@ class Call:
             return False
         return True
 
-    def snapshot(self) -> dict[str, Any]:
-        """The call's live state, for the control API."""
-        return {
+    def snapshot(self, *, full: bool = True) -> dict[str, Any]:
+        """The call's live state, for the control API; `full` adds its transcript, emotions
+        and keys."""
+        state = {
             "call_sid": self.call_sid,
             "stream_sid": self.stream_sid,
             "from": self.caller,
@@ -684,13 +684,16 @@ class Call:
             "bot_speaking": not self._quiet.is_set(),
             "turns": self.stats.turns,
             "barge_ins": self.stats.barge_ins,
-            "transcript": [{"at": line.at, **line.as_dict()} for line in self.transcript],
-            "emotions": [{"at": at, "top": dict(top)} for at, top in self.stats.emotions],
-            "dtmf": [{"at": at, "digit": digit} for at, digit in self.stats.dtmf],
             "latency": self._latency(),
             "handoff": asdict(self.handoff) if self.handoff else None,
             "custom_parameters": self.custom_parameters,
         }
+        if full:
+            lines = self.transcript
+            state["transcript"] = [{"at": ln.at, **ln.as_dict()} for ln in lines if ln.role != "dtmf"]
+            state["emotions"] = [{"at": at, "top": dict(top)} for at, top in self.stats.emotions]
+            state["dtmf"] = [{"at": ln.at, "digit": ln.text} for ln in lines if ln.role == "dtmf"]
+        return state
 
     def controlled(self, result: dict[str, Any]) -> None:
         """A transfer or hang-up of this call was carried out (ivr_bridge.control)."""
@@ -719,7 +722,6 @@ class Call:
     def _dtmf(self, digit: str) -> None:
         self.log.info("caller pressed %s", digit)
         self.words.dtmf(digit)
-        self.stats.dtmf.append((self._elapsed(), digit))
         # A mapped key's action is applied by whoever handles the event (the app's control).
         self._emit("dtmf", {"digit": digit, "action": self.settings.dtmf_actions.get(digit, "")})
 

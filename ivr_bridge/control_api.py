@@ -48,10 +48,7 @@ def control_routes(
     async def list_calls(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
-        active = [call.snapshot() for call in list(calls.values())]
-        for call in active:
-            del call["transcript"], call["emotions"], call["dtmf"]
-        return JSONResponse({"calls": active})
+        return JSONResponse({"calls": [call.snapshot(full=False) for call in list(calls.values())]})
 
     async def show_call(request: Request) -> Response:
         if (denied := refused(request)) is not None:

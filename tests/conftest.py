@@ -16,6 +16,7 @@ from ivr_bridge.app import create_app
 from ivr_bridge.call import Call
 from ivr_bridge.server import BridgeServer, server_config
 from ivr_bridge.settings import DEFAULT_DATABASE_PATH, Settings
+from ivr_bridge.standins.twilio_rest import TwilioRestStandIn
 
 
 @dataclass
@@ -106,3 +107,13 @@ def make_bridge() -> Iterator:
     yield start
     for gen in running:
         next(gen, None)
+
+
+@pytest.fixture
+def twilio_rest() -> Iterator[tuple[TwilioRestStandIn, str]]:
+    """A stand-in of Twilio's call-update REST endpoint: (stand-in, base URL)."""
+    rest = TwilioRestStandIn()
+    url, server, thread = rest.serve()
+    yield rest, url
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-
-import pytest
 
 from ivr_bridge.loadgen.webhook import CallDetails, fetch_stream, stream_headers
 from ivr_bridge.settings import Settings
@@ -15,15 +12,6 @@ from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
 from ivr_bridge.standins.twilio_rest import TwilioRestStandIn
 from tests.test_end_to_end import API_KEY, nextevi_settings, tone_ulaw, voice_api
-
-
-@pytest.fixture
-def twilio_rest() -> Iterator[tuple[TwilioRestStandIn, str]]:
-    rest = TwilioRestStandIn()
-    url, server, thread = rest.serve()
-    yield rest, url
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 async def signed_caller(bridge, token: str) -> TwilioCaller:  # type: ignore[no-untyped-def]

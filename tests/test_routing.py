@@ -23,22 +23,12 @@ from ivr_bridge.settings import Settings
 from ivr_bridge.standins.hook_receiver import HookReceiver, HookResponse
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
-from ivr_bridge.standins.twilio_rest import TwilioRestStandIn
 from tests.test_end_to_end import nextevi_settings, tone_ulaw, voice_api
 from tests.test_resilience import signed_caller, with_rest
 
 HOOK_SECRET = "hook-secret-for-tests"
 API_TOKEN = "api-token-for-tests"
 AGENT = "+15550100"
-
-
-@pytest.fixture
-def twilio_rest() -> Iterator[tuple[TwilioRestStandIn, str]]:
-    rest = TwilioRestStandIn()
-    url, server, thread = rest.serve()
-    yield rest, url
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@
 `POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json`, form-encoded (`Twiml`,
 `Url`, `Status`...), HTTP Basic auth with the account sid and auth token. Known calls
 answer 200 with a call resource; unknown ones 404 with Twilio's error 20404; bad auth 401
-with error 20003. Runs under uvicorn in a thread, so a test's event loop stays free, or on
-its own as `ivr-bridge stub-twilio-api`, which prints each update as a JSON line.
+with error 20003. Unlike Twilio it does not end the call's Media Stream after an update
+(`stop`, then close): a test does that with `TwilioCaller.hang_up()`. Runs under uvicorn
+in a thread, so a test's event loop stays free, or on its own as `ivr-bridge
+stub-twilio-api`, which prints each update as a JSON line.
 """
 
 from __future__ import annotations
