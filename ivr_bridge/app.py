@@ -14,19 +14,20 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from ivr_bridge.call import POLICY_VIOLATION, Call, Handoff, Outcome
+from ivr_bridge.call import POLICY_VIOLATION, Call, Outcome
+from ivr_bridge.connections import Unproven, bounded_body
 from ivr_bridge.control import CallControl, ControlError
 from ivr_bridge.control_api import control_routes
 from ivr_bridge.events import CallEvent
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.hooks import HookAction, HookDispatcher
-from ivr_bridge.media_stream import StreamStarted
+from ivr_bridge.media_stream import StreamStarted, is_call_sid
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.records import CallStore
@@ -46,6 +47,10 @@ FORWARDED_PARAMETERS = ("CallSid", "From", "To")
 MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
+# Twilio's webhook forms are a few KB with a few dozen fields: anything far larger is
+# refused before it is read on, let alone parsed or checked (which cost the audio loop).
+MAX_WEBHOOK_BYTES = 32 * 1024
+MAX_WEBHOOK_FIELDS = 200
 
 
 class StarletteTwilioSocket:
@@ -94,8 +99,9 @@ def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None
         status_callback_method="POST",
     )
     for name in FORWARDED_PARAMETERS:
-        if params.get(name):
-            stream.parameter(name=name, value=params[name][:MAX_PARAMETER_CHARS])
+        value = _printable(params.get(name, ""))[:MAX_PARAMETER_CHARS]
+        if value:
+            stream.parameter(name=name, value=value)
     if token is not None:
         stream.parameter(name=TOKEN_PARAMETER, value=token)
     response.append(connect)
@@ -108,10 +114,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
     metrics = BridgeMetrics(lambda: active)
     store = CallStore(settings.database, settings.instance_id)
-    control = CallControl(
-        settings, by_sid, previous=lambda sid: _previous_handoff(store, sid), metrics=metrics
-    )
+    control = CallControl(settings, by_sid, claims=store, metrics=metrics)
     background: set[asyncio.Task[Any]] = set()
+    unproven = Unproven(settings.max_pending_connections)
 
     def run_in_background(work: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -139,8 +144,6 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
 
     def publish(call: Call, event: CallEvent) -> None:
         """A call's event: on record, to the hooks, and a mapped key carried out."""
-        if event.type == "call.started":
-            by_sid[event.call_sid] = call
         store.record(event)
         hooks.publish(event)
         if event.type == "dtmf" and event.data["action"]:
@@ -157,35 +160,44 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     else:
         tokens = StreamTokens(stream_token_secret(auth_token), settings.stream_token_ttl_s)
 
-    def admit(start: StreamStarted) -> str | None:
-        assert tokens is not None
-        # Popped: the token is spent here and stays out of call records and logs.
-        return tokens.check(start.custom_parameters.pop(TOKEN_PARAMETER, None), start.call_sid)
-
     async def signed_form(request: Request) -> dict[str, str] | Response:
-        """The webhook's parameters, or a 403 if it is not signed by Twilio (when checked)."""
-        params = dict(request.query_params)
-        fields: list[tuple[str, str]] = []
+        """The webhook's parameters, or a refusal: 413/414 for a body or query larger than
+        Twilio ever sends (before reading on), 403 if it is not signed by Twilio (when
+        checked). The signature is checked as soon as the bounded body is read."""
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        if len(query) > MAX_WEBHOOK_BYTES:
+            return _refusal(414, "URI Too Long")
+        body = ""
         if request.method == "POST":
+            try:
+                raw = await bounded_body(request, MAX_WEBHOOK_BYTES)
+            except ClientDisconnect:  # gone, or closed by the request timeout (connections.py)
+                return _refusal(400, "Bad Request")  # never sent: nobody is listening
+            if raw is None:
+                unproven.count("too_large", _client(request))
+                return _refusal(413, "Payload Too Large")
+            body = raw.decode("utf-8", "replace")
+        try:
             # Twilio posts application/x-www-form-urlencoded; parse_qsl reads it without
             # the python-multipart dependency that Request.form() needs.
-            body = (await request.body()).decode("utf-8", "replace")
-            fields = parse_qsl(body, keep_blank_values=True)
-            params.update(fields)
+            fields = parse_qsl(body, keep_blank_values=True, max_num_fields=MAX_WEBHOOK_FIELDS)
+            params = dict(parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_WEBHOOK_FIELDS))
+        except ValueError:  # more fields than any Twilio request
+            return _refusal(413, "Payload Too Large")
+        params.update(fields)
         if tokens is not None:
-            query = request.scope.get("query_string", b"").decode("latin-1")
             url = signed_url(settings.public_url, request.url.path, query)
             signature = request.headers.get("x-twilio-signature")
             if not signature_valid(auth_token, url, fields, signature):
                 # Neither the signature nor the expected value: both would help a forger.
                 log.warning(
-                    "webhook refused (HTTP 403): %s X-Twilio-Signature on %s %s from %s",
+                    "webhook refused (HTTP 403): %s X-Twilio-Signature on %s %s %s",
                     "invalid" if signature else "missing",
                     request.method,
                     request.url.path,
-                    request.client.host if request.client else "?",
+                    _client(request),
                 )
-                return Response("Forbidden\n", status_code=403, media_type="text/plain")
+                return _refusal(403, "Forbidden")
         return params
 
     async def stream_status(request: Request) -> Response:
@@ -203,13 +215,39 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         params = await signed_form(request)
         if isinstance(params, Response):
             return params
+        call_sid = params.get("CallSid", "")
+        if call_sid and not is_call_sid(call_sid):
+            return _refusal(400, "Bad Request")
         if request.app.state.draining:  # DRAINING (shutdown): new calls go to the fallback
             return Response(fallback_twiml(settings), media_type="application/xml")
         if len(active) >= settings.max_calls:
             log.warning("at capacity (%d calls): answering with the fallback TwiML", len(active))
             return Response(fallback_twiml(settings), media_type="application/xml")
-        token = tokens.mint(params.get("CallSid", "")) if tokens is not None else None
+        if call_sid in by_sid:
+            # A replayed webhook: the call has its stream, and a second one would be refused.
+            log.warning("[%s] webhook for a call that already has a stream: fallback TwiML", call_sid)
+            return Response(fallback_twiml(settings), media_type="application/xml")
+        token = tokens.mint(call_sid) if tokens is not None else None
         return Response(twiml_for_call(settings, params, token), media_type="application/xml")
+
+    def admit(call: Call, start: StreamStarted) -> str | None:
+        """Whether a stream's `start` may become a call: its token (when checked), one live
+        stream per call sid, and capacity. Only an admitted call takes a capacity slot, so
+        sockets that never send a valid `start` cannot crowd out real callers."""
+        if tokens is not None:
+            # Popped: the token is spent here and stays out of call records and logs.
+            refusal = tokens.check(start.custom_parameters.pop(TOKEN_PARAMETER, None), start.call_sid)
+            if refusal is not None:
+                return refusal
+        if start.call_sid in by_sid:
+            return "this call already has a live stream"
+        if len(active) >= settings.max_calls:
+            return f"at capacity ({len(active)} calls)"
+        # With no await since the checks: concurrent starts cannot overshoot either bound.
+        unproven.discard(call)
+        active.add(call)
+        by_sid[start.call_sid] = call
+        return None
 
     async def media_stream(websocket: WebSocket) -> None:
         # Refusals happen before accept(): uvicorn then answers the upgrade with HTTP 403,
@@ -236,10 +274,20 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             settings,
             StarletteTwilioSocket(websocket),
             metrics=metrics,
-            admit=admit if tokens is not None else None,
+            admit=lambda start: admit(call, start),
             on_event=lambda event: publish(call, event),
         )
-        active.add(call)  # before any await: concurrent upgrades cannot overshoot max_calls
+
+        evicted = False
+
+        def evict() -> None:  # the oldest unproven connection, making room for a new one
+            nonlocal evicted
+            evicted = True
+            call.outcome = Outcome.NO_START
+            run_in_background(call.twilio.close(POLICY_VIOLATION), "evict-stream")
+
+        # Unproven until its `start` is admitted: capped with every other such connection.
+        unproven.add(call, evict)
         try:
             try:
                 await websocket.accept()
@@ -248,6 +296,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                 return
             await call.run()
         finally:
+            unproven.discard(call)
+            if call.outcome == Outcome.NO_START and not evicted:
+                unproven.count("start_timeout", f"from {client}")
             # Together, with no await between: a scrape counts the call once.
             metrics.call_ended(call)
             active.discard(call)
@@ -298,15 +349,20 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.hooks = hooks
     app.state.control = control
     app.state.metrics = metrics
+    app.state.unproven = unproven
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     return app
 
 
-async def _previous_handoff(store: CallStore, call_sid: str) -> Handoff | None:
-    """A transfer or hang-up already carried out for a call, from its record."""
-    record = await store.get(call_sid)
-    for event in (record or {}).get("events", ()):
-        data = event["data"]
-        if event["type"] == "control" and data.get("result") == "done":
-            return Handoff(data["action"], data.get("to", ""), data.get("source", "api"))
-    return None
+def _printable(value: str) -> str:
+    """`value` without control characters: XML 1.0 cannot carry most of them at all."""
+    return "".join(ch for ch in value if ch.isprintable())
+
+
+def _refusal(status: int, text: str) -> Response:
+    # Connection: close: the rest of a refused body is not worth reading.
+    return Response(f"{text}\n", status_code=status, media_type="text/plain", headers={"connection": "close"})
+
+
+def _client(request: Request) -> str:
+    return f"from {request.client.host}" if request.client else ""

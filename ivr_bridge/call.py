@@ -88,6 +88,7 @@ class Outcome(StrEnum):
     UNUSABLE_START = "unusable_start"
     REFUSED = "refused"  # the start failed the admission check (per-call token)
     IDLE = "idle"  # no media from Twilio for IVR_IDLE_TIMEOUT_S
+    NO_START = "no_start"  # no valid `start` in IVR_START_TIMEOUT_S (or closed to make room)
     FLOODED = "flooded"  # Twilio-side input far faster than real time: no phone line
     SHUTDOWN = "shutdown"  # still active when the instance's drain timeout ran out
     TWILIO_STALLED = "twilio_stalled"  # the Twilio socket stopped accepting frames
@@ -222,11 +223,11 @@ class Call:
 
     async def run(self) -> None:
         try:
-            async with asyncio.timeout(self.settings.idle_timeout_s):
+            async with asyncio.timeout(self.settings.start_timeout_s):
                 started = await self._wait_for_start()
         except TimeoutError:
-            self.outcome = Outcome.IDLE
-            self.log.warning("no start within %.0f s; ending the stream", self.settings.idle_timeout_s)
+            self.outcome = Outcome.NO_START
+            self.log.debug("no start within %g s; ending the stream", self.settings.start_timeout_s)
             started = False
         if not started:
             if self.outcome == Outcome.IN_PROGRESS:
@@ -573,12 +574,12 @@ class Call:
     async def _send_audio(self, ulaw: bytes, now: float) -> None:
         if not ulaw or self._response is None:
             return
-        await self._send(self.stream.media(ulaw))
-        await self._send(self.stream.mark(self.playback.sent(self._response, len(ulaw))))
-        frames = len(ulaw) // 160
-        self.stats.frames_out += frames
-        self.stats.bytes_out += len(ulaw)
         self._playout_end = max(self._playout_end, now) + len(ulaw) / 8000
+        mark = self.playback.sent(self._response, len(ulaw), due=self._playout_end)
+        await self._send(self.stream.media(ulaw))
+        await self._send(self.stream.mark(mark))
+        self.stats.frames_out += len(ulaw) // 160
+        self.stats.bytes_out += len(ulaw)
 
     async def _send(self, text: str) -> None:
         # A Twilio socket that stops reading would hold the bot's audio here without end
@@ -606,6 +607,16 @@ class Call:
             if now - self._last_frame_at > settings.idle_timeout_s:
                 self.outcome = Outcome.IDLE
                 self.log.warning("no media from Twilio for %.0f s; ending the call", settings.idle_timeout_s)
+                return
+            due = self.playback.oldest_due
+            if due is not None and now > due + settings.twilio_send_timeout_s:
+                # Sends still "succeed" while kernel buffers absorb megabytes; the marks
+                # are the proof of playback, and the oldest is this late.
+                self.outcome = Outcome.TWILIO_STALLED
+                self.log.error(
+                    "Twilio has not played the bot's audio %.1f s after it was due; ending the call",
+                    now - due,
+                )
                 return
             age = now - self._session_started_at
             quiet = not self.playback.speaking and not self._tail_pending

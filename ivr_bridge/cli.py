@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from ivr_bridge import logs
 from ivr_bridge.settings import Settings, SettingsError
 
 log = logging.getLogger("ivr_bridge")
@@ -18,8 +19,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(default_public_url=f"http://{host}:{args.port}")
     except SettingsError as exc:
-        print(f"ivr-bridge: {exc}", file=sys.stderr)
+        print(f"ivr-bridge: {logs.escape(str(exc))}", file=sys.stderr)
         return 2
+    logs.REDACT.add(settings.secret_values())
 
     from ivr_bridge.app import create_app
     from ivr_bridge.records import CallStore, RecordsError
@@ -107,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     records_cli.register(commands)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(getattr(args, "log_level", "INFO"))
+    logs.guard_library_loggers()
     return args.func(args)
 
 

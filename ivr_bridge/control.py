@@ -3,8 +3,11 @@
 Both go through Twilio's REST API, so any instance can act on any call. On the instance
 that carries the call they first wait for the bot's current sentence to finish playing
 (its last mark echoed, at most `IVR_PLAYOUT_WAIT_S`), so a goodbye is never cut off, and
-they mark the call so that the `stop` which follows ends only the stream. Each is done
-once per call: asking again joins or repeats the first answer.
+they mark the call so that the `stop` which follows ends only the stream.
+
+Each is done once per call, whichever instance is asked: the action is claimed with a
+unique row in the call records (`CallStore.claim_control`) before the REST request. The
+same request again joins or repeats the first answer; a different one gets 409.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from twilio.twiml.voice_response import VoiceResponse
 
 from ivr_bridge.call import Call, Handoff, Outcome
+from ivr_bridge.media_stream import is_call_sid
 from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.settings import Settings, is_phone_target
 from ivr_bridge.twilio_rest import TwilioRest
@@ -27,6 +31,20 @@ from ivr_bridge.twilio_rest import TwilioRest
 log = logging.getLogger("ivr_bridge.control")
 
 REMEMBERED_CALLS = 10_000  # answers kept for repeated requests
+CLAIM_POLL_S = 0.1  # how often a request joined to another instance's claim looks for its answer
+CLAIM_WAIT_MARGIN_S = 15.0  # beyond the playout wait: the REST request's own timeout, and some
+
+
+class Claims(Protocol):
+    """Where transfers and hang-ups are claimed, one per call (ivr_bridge.records.CallStore)."""
+
+    async def claim_control(
+        self, call_sid: str, action: str, target: str, source: str
+    ) -> dict[str, Any] | None: ...
+
+    async def control_claim(self, call_sid: str) -> dict[str, Any] | None: ...
+
+    async def settle_control(self, call_sid: str, result: dict[str, Any] | None) -> None: ...
 
 
 class ControlError(Exception):
@@ -65,15 +83,15 @@ class CallControl:
         self,
         settings: Settings,
         calls: Mapping[str, Call],
-        previous: Callable[[str], Awaitable[Handoff | None]] | None = None,
+        claims: Claims | None = None,
         metrics: BridgeMetrics | None = None,
     ) -> None:
-        """`calls`: this instance's active calls by sid. `previous` finds a handoff another
-        instance (or an earlier run) already made for a call, in the call records."""
+        """`calls`: this instance's active calls by sid. `claims`: where each call's one
+        action is claimed across instances (None: this instance alone decides)."""
         self.settings = settings
         self._calls = calls
         self._rest = TwilioRest(settings)
-        self._previous = previous
+        self._claims = claims
         self._metrics = metrics
         self._requests: OrderedDict[str, tuple[Handoff, asyncio.Future[ControlResult]]] = OrderedDict()
 
@@ -95,14 +113,9 @@ class CallControl:
         return None
 
     async def _request(self, call_sid: str, handoff: Handoff) -> ControlResult:
+        if not is_call_sid(call_sid):  # it becomes part of a REST URL path
+            raise ControlError(404, "no such call: a call sid is letters, digits, - and _")
         known = self._requests.get(call_sid)
-        if known is None and self._previous is not None and call_sid not in self._calls:
-            done = await self._previous(call_sid)
-            if done is not None:
-                answer = asyncio.get_running_loop().create_future()
-                action, to, source = done.action, done.to, done.source
-                answer.set_result(ControlResult(call_sid, action, to, source, "done", 0, False))
-                known = self._requests[call_sid] = (done, answer)
         if known is not None:
             first, task = known
             if (first.action, first.to) != (handoff.action, handoff.to):
@@ -123,6 +136,60 @@ class CallControl:
         call = self._calls.get(call_sid)
         if not self._rest.available and not (call is not None and handoff.action == "hangup"):
             raise ControlError(503, "transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (Twilio REST)")
+        if self._claims is not None:
+            earlier = await self._claim(call_sid, handoff, local=call is not None)
+            if earlier is not None:
+                return earlier
+        try:
+            result = await self._act(call_sid, handoff, call)
+        except ControlError:
+            await self._settle(call_sid, None)
+            raise
+        await self._settle(call_sid, result.as_dict())
+        return result
+
+    async def _claim(self, call_sid: str, handoff: Handoff, *, local: bool) -> ControlResult | None:
+        """Claim the call's action: None if this request is to carry it out, else the
+        answer of the same action claimed earlier (here, by another instance, or before a
+        restart). Raises ControlError 409 for a different one."""
+        assert self._claims is not None
+        try:
+            first = await self._claims.claim_control(call_sid, handoff.action, handoff.to, handoff.source)
+        except Exception as exc:
+            if local:  # only this instance carries the call: its own bookkeeping is enough
+                log.warning("[%s] control claim not recorded (%s); carrying on", call_sid, type(exc).__name__)
+                return None
+            log.error("[%s] control claim failed: %s", call_sid, type(exc).__name__)
+            raise ControlError(503, "the call records are unavailable: cannot claim the call") from None
+        if first is None:
+            return None
+        if (first["action"], first["target"]) != (handoff.action, handoff.to):
+            what = f"transferred to {first['target']}" if first["action"] == "transfer" else "hung up"
+            raise ControlError(409, f"call {call_sid} is already being {what}")
+        # The same action, claimed elsewhere: its answer, once there.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.playout_wait_s + CLAIM_WAIT_MARGIN_S
+        while first is not None and first["result"] is None and loop.time() < deadline:
+            await asyncio.sleep(CLAIM_POLL_S)
+            first = await self._claims.control_claim(call_sid)
+        if first is None:  # the other attempt failed and gave its claim up: try ours
+            return await self._claim(call_sid, handoff, local=local)
+        if first["result"] is None:
+            raise ControlError(
+                504, f"call {call_sid} is still being handled by instance {first['instance_id']}"
+            )
+        fields = {name: first["result"].get(name) for name in ControlResult.__dataclass_fields__}
+        return ControlResult(**fields)
+
+    async def _settle(self, call_sid: str, result: dict[str, Any] | None) -> None:
+        if self._claims is None:
+            return
+        try:
+            await self._claims.settle_control(call_sid, result)
+        except Exception as exc:  # the action itself is done (or failed) either way
+            log.warning("[%s] control claim not settled: %s", call_sid, type(exc).__name__)
+
+    async def _act(self, call_sid: str, handoff: Handoff, call: Call | None) -> ControlResult:
         started = time.monotonic()
         played = False
         if call is not None:

@@ -17,7 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ivr_bridge.call import Call
+from ivr_bridge.connections import bounded_body
 from ivr_bridge.control import CallControl, ControlError
+from ivr_bridge.media_stream import is_call_sid
 from ivr_bridge.records import record_json
 
 log = logging.getLogger("ivr_bridge.control_api")
@@ -54,6 +56,8 @@ def control_routes(
         if (denied := refused(request)) is not None:
             return denied
         call_sid = request.path_params["call_sid"]
+        if not is_call_sid(call_sid):
+            return _error(404, "no such call: a call sid is letters, digits, - and _")
         call = calls.get(call_sid)
         if call is not None:
             return JSONResponse({"active": True, **call.snapshot()})
@@ -99,8 +103,8 @@ async def _carry_out(action: Awaitable[Any]) -> Response:
 
 
 async def _json_body(request: Request) -> dict[str, Any] | Response:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    raw = await bounded_body(request, MAX_BODY_BYTES)
+    if raw is None:
         return _error(413, "body too large")
     try:
         body = json.loads(raw or b"{}")

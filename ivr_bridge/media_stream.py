@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 import time
 from base64 import b64decode, b64encode
 from collections.abc import Callable
@@ -26,11 +27,21 @@ DTMF_DIGITS = frozenset("0123456789*#ABCD")
 # a drift between Twilio's 8 kHz clock and ours over an hour-long call.
 MAX_AUDIO_LEAD_MS = 2000
 AUDIO_CLOCK_SLACK = 1.02
-# Frames other than media are bounded by count: Twilio sends ~50 a second in all. Mark
-# echoes are exempt: their number is what this bridge sent, and a `clear` returns every
-# pending one at once.
+# Frames other than media are bounded by count: Twilio sends ~50 a second in all, plus
+# one echo of each mark this bridge sent (a `clear` returns every pending one at once).
 MAX_FRAMES_PER_S = 100
 MAX_FRAME_BURST = 200
+# And every frame, of any type and before `start` too, by its size: Twilio's media frames
+# come to ~17 KB/s. Without this, 64 KB mark echoes or pre-start frames cost a core per
+# two sockets in JSON parsing alone.
+MAX_BYTES_PER_S = 64 * 1024
+MAX_BYTES_BURST = 512 * 1024
+# Counters from the peer (sequenceNumber, chunk, timestamp) are integers in this range:
+# an hour of 20 ms frames is 180,000; a float like 1e308 would overflow a metric.
+MAX_COUNTER = 2**31 - 1
+# A call sid as the bridge takes it from a peer: Twilio's are "CA" + 32 hex digits; tests
+# and stand-ins use shorter ones. Nothing that could change a URL path, a log line or XML.
+_CALL_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Why a frame was rejected: a fixed set, so it can label a metric.
 BAD_FRAME_KINDS = (
@@ -106,13 +117,24 @@ class StreamStopped:
 StreamEvent = Connected | StreamStarted | MediaReceived | MarkEchoed | DtmfReceived | StreamStopped
 
 
+def is_call_sid(value: str) -> bool:
+    return bool(_CALL_SID.fullmatch(value))
+
+
 def _int(value: object, what: str) -> int:
-    # Twilio sends these counters as strings; accept numbers too rather than dropping audio.
-    # OverflowError: JSON allows 1e400, which parses to inf.
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError, OverflowError):
-        raise MediaStreamError(f"{what} is not an integer") from None
+    """A counter from the peer, as an integer from 0 to `MAX_COUNTER`. Twilio sends them as
+    strings of digits; whole JSON numbers are taken too rather than dropping audio."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():  # 1e400 is inf: not integral
+        number = int(value)
+    else:
+        raise MediaStreamError(f"{what} is not an integer")
+    if not 0 <= number <= MAX_COUNTER:
+        raise MediaStreamError(f"{what} is out of range")
+    return number
 
 
 class MediaStream:
@@ -132,10 +154,14 @@ class MediaStream:
         self._last_sequence = 0
         self._last_chunk = 0
         self._sid_json = ""  # the streamSid already JSON-encoded, reused for every outbound frame
+        # The flood guard's budget runs from the moment the stream opens, not its `start`:
+        # frames sent before a `start` (or instead of one) cost the same to parse.
         self._clock = clock
-        self._started_at: float | None = None
-        self._audio_bytes = 0  # media received since `start`, for the flood guard
-        self._frames = 0  # frames other than media and mark echoes since `start`
+        self._opened_at = clock() if clock is not None else 0.0
+        self._audio_bytes = 0  # media payload received, for the flood guard
+        self._bytes = 0  # every frame's size
+        self._frames = 0  # frames other than media
+        self._marks_sent = 0  # each allows one echo beyond the frame budget
         self._flooded = False
 
     # -- inbound -------------------------------------------------------------------------
@@ -151,26 +177,31 @@ class MediaStream:
         try:
             event = self._parse(text)
         except MediaStreamError:
-            self._charge(frames=1)
+            self._charge(len(text), frames=1)
             raise
         if isinstance(event, MediaReceived):
-            self._charge(audio_bytes=len(event.payload))
-        elif not isinstance(event, MarkEchoed):
-            self._charge(frames=1)
+            self._charge(len(text), audio_bytes=len(event.payload))
+        else:
+            self._charge(len(text), frames=1)
         return event
 
-    def _charge(self, *, frames: int = 0, audio_bytes: int = 0) -> None:
-        if self._clock is None or self._started_at is None:
+    def _charge(self, size: int, *, frames: int = 0, audio_bytes: int = 0) -> None:
+        if self._clock is None:
             return
+        self._bytes += size
         self._frames += frames
         self._audio_bytes += audio_bytes
-        elapsed = self._clock() - self._started_at
+        elapsed = self._clock() - self._opened_at
         audio_lead_ms = self._audio_bytes / BYTES_PER_MS - elapsed * 1000 * AUDIO_CLOCK_SLACK
-        if audio_lead_ms > MAX_AUDIO_LEAD_MS or self._frames > MAX_FRAME_BURST + elapsed * MAX_FRAMES_PER_S:
+        if (
+            audio_lead_ms > MAX_AUDIO_LEAD_MS
+            or self._frames > MAX_FRAME_BURST + elapsed * MAX_FRAMES_PER_S + self._marks_sent
+            or self._bytes > MAX_BYTES_BURST + elapsed * MAX_BYTES_PER_S
+        ):
             self._flooded = True
             raise MediaStreamError(
-                f"input far faster than real time ({self._audio_bytes // BYTES_PER_MS} ms of audio and "
-                f"{self._frames} other frames in {elapsed:.1f} s)",
+                f"input far faster than real time ({self._audio_bytes // BYTES_PER_MS} ms of audio, "
+                f"{self._frames} other frames, {self._bytes // 1024} KB in all in {elapsed:.1f} s)",
                 kind="flood",
                 fatal=True,
             )
@@ -227,6 +258,8 @@ class MediaStream:
             raise MediaStreamError("start without streamSid", kind="bad_start", fatal=True)
         if not isinstance(call_sid, str) or not call_sid:
             raise MediaStreamError("start without callSid", kind="bad_start", fatal=True)
+        if not is_call_sid(call_sid):
+            raise MediaStreamError("start with a malformed callSid", kind="bad_start", fatal=True)
         media_format = start.get("mediaFormat") or {}
         if not isinstance(media_format, dict) or any(
             media_format.get(k) != v for k, v in EXPECTED_FORMAT.items()
@@ -241,8 +274,6 @@ class MediaStream:
         self.call_sid = call_sid
         self._sid_json = json.dumps(stream_sid)
         self._track_sequence(message)
-        if self._clock is not None:
-            self._started_at = self._clock()
         tracks = start.get("tracks")
         return StreamStarted(
             stream_sid=stream_sid,
@@ -299,6 +330,7 @@ class MediaStream:
 
     def mark(self, name: str) -> str:
         sid = self._require_sid()
+        self._marks_sent += 1
         return f'{{"event":"mark","streamSid":{sid},"mark":{{"name":{json.dumps(name)}}}}}'
 
     def clear(self) -> str:

@@ -41,7 +41,8 @@ class MarkResult:
 class Playback:
     def __init__(self) -> None:
         self.responses: list[Response] = []
-        self._pending: dict[str, tuple[Response, int]] = {}  # mark name -> (response, sent_bytes)
+        # mark name -> (response, sent_bytes, when it is due to play); oldest first
+        self._pending: dict[str, tuple[Response, int, float]] = {}
         self._flushed: set[str] = set()
         self._seq = 0
 
@@ -64,19 +65,28 @@ class Playback:
         self.responses.append(response)
         return response
 
-    def sent(self, response: Response, nbytes: int) -> str:
-        """Record audio sent for `response`; returns the name of the mark to send after it."""
+    @property
+    def oldest_due(self) -> float | None:
+        """When the oldest mark still pending should have played (the `due` it was sent
+        with), or None: Twilio is behind by the time past this."""
+        for _, _, due in self._pending.values():
+            return due
+        return None
+
+    def sent(self, response: Response, nbytes: int, due: float = 0.0) -> str:
+        """Record audio sent for `response`, to have played by `due` (any clock); returns
+        the name of the mark to send after it."""
         response.sent_bytes += nbytes
         self._seq += 1
         name = f"r{response.number}.{self._seq}"
-        self._pending[name] = (response, response.sent_bytes)
+        self._pending[name] = (response, response.sent_bytes, due)
         response.marks_pending += 1
         return name
 
     def cleared(self) -> int:
         """A `clear` was sent: every pending mark will come back flushed. Returns ms dropped."""
         dropped = 0
-        for name, (response, _) in self._pending.items():
+        for name, (response, _, _) in self._pending.items():
             self._flushed.add(name)
             response.interrupted = True
             response.marks_pending -= 1
@@ -91,7 +101,7 @@ class Playback:
                 self._flushed.discard(name)
                 return MarkResult(self._response_of(name), played=False)
             return MarkResult(None, played=False)
-        response, sent_bytes = entry
+        response, sent_bytes, _ = entry
         response.marks_pending -= 1
         response.heard_bytes = max(response.heard_bytes, sent_bytes)
         return MarkResult(response, played=True)

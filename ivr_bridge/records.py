@@ -62,7 +62,7 @@ IN_PROGRESS = "in_progress"
 INTERRUPTED = "interrupted"
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "ivr_alembic_version"
-SCHEMA_REVISION = "0001"  # the migration the tables below match: the head of migrations/versions
+SCHEMA_REVISION = "0002"  # the migration the tables below match: the head of migrations/versions
 MIGRATION_LOCK_KEY = 0x1B71D6E3C0A5  # pg_advisory_xact_lock key of the schema migration
 MAX_QUEUE = 100_000  # events waiting for the database; beyond this new events are dropped
 BATCH_MAX = 500  # events per transaction
@@ -140,6 +140,20 @@ events = Table(
     Column("data", JSONData, nullable=False),
     Column("event_id", String(64)),
     PrimaryKeyConstraint("call_sid", "seq", name="pk_ivr_call_events"),
+)
+
+# One transfer or hang-up per call, whichever instance is asked: the first to insert the
+# row carries it out; `result` is its answer once done (a ControlResult's fields).
+controls = Table(
+    "ivr_call_controls",
+    metadata,
+    Column("call_sid", String(64), primary_key=True),
+    Column("action", String(16), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("instance_id", Text, nullable=False),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Column("result", JSONData),
 )
 
 # What call.ended sets on the call row (an upsert: a call whose call.started was lost still gets a row).
@@ -522,6 +536,66 @@ class CallStore:
             "fallback": _text(data.get("fallback")) or None,
             "end_data": data,
         }
+
+    # -- call control claims ------------------------------------------------------------
+
+    async def claim_control(
+        self, call_sid: str, action: str, target: str, source: str
+    ) -> dict[str, Any] | None:
+        """Claim the one transfer or hang-up of a call for this instance, atomically across
+        every instance sharing the database: None if claimed now, else the claim already
+        made (`action`, `target`, `instance_id`, `result` when done). Raises on a database
+        error."""
+        engine = self._writer_engine()
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        row = {
+            "call_sid": call_sid,
+            "action": action,
+            "target": target,
+            "source": source,
+            "instance_id": self.instance_id,
+            "claimed_at": datetime.now(UTC),
+        }
+        async with engine.begin() as conn:
+            inserted = await conn.execute(
+                insert(controls).on_conflict_do_nothing(index_elements=["call_sid"]), row
+            )
+            if inserted.rowcount == 1:
+                return None
+            found = (
+                (await conn.execute(select(controls).where(controls.c.call_sid == call_sid)))
+                .mappings()
+                .first()
+            )
+        return dict(found) if found is not None else None
+
+    async def control_claim(self, call_sid: str) -> dict[str, Any] | None:
+        async with self._reader().connect() as conn:
+            found = (
+                (await conn.execute(select(controls).where(controls.c.call_sid == call_sid)))
+                .mappings()
+                .first()
+            )
+        return dict(found) if found is not None else None
+
+    async def settle_control(self, call_sid: str, result: dict[str, Any] | None) -> None:
+        """Record the claimed action's answer; None gives the claim up (it failed: a later
+        request may try again)."""
+        engine = self._writer_engine()
+        async with engine.begin() as conn:
+            if result is None:
+                await conn.execute(
+                    controls.delete().where(controls.c.call_sid == call_sid, controls.c.result.is_(None))
+                )
+            else:
+                await conn.execute(
+                    update(controls).where(controls.c.call_sid == call_sid).values(result=result)
+                )
+
+    def _writer_engine(self) -> AsyncEngine:
+        if self._write_engine is None:
+            raise RecordsError("the call store is not open")
+        return self._write_engine
 
     # -- reading ------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from ivr_bridge.call import Outcome
+from ivr_bridge.connections import guarded_protocol
 
 log = logging.getLogger("ivr_bridge.server")
 
@@ -38,11 +39,15 @@ def server_config(
     log_level: str = "info",
 ) -> uvicorn.Config:
     """The uvicorn configuration of a production bridge (the tests run the same one)."""
+    settings = app.state.settings
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        # Requests time out and unproven connections are capped (ivr_bridge.connections).
+        http=guarded_protocol(app.state.unproven, settings.request_timeout_s),
         log_level=log_level.lower(),
+        log_config=None,  # uvicorn's records go through the process's one safe formatter (logs.py)
         ws_max_size=WS_MAX_SIZE,
         # Compressing audio costs CPU on every frame and saves almost nothing.
         ws_per_message_deflate=False,

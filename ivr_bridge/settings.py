@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,11 @@ DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_DATABASE_PATH = "ivr-bridge.db"
 DTMF_KEYS = "0123456789*#"
+# What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
+# URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
+# no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
+_E164 = re.compile(r"\+[0-9]{6,15}")
+_SIP_URI = re.compile(r"sips?:[A-Za-z0-9\-_.!~*'()%;/?:@&=+$,\[\]]{1,250}")
 
 
 class SettingsError(ValueError):
@@ -55,6 +61,10 @@ class Settings:
     database_path: str = DEFAULT_DATABASE_PATH  # SQLite file of the call records
     database_url: str = ""  # set => records go to this database instead (PostgreSQL)
     instance_id: str = ""  # names this instance's calls in a shared database (default: host name)
+    # Hostile networks: what an unauthenticated peer may hold, and for how long.
+    request_timeout_s: float = 10.0  # an HTTP request's headers and body must arrive within this
+    start_timeout_s: float = 5.0  # a Media Stream must send a valid `start` within this
+    max_pending_connections: int = 256  # connections not yet proven to come from Twilio
 
     @property
     def database(self) -> str:
@@ -75,6 +85,21 @@ class Settings:
         """The `wss://` (or `ws://`) Media Stream URL Twilio connects to."""
         scheme, rest = self.public_url.split("://", 1)
         return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/media-stream"
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every configured secret, for the log redactor (ivr_bridge.logs)."""
+        passwords = [urlsplit(url).password or "" for url in (*self.hook_urls, self.database_url)]
+        return tuple(
+            s
+            for s in (
+                self.nextevi_api_key,
+                self.twilio_auth_token,
+                self.hook_secret,
+                self.api_token,
+                *passwords,
+            )
+            if s
+        )
 
     def __repr__(self) -> str:
         # Keeps the API key out of any log line or traceback that prints the settings.
@@ -158,15 +183,15 @@ class Settings:
         if fallback_twiml_url and urlsplit(fallback_twiml_url).scheme not in ("http", "https"):
             raise SettingsError(f"IVR_FALLBACK_TWIML_URL must be an http(s) URL, got {fallback_twiml_url!r}")
         fallback_number = get("IVR_FALLBACK_NUMBER")
-        if fallback_number and not (
-            fallback_number.lstrip("+").isdigit() or fallback_number.startswith("sip:")
-        ):
+        if fallback_number and not is_phone_target(fallback_number):
             raise SettingsError("IVR_FALLBACK_NUMBER must be an E.164 number like +15550100 or a sip: URI")
 
         hook_urls = tuple(url.strip() for url in get("IVR_HOOK_URL").split(",") if url.strip())
         for url in hook_urls:
             if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-                raise SettingsError(f"IVR_HOOK_URL must be http(s) URLs separated by commas, got {url!r}")
+                raise SettingsError(
+                    f"IVR_HOOK_URL must be http(s) URLs separated by commas, got {redact_url(url)!r}"
+                )
         hook_secret = get("IVR_HOOK_SECRET")
         if hook_urls and not hook_secret:
             raise SettingsError("IVR_HOOK_SECRET is required when IVR_HOOK_URL is set (hooks are signed)")
@@ -194,6 +219,9 @@ class Settings:
             idle_timeout_s=number("IVR_IDLE_TIMEOUT_S", 10, 1, 3600),
             drain_timeout_s=number("IVR_DRAIN_TIMEOUT_S", 30, 0, 3600),
             twilio_send_timeout_s=number("IVR_TWILIO_SEND_TIMEOUT_S", 5, 0.5, 120),
+            request_timeout_s=number("IVR_REQUEST_TIMEOUT_S", 10, 1, 300),
+            start_timeout_s=number("IVR_START_TIMEOUT_S", 5, 1, 120),
+            max_pending_connections=int(number("IVR_MAX_PENDING_CONNECTIONS", 256, 8, 100000)),
             public_url=public_url,
             provider=provider,
             nextevi_url=nextevi_url,
@@ -206,9 +234,7 @@ class Settings:
 
 def is_phone_target(target: str) -> bool:
     """An E.164 number (+15550100) or a SIP URI: what `<Dial>` can reach."""
-    return (target.startswith("+") and target[1:].isdigit() and 7 <= len(target) <= 16) or (
-        target.startswith("sip:") and len(target) > 4
-    )
+    return bool(_E164.fullmatch(target) or _SIP_URI.fullmatch(target))
 
 
 def parse_dtmf_map(raw: str) -> tuple[tuple[str, str], ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
@@ -37,7 +38,8 @@ class TwilioRest:
 
     async def _update(self, call_sid: str, **fields: str) -> bool:
         assert self._client is not None, "no REST credentials"
-        calls = self._client.calls(call_sid)
+        # The sid becomes a URL path segment: never let one change the path or query.
+        calls = self._client.calls(quote(call_sid, safe=""))
         try:
             # The twilio client is synchronous (requests): keep it off the event loop.
             await asyncio.to_thread(calls.update, **fields)
