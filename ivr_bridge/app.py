@@ -47,6 +47,7 @@ FORWARDED_PARAMETERS = ("CallSid", "From", "To")
 MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
+HOOK_DRAIN_MIN_S = 1.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
 # Twilio's webhook forms are a few KB with a few dozen fields: anything far larger is
 # refused before it is read on, let alone parsed or checked (which cost the audio loop).
 MAX_WEBHOOK_BYTES = 32 * 1024
@@ -113,10 +114,10 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     active: set[Call] = set()
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
     metrics = BridgeMetrics(lambda: active)
+    unproven = Unproven(settings.max_pending_connections)
     store = CallStore(settings.database, settings.instance_id)
     control = CallControl(settings, by_sid, claims=store, metrics=metrics)
     background: set[asyncio.Task[Any]] = set()
-    unproven = Unproven(settings.max_pending_connections)
 
     def run_in_background(work: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -141,6 +142,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
 
     hooks = HookDispatcher(settings, on_action=hook_answered)
     metrics.watch_routing(hooks, store)
+    metrics.watch_connections(unproven)
 
     def publish(call: Call, event: CallEvent) -> None:
         """A call's event: on record, to the hooks, and a mapped key carried out."""
@@ -327,7 +329,11 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         try:
             yield
         finally:
-            await hooks.aclose(HOOK_DRAIN_S)  # after the drain: the calls' last events go out
+            # After the drain: the calls' last events go out, within what is left of the
+            # drain timeout, so a hanging receiver cannot hold the exit past it.
+            deadline = app.state.drain_deadline
+            left = HOOK_DRAIN_S if deadline is None else deadline - asyncio.get_running_loop().time()
+            await hooks.aclose(min(HOOK_DRAIN_S, max(HOOK_DRAIN_MIN_S, left)))
             await store.close()
 
     app = Starlette(
@@ -351,6 +357,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.metrics = metrics
     app.state.unproven = unproven
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
+    app.state.drain_deadline = None  # loop time the drain must be done by, once it began
     return app
 
 

@@ -24,6 +24,7 @@ def serve(args: argparse.Namespace) -> int:
     logs.REDACT.add(settings.secret_values())
 
     from ivr_bridge.app import create_app
+    from ivr_bridge.connections import check_descriptor_limit
     from ivr_bridge.records import CallStore, RecordsError
     from ivr_bridge.server import BridgeServer, server_config
 
@@ -46,6 +47,9 @@ def serve(args: argparse.Namespace) -> int:
         settings.public_url,
         settings.stream_url,
     )
+    shortfall = check_descriptor_limit(settings.max_calls, settings.max_pending_connections)
+    if shortfall:
+        log.warning("%s", shortfall)
     if not settings.public_url.startswith("https://"):
         log.warning(
             "IVR_PUBLIC_URL is %s: Twilio needs a public https:// URL to reach the bridge",

@@ -22,6 +22,7 @@ from ivr_bridge.providers.nextevi import SKIP_KINDS
 
 if TYPE_CHECKING:
     from ivr_bridge.call import Call
+    from ivr_bridge.connections import Unproven
     from ivr_bridge.hooks import HookDispatcher
     from ivr_bridge.records import CallStore
 
@@ -140,6 +141,41 @@ class _Routing(Collector):
             "Call events not recorded (queue full, or refused by the database)",
             value=self._store.dropped,
         )
+        yield CounterMetricFamily(
+            "ivr_records_write_failures",
+            "Failed attempts to write call events (the database down); the events stay queued",
+            value=self._store.write_failures,
+        )
+        yield CounterMetricFamily(
+            "ivr_records_file_recoveries",
+            "SQLite records files found deleted, emptied or damaged under the running bridge, "
+            "moved aside and started anew",
+            value=self._store.file_recoveries,
+        )
+
+
+class _Connections(Collector):
+    """Connections not yet proven to come from Twilio, and those the guard closed."""
+
+    def __init__(self, unproven: Unproven) -> None:
+        self._unproven = unproven
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "ivr_unproven_connections",
+            "Connections not yet proven to come from Twilio (HTTP requests not yet read, "
+            "Media Streams before an admitted start)",
+            value=len(self._unproven),
+        )
+        closed = CounterMetricFamily(
+            "ivr_connections_closed",
+            "Connections closed or refused by the guard, by reason: evicted (to make room), "
+            "request_timeout, start_timeout, too_large",
+            labels=["reason"],
+        )
+        for reason, value in self._unproven.closed.items():
+            closed.add_metric([reason], value)
+        yield closed
 
 
 class BridgeMetrics:
@@ -195,6 +231,9 @@ class BridgeMetrics:
 
     def watch_routing(self, hooks: HookDispatcher, store: CallStore) -> None:
         self.registry.register(_Routing(hooks, store))
+
+    def watch_connections(self, unproven: Unproven) -> None:
+        self.registry.register(_Connections(unproven))
 
     def controlled(self, action: str, source: str, result: str) -> None:
         self._control.labels(action, source, result).inc()

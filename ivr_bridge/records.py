@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import sqlite3
 from collections import deque
@@ -202,6 +203,9 @@ class CallStore:
         self._down = False  # the last write failed (logged once until it works again)
         self._full = False  # the queue overflowed (logged once until it drains)
         self._record_failed = False
+        self.file_recoveries = 0  # SQLite files found deleted or damaged, and started anew
+        self._sqlite_file: Path | None = None  # the SQLite file, when the records are one
+        self._file_id: tuple[int, int] | None = None  # its (device, inode) once migrated
 
     # -- opening and closing --------------------------------------------------------------
 
@@ -223,8 +227,11 @@ class CallStore:
             if self._engine is None:
                 self._engine = self._create_engine()
                 self._write_engine = self._engine.execution_options(ivr_write=True)
+                await self._check_integrity()
             await self._migrate()
             count = await self._mark_interrupted() if mark_interrupted else 0
+        except RecordsError:
+            raise
         except Exception as e:  # unreachable, refused, an unknown schema revision, a bad URL...
             raise RecordsError(f"cannot open the call records at {self.redacted_url}: {_reason(e)}") from e
         if self._writer is None:
@@ -286,6 +293,7 @@ class CallStore:
             database = url.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
+                self._sqlite_file = Path(database)
             engine = create_async_engine(url, json_serializer=_json_dumps, connect_args=self._connect_args)
             _sqlite_setup(engine)
             return engine
@@ -294,7 +302,84 @@ class CallStore:
             url, json_serializer=_json_dumps, pool_pre_ping=True, connect_args=connect_args
         )
 
+    # -- a SQLite file that goes away under a running bridge -------------------------------
+
+    def _file_damage(self) -> str | None:
+        """How the SQLite file was lost since it was opened (deleted, replaced, emptied), or
+        None. SQLite would go on writing into a deleted file's inode, or fail on an emptied
+        one, and every later call would be lost with nothing said. One stat per batch."""
+        if self._sqlite_file is None or self._file_id is None:
+            return None
+        try:
+            st = os.stat(self._sqlite_file)
+        except FileNotFoundError:
+            return "deleted"
+        except OSError as e:
+            return f"unreadable ({type(e).__name__})"
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return "replaced"
+        if st.st_size == 0:  # a migrated file in WAL mode is never empty
+            return "emptied"
+        return None
+
+    async def _start_new_file(self, damage: str) -> None:
+        """Move what is left of the records file aside, start a new one and write on: the
+        queued events go there. Logged, and counted (`file_recoveries`)."""
+        assert self._sqlite_file is not None and self._engine is not None
+        path = self._sqlite_file
+        await self._engine.dispose()
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}")
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            part = Path(f"{path}{suffix}")
+            if damage != "replaced" and part.exists():
+                part.rename(f"{aside}{suffix}")
+                moved.append(part.name)
+        self.file_recoveries += 1
+        log.error(
+            "call records: %s was %s under the running bridge; %sstarting a new file there "
+            "(calls recorded before this are in the old one)",
+            path,
+            damage,
+            f"moved {', '.join(moved)} to {aside.name}; " if moved else "",
+        )
+        self._file_id = None
+        self._engine = self._create_engine()
+        self._write_engine = self._engine.execution_options(ivr_write=True)
+        await self._migrate()
+
+    async def _check_integrity(self) -> None:
+        """Refuse a damaged SQLite file at start-up with the way out, rather than failing on
+        every write later."""
+        if (
+            self._sqlite_file is None
+            or not self._sqlite_file.exists()
+            or not self._sqlite_file.stat().st_size
+        ):
+            return
+        assert self._engine is not None
+        try:
+            async with self._engine.connect() as conn:
+                verdict = (await conn.exec_driver_sql("PRAGMA quick_check")).scalar()
+        except Exception as e:
+            if not _is_damaged_file(e):
+                raise
+            verdict = _reason(e)
+        if verdict != "ok":
+            path = self._sqlite_file
+            raise RecordsError(
+                f"the records file {path} is damaged ({str(verdict)[:120]}). Move it aside and start "
+                f"with a new one: mv {path} {path}.damaged (and {path}-wal, {path}-shm if present); "
+                f"sqlite3's .recover can read what is left"
+            )
+
     async def _migrate(self) -> None:
+        await self._migrate_to_head()
+        if self._sqlite_file is not None:
+            st = os.stat(self._sqlite_file)
+            self._file_id = (st.st_dev, st.st_ino)
+
+    async def _migrate_to_head(self) -> None:
         assert self._engine is not None and self._write_engine is not None
         if self._engine.dialect.name == "sqlite":
             await _sqlite_wal(self._engine)
@@ -402,8 +487,15 @@ class CallStore:
             batch = list(islice(self._queue, BATCH_MAX))
             self._poke.clear()  # a flush from now on asks for another attempt
             try:
+                damage = self._file_damage()
+                if damage is not None:
+                    await self._start_new_file(damage)
                 await self._write_batch(batch)
             except Exception as e:
+                if _is_damaged_file(e) and self._sqlite_file is not None:
+                    with contextlib.suppress(Exception):  # if not, the retries go on
+                        await self._start_new_file(f"damaged ({_reason(e)})")
+                        continue
                 self.write_failures += 1
                 if not self._down:
                     self._down = True
@@ -720,6 +812,7 @@ def _schema_revision(connection: Connection) -> str | None:
     return versions[0] if len(versions) == 1 else ",".join(sorted(versions)) or None
 
 
+_TERMINAL_CONTROL = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
@@ -776,6 +869,14 @@ def _is_bad_data(e: BaseException) -> bool:
     return True  # Python could not turn the event into rows
 
 
+def _is_damaged_file(e: BaseException) -> bool:
+    """A SQLite error that says the file itself is no longer a sound database."""
+    text = str(getattr(e, "orig", None) or e)
+    return isinstance(getattr(e, "orig", e), sqlite3.DatabaseError) and (
+        "not a database" in text or "malformed" in text or "disk I/O error" in text
+    )
+
+
 def _reason(e: BaseException) -> str:
     """One short line about an error, without the SQL or its parameters."""
     orig = getattr(e, "orig", None) or e
@@ -809,7 +910,10 @@ def record_json(value: Any, indent: int | None = None) -> str:
     """A record (from get/export), or a list of them, as JSON with times in ISO 8601 UTC;
     one line unless `indent` is given."""
     separators = (",", ":") if indent is None else (",", ": ")
-    return json.dumps(value, ensure_ascii=False, default=_json_default, indent=indent, separators=separators)
+    text = json.dumps(value, ensure_ascii=False, default=_json_default, indent=indent, separators=separators)
+    # JSON escapes C0 controls itself; DEL, C1 and bidi controls from callers' data would
+    # still reach a terminal raw. They occur only inside strings, where \uXXXX is the same.
+    return _TERMINAL_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _json_default(value: Any) -> Any:

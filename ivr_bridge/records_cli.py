@@ -25,6 +25,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from ivr_bridge.logs import escape
 from ivr_bridge.records import CallStore, RecordsError, record_json
 from ivr_bridge.settings import Settings, SettingsError, redact_url
 
@@ -32,6 +33,7 @@ NOT_FOUND = 1
 USAGE_ERROR = 2
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_LIMIT = 1_000_000  # SQL LIMIT is a 64-bit integer; nobody reads a million rows on a terminal
 
 
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,17 +69,17 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
 def parse_when(text: str, now: datetime | None = None) -> datetime:
     """`2026-11-20`, `2026-11-20T10:00` (UTC unless an offset is given), or an age before
     `now` (`30m`, `2h`, `7d`, also `s` and `w`) -> an aware UTC datetime. Raises ValueError."""
-    age = _AGE.match(text)
-    if age:
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[age[2].lower()]: float(age[1])})
     try:
+        age = _AGE.match(text)
+        if age:
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[age[2].lower()]: float(age[1])})
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an age or offset beyond year 1..9999
         raise ValueError(
-            f"expected an ISO date or time (2026-11-20, 2026-11-20T10:00) or an age (30m, 2h, 7d), "
-            f"got {text!r}"
+            f"expected an ISO date or time (2026-11-20, 2026-11-20T10:00) or an age (30m, 2h, 7d) "
+            f"within years 1 to 9999, got {escape(text[:60])!r}"
         ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _when_argument(text: str) -> datetime:
@@ -88,10 +90,11 @@ def _when_argument(text: str) -> datetime:
 
 
 def _limit(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    if not text.strip().isdecimal() or not text.strip().isascii() or not 1 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_LIMIT}, got {escape(text[:30])!r}"
+        )
+    return int(text)
 
 
 # -- the commands --------------------------------------------------------------------------
@@ -110,7 +113,7 @@ def show_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     async def run(store: CallStore) -> int:
         record = await store.get(args.call_sid)
         if record is None:
-            print(f"ivr-bridge: no call {args.call_sid!r} on record", file=sys.stderr)
+            print(f"ivr-bridge: no call {escape(args.call_sid)!r} on record", file=sys.stderr)
             return NOT_FOUND
         print(record_json(record, indent=2) if args.json else call_text(record), file=out or sys.stdout)
         return 0
@@ -187,6 +190,7 @@ def calls_table(rows: list[Mapping[str, Any]]) -> str:
         )
         for row in rows
     ]
+    lines = [tuple(escape(cell) for cell in line) for line in lines]  # stored text came from callers
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     right = {4, 6}  # numbers right-aligned
 
@@ -244,7 +248,7 @@ def call_text(record: Mapping[str, Any]) -> str:
             lines.append(f"{_num(e['elapsed']):8.2f}  {line}")
     if not call_events:
         lines.append("  (no events)")
-    return "\n".join(lines)
+    return "\n".join(escape(line) for line in lines)  # stored text came from callers
 
 
 def _event_line(kind: str, data: Mapping[str, Any], has_dtmf: bool) -> str | None:

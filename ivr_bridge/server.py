@@ -96,6 +96,7 @@ class BridgeServer(uvicorn.Server):
         timeout = self.app.state.settings.drain_timeout_s
         loop = asyncio.get_running_loop()
         started = loop.time()
+        self.app.state.drain_deadline = started + timeout
         log.info("%s: draining, %d active call(s) may finish within %g s", reason, len(active), timeout)
         try:
             # Polled: a call leaves the set from its own route handler, with no event to await.
