@@ -232,7 +232,7 @@ class Call:
         if not started:
             if self.outcome == Outcome.IN_PROGRESS:
                 self.outcome = Outcome.CLOSED_BEFORE_START
-            await self.twilio.close(NORMAL_CLOSE)
+            await self.twilio.close(POLICY_VIOLATION if self.outcome == Outcome.NO_START else NORMAL_CLOSE)
             return
         self._session = self._session_factory(self.settings, self.call_sid)
         self.log.info(
@@ -288,6 +288,11 @@ class Call:
             try:
                 event = self.stream.receive(frame)
             except MediaStreamError as exc:
+                if exc.kind == "flood":
+                    self._bad_frame(exc)
+                    self.outcome = Outcome.FLOODED
+                    await self.twilio.close(POLICY_VIOLATION)
+                    return False
                 if exc.fatal:
                     self.outcome = Outcome.UNUSABLE_START
                     self.log.error("cannot carry this stream: %s; ending it", exc)
