@@ -744,3 +744,25 @@ def test_show_readable_form_without_events() -> None:
     assert "started   2026-11-20 10:00:00.000 UTC" in text_form
     assert "(no events)" in text_form
     assert records_cli.calls_table([]) == "no calls"
+
+
+# -- call control claims --------------------------------------------------------------------
+
+
+async def test_a_control_claim_is_won_once_among_many_instances(backend: Backend) -> None:
+    stores = [backend.store(f"host-{n}") for n in range(10)]
+    for store in stores:
+        await store.open()
+    answers = await asyncio.gather(
+        *(store.claim_control("CA1", "transfer", f"+1555010{n}", "api") for n, store in enumerate(stores))
+    )
+    winners = [n for n, answer in enumerate(answers) if answer is None]
+    assert len(winners) == 1
+    assert {a["target"] for a in answers if a is not None} == {f"+1555010{winners[0]}"}
+    await stores[0].settle_control("CA1", {"result": "done"})
+    claim = await stores[5].control_claim("CA1")
+    assert claim is not None and claim["result"] == {"result": "done"}
+    # A failed attempt gives its claim up; a settled one stays.
+    assert await stores[1].claim_control("CA2", "hangup", "", "api") is None
+    await stores[1].settle_control("CA2", None)
+    assert await stores[2].claim_control("CA2", "hangup", "", "hook") is None
