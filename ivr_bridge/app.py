@@ -326,9 +326,11 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Migrates the records and marks calls a crash of this instance cut as interrupted.
         await store.open()
+        loop_watch = asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag")
         try:
             yield
         finally:
+            loop_watch.cancel()
             # After the drain: the calls' last events go out, within what is left of the
             # drain timeout, so a hanging receiver cannot hold the exit past it.
             deadline = app.state.drain_deadline

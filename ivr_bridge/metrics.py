@@ -9,6 +9,7 @@ no call ids.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,6 +42,8 @@ BAD_INPUT_KINDS: dict[str, frozenset[str]] = {
 BAD_INPUT_LOG_LIMIT = 20
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+LOOP_PROBE_S = 0.02  # one timer per 20 ms frame: 50 wake-ups a second, a few µs each
 
 
 @dataclass
@@ -222,6 +225,13 @@ class BridgeMetrics:
             registry=self.registry,
         )
 
+        self._loop_lag = Histogram(
+            "ivr_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 20 ms: how long every call's "
+            "audio waited behind other work",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
         self._control = Counter(
             "ivr_control_actions",
             "Transfers and hang-ups carried out, by action, source (api, hook, dtmf) and result",
@@ -234,6 +244,14 @@ class BridgeMetrics:
 
     def watch_connections(self, unproven: Unproven) -> None:
         self.registry.register(_Connections(unproven))
+
+    async def watch_event_loop(self, every: float = LOOP_PROBE_S) -> None:
+        """Observe the loop's lag until cancelled (the app runs it for its lifetime)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + every
+            await asyncio.sleep(every)
+            self._loop_lag.observe(max(0.0, loop.time() - due))
 
     def controlled(self, action: str, source: str, result: str) -> None:
         self._control.labels(action, source, result).inc()
