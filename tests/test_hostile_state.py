@@ -260,6 +260,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def serving(port: int) -> str:
+    """The base URL of an `ivr-bridge serve` on `port`, once it answers /healthz."""
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for _ in range(300):  # polled: a process starting gives no other signal
+            try:
+                if (await client.get("/healthz")).status_code == 200:
+                    return base
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)
+    raise TimeoutError(f"no bridge on port {port}")
+
+
 async def test_debug_logs_keep_every_secret_and_cannot_be_forged(tmp_path: Path) -> None:
     """`ivr-bridge serve --log-level DEBUG` with the NextEVI stand-in: a signed call whose
     details carry newlines and terminal escapes, a control request, a bad webhook."""
@@ -290,14 +303,8 @@ async def test_debug_logs_keep_every_secret_and_cannot_be_forged(tmp_path: Path)
             cwd=tmp_path,
         )
         try:
-            base = f"http://127.0.0.1:{port}"
+            base = await serving(port)
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-                for _ in range(300):
-                    try:
-                        if (await client.get("/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.1)
                 call = CallDetails(from_number="+1555\nFORGED INFO ivr_bridge fake\x1b[2J")
                 target = await fetch_stream(base + "/twiml", call, auth_token)
                 hostile = dict(target.parameters) | {"Lang\n\x1b[31mFORGED": "x"}
@@ -368,14 +375,7 @@ async def test_a_hanging_hook_receiver_cannot_hold_the_exit_past_the_drain(tmp_p
         cwd=tmp_path,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-            for _ in range(300):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
+        base = await serving(port)
         target = await fetch_stream(base + "/twiml", CallDetails())
         async with TwilioCaller(target.url, custom_parameters=target.parameters) as caller:
             await caller.say(tone_ulaw(200))
