@@ -613,14 +613,14 @@ class Call:
                 self.outcome = Outcome.IDLE
                 self.log.warning("no media from Twilio for %.0f s; ending the call", settings.idle_timeout_s)
                 return
-            due = self.playback.oldest_due
-            if due is not None and now > due + settings.twilio_send_timeout_s:
+            mark_due = self.playback.oldest_due
+            if mark_due is not None and now > mark_due + settings.twilio_send_timeout_s:
                 # Sends still "succeed" while kernel buffers absorb megabytes; the marks
                 # are the proof of playback, and the oldest is this late.
                 self.outcome = Outcome.TWILIO_STALLED
                 self.log.error(
                     "Twilio has not played the bot's audio %.1f s after it was due; ending the call",
-                    now - due,
+                    now - mark_due,
                 )
                 return
             age = now - self._session_started_at
