@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from ivr_bridge.call import POLICY_VIOLATION, Call, Outcome
+from ivr_bridge.capacity import Capacity
 from ivr_bridge.connections import Unproven, bounded_body
 from ivr_bridge.control import CallControl, ControlError
 from ivr_bridge.control_api import control_routes
@@ -47,6 +48,7 @@ FORWARDED_PARAMETERS = ("CallSid", "From", "To")
 MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
+CAPACITY_WAIT_S = 1.0  # a webhook at capacity waits this long for a call to end before the fallback
 HOOK_DRAIN_MIN_S = 1.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
 # Twilio's webhook forms are a few KB with a few dozen fields: anything far larger is
 # refused before it is read on, let alone parsed or checked (which cost the audio loop).
@@ -115,6 +117,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
     metrics = BridgeMetrics(lambda: active)
     unproven = Unproven(settings.max_pending_connections)
+    capacity = Capacity(settings.max_calls)
+    slot_freed = asyncio.Event()  # set (and replaced) whenever a call releases its slot
     store = CallStore(settings.database, settings.instance_id)
     control = CallControl(settings, by_sid, claims=store, metrics=metrics)
     background: set[asyncio.Task[Any]] = set()
@@ -222,12 +226,12 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             return _refusal(400, "Bad Request")
         if request.app.state.draining:  # DRAINING (shutdown): new calls go to the fallback
             return Response(fallback_twiml(settings), media_type="application/xml")
-        if len(active) >= settings.max_calls:
-            log.warning("at capacity (%d calls): answering with the fallback TwiML", len(active))
-            return Response(fallback_twiml(settings), media_type="application/xml")
         if call_sid in by_sid:
             # A replayed webhook: the call has its stream, and a second one would be refused.
             log.warning("[%s] webhook for a call that already has a stream: fallback TwiML", call_sid)
+            return Response(fallback_twiml(settings), media_type="application/xml")
+        if not await slot_for(call_sid):
+            log.warning("at capacity (%d calls): answering with the fallback TwiML", len(active))
             return Response(fallback_twiml(settings), media_type="application/xml")
         token = tokens.mint(call_sid) if tokens is not None else None
         return Response(twiml_for_call(settings, params, token), media_type="application/xml")
@@ -243,13 +247,37 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                 return refusal
         if start.call_sid in by_sid:
             return "this call already has a live stream"
-        if len(active) >= settings.max_calls:
+        if not capacity.take(start.call_sid, len(active)):
             return f"at capacity ({len(active)} calls)"
         # With no await since the checks: concurrent starts cannot overshoot either bound.
         unproven.discard(call)
         active.add(call)
         by_sid[start.call_sid] = call
         return None
+
+    async def slot_for(call_sid: str) -> bool:
+        """Reserve a slot for the call's stream, waiting up to CAPACITY_WAIT_S for one to
+        free: a caller who rings just as another hangs up gets in, not the apology."""
+        deadline = asyncio.get_running_loop().time() + CAPACITY_WAIT_S
+        while not (capacity.reserve(call_sid, len(active)) if call_sid else capacity.free(len(active)) > 0):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await slot_freed.wait()
+            except TimeoutError:
+                return False
+        return True
+
+    def release(call: Call) -> None:
+        """A call's conversation is over: its slot is free for the next caller before its
+        sockets are closed and its record written (a load at capacity never sees a call
+        that has ended). Together, with no await between: a scrape counts the call once."""
+        nonlocal slot_freed
+        metrics.call_ended(call)
+        active.discard(call)
+        if by_sid.get(call.call_sid) is call:
+            del by_sid[call.call_sid]
+        slot_freed.set()  # wake the webhooks waiting for a slot; the next ones wait anew
+        slot_freed = asyncio.Event()
 
     async def media_stream(websocket: WebSocket) -> None:
         # Refusals happen before accept(): uvicorn then answers the upgrade with HTTP 403,
@@ -278,6 +306,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             metrics=metrics,
             admit=lambda start: admit(call, start),
             on_event=lambda event: publish(call, event),
+            on_over=release,
         )
 
         evicted = False
@@ -301,11 +330,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             unproven.discard(call)
             if call.outcome == Outcome.NO_START and not evicted:
                 unproven.count("start_timeout", f"from {client}")
-            # Together, with no await between: a scrape counts the call once.
-            metrics.call_ended(call)
-            active.discard(call)
-            if by_sid.get(call.call_sid) is call:
-                del by_sid[call.call_sid]
+            call.over()  # a call that never started (or a bug) is released here
             if on_call_end is not None:
                 on_call_end(call)
 

@@ -151,10 +151,13 @@ class Call:
         metrics: BridgeMetrics | None = None,
         admit: Callable[[StreamStarted], str | None] | None = None,
         on_event: Callable[[CallEvent], None] | None = None,
+        on_over: Callable[[Call], None] | None = None,
     ) -> None:
         """`admit` checks a stream's `start` (e.g. its per-call token) and returns why it
         is refused, or None to let it in. `on_event` gets the call's events; it must only
-        queue them (it runs on the audio path)."""
+        queue them (it runs on the audio path). `on_over` is told, once, as soon as the
+        conversation is over: before the sockets are closed and the records written, so
+        the call's capacity slot is free for the next caller at once."""
         self.settings = settings
         self.twilio = twilio
         self.stream = MediaStream()
@@ -172,6 +175,7 @@ class Call:
         self.handoff: Handoff | None = None
         self.started_at = time.time()
         self._on_event = on_event
+        self._on_over = on_over
         self._event_seq = 0
         # Set while nothing the bot said is still playing: a transfer or hang-up waits for it.
         self._quiet = asyncio.Event()
@@ -214,6 +218,12 @@ class Call:
         return self._session.name if self._session is not None else ""
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def over(self) -> None:
+        """The conversation is over (or never began): tell `on_over`, once."""
+        on_over, self._on_over = self._on_over, None
+        if on_over is not None:
+            on_over(self)
 
     async def end(self, outcome: Outcome, code: int) -> None:
         """End the call from outside (e.g. a shutdown): close the Twilio socket; the call's
@@ -272,6 +282,7 @@ class Call:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.over()  # every counter is final: nothing below moves one
             await self._session.close(NORMAL_CLOSE)
             await self.twilio.close(NORMAL_CLOSE)
             self._quiet.set()  # nothing more will play: a waiting transfer goes ahead

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     records_cli.register(commands)
 
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given, for reports
     logs.configure(getattr(args, "log_level", "INFO"))
     logs.guard_library_loggers()
     return args.func(args)

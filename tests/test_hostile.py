@@ -423,3 +423,57 @@ def test_twiml_carries_no_control_characters() -> None:
     assert stream is not None
     values = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
     assert values["From"] == "+1555[31m" and values["To"] == "+1555"
+
+
+# -- capacity: the slot of an ended call is free at once, and a webhook holds one ------------
+
+
+def test_a_webhook_holds_a_slot_until_its_stream_starts() -> None:
+    from ivr_bridge.capacity import Capacity
+
+    now = [0.0]
+    capacity = Capacity(2, hold_s=10, clock=lambda: now[0])
+    assert capacity.reserve("CA1", active=0) and capacity.reserve("CA2", active=0)
+    assert not capacity.reserve("CA3", active=0)  # both slots held for their streams
+    assert capacity.reserve("CA1", active=0)  # a retried webhook keeps its hold
+    assert capacity.take("CA1", active=0)  # CA1's stream starts on its reservation
+    assert not capacity.take("CA9", active=1)  # a stream no webhook announced: no free slot
+    now[0] = 10.5  # CA2's stream never came: its hold lapses
+    assert capacity.free(active=1) == 1 and capacity.take("CA9", active=1)
+
+
+async def test_a_caller_ringing_as_another_hangs_up_gets_the_slot(make_bridge) -> None:
+    bridge = make_bridge(Settings(provider="echo", max_calls=1))
+    webhook = bridge.base_url + "/twiml"
+    async with TwilioCaller(bridge.stream_url, continuous=True) as first:
+        await eventually(lambda: len(bridge.server.app.state.active_calls) == 1, 15)
+        async with httpx.AsyncClient(timeout=15) as client:
+            ringing = asyncio.create_task(client.post(webhook, data={"CallSid": "CA2"}))
+            await asyncio.sleep(0)  # the webhook is in flight when the first caller hangs up
+            await first.hang_up()
+            answer = await ringing
+    assert "<Stream" in answer.text  # it waited for the slot (IVR_MAX_CALLS=1), no apology
+    async with httpx.AsyncClient(timeout=15) as client:
+        # The slot is held for CA2's stream: a third caller gets the fallback.
+        third = await client.post(webhook, data={"CallSid": "CA3"})
+    assert "<Stream" not in third.text
+    async with TwilioCaller(bridge.stream_url, call_sid="CA2", continuous=True) as second:
+        await second.say(tone_ulaw(300))
+        await second.wait_for(lambda: second.received_total > 0, timeout=15)
+        await second.hang_up()
+    outcomes = [str(c.outcome) for c in await bridge.wait_for_calls(2)]
+    assert outcomes == ["stream_stopped", "stream_stopped"]
+
+
+def test_the_load_tester_names_a_refusal_at_capacity() -> None:
+    from ivr_bridge.fallback import fallback_twiml
+    from ivr_bridge.loadgen.histogram import histogram_page
+    from ivr_bridge.loadgen.webhook import RefusedError, parse_twiml
+
+    with pytest.raises(RefusedError, match=r"refused: .*fallback TwiML <Say><Hangup>"):
+        parse_twiml(fallback_twiml(Settings()), "http://x/twiml")
+    page = histogram_page(
+        "t", {"reply": [1.0, 2.0]}, run={"command": "ivr-bridge loadtest <x>"}, failures={"refused: x": 3}
+    )
+    assert "<h2>Run</h2>" in page and "ivr-bridge loadtest &lt;x&gt;" in page
+    assert "<h2>Failures</h2>" in page and "refused: x" in page and "3 calls" in page

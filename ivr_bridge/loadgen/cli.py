@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,6 +67,27 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _run_details(plan: Any, summary: dict[str, Any], argv: list[str]) -> dict[str, object]:
+    """What a load test's figures came from: the command, its settings and the machine."""
+    import platform
+    import shlex
+
+    calls = summary["calls"]
+    generator = summary["generator"]
+    return {
+        "command": shlex.join(["ivr-bridge", *argv]),
+        "webhook": plan.webhook_url,
+        "scenario": plan.scenario.name,
+        "calls": f"{calls['total']} in all, {plan.concurrency} at once, ramp {plan.ramp_s:g} s",
+        "outcome": f"{calls['ok']} completed, {calls['failed']} failed",
+        "generator": f"{generator['wall_s']:.1f} s wall, {generator['cpu_percent']:.0f} % CPU"
+        + (" (slow: its own send lateness is in the figures)" if generator["slow"] else ""),
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _positive_int(text: str) -> int:
@@ -176,7 +198,13 @@ def _loadtest(args: argparse.Namespace) -> int:
             title = (
                 f"ivr-bridge loadtest: {scenario.name}, {plan.calls} calls, concurrency {plan.concurrency}"
             )
-            args.histogram.write_text(histogram_page(title, latency_samples(result)), encoding="utf-8")
+            page = histogram_page(
+                title,
+                latency_samples(result),
+                run=_run_details(plan, summary, getattr(args, "argv", sys.argv[1:])),
+                failures=summary["failures"],
+            )
+            args.histogram.write_text(page, encoding="utf-8")
         if args.timeline is not None:
             with args.timeline.open("w", encoding="utf-8") as out:
                 for report, timeline in zip(result.reports, result.timelines, strict=True):

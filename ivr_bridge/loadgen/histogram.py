@@ -64,9 +64,27 @@ def _svg(values: np.ndarray) -> str:
     return "".join(parts)
 
 
-def histogram_page(title: str, series: dict[str, np.ndarray]) -> str:
-    """HTML with a histogram (and its count, p50/p95/p99, max) for each named series."""
+def _table(rows: dict[str, object]) -> str:
+    cells = "".join(f"<tr><th>{escape(str(k))}</th><td>{escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f"<table>{cells}</table>"
+
+
+def histogram_page(
+    title: str,
+    series: dict[str, np.ndarray],
+    *,
+    run: dict[str, object] | None = None,
+    failures: dict[str, int] | None = None,
+) -> str:
+    """HTML with the run's details (command, settings, machine, calls), its failures
+    grouped by reason, and a histogram (with count, p50/p95/p99, max) per named series:
+    latency figures are only worth reading beside what failed and where they came from."""
     sections = []
+    if run:
+        sections.append(f"<section><h2>Run</h2>{_table(run)}</section>")
+    if failures is not None:
+        listed = _table({reason: f"{count} calls" for reason, count in failures.items()}) if failures else ""
+        sections.append(f"<section><h2>Failures</h2>{listed or '<p>none</p>'}</section>")
     for name, values in series.items():
         stats = summarize(values)
         figures = ", ".join(
@@ -82,5 +100,6 @@ def histogram_page(title: str, series: dict[str, np.ndarray]) -> str:
         f"<title>{escape(title)}</title><style>"
         "body{font-family:sans-serif;margin:2em;color:#222}"
         "svg text{font-size:11px;fill:#444}section{margin-bottom:2em}"
+        "table{border-collapse:collapse}th,td{text-align:left;padding:2px 12px 2px 0;vertical-align:top}"
         f"</style></head><body><h1>{escape(title)}</h1><p>{legend}</p>{''.join(sections)}</body></html>\n"
     )

@@ -15,7 +15,14 @@ from collections.abc import Callable
 from ivr_bridge.audio import ulaw_decode, wav_bytes
 from ivr_bridge.loadgen.call_report import CallReport, Utterance, measure
 from ivr_bridge.loadgen.scenario import BargeIn, Dtmf, HangUp, Say, Scenario, Step, Wait, WaitFor, describe
-from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget, WebhookError, fetch_stream, stream_headers
+from ivr_bridge.loadgen.webhook import (
+    CallDetails,
+    RefusedError,
+    StreamTarget,
+    WebhookError,
+    fetch_stream,
+    stream_headers,
+)
 from ivr_bridge.standins.twilio import TwilioCaller
 
 # `bot_done` also needs this much quiet: a reply streamed at real time can run the
@@ -187,7 +194,8 @@ async def place_call(
         try:
             target = await fetch_stream(webhook_url, details, auth_token)
         except WebhookError as exc:
-            reason = f"webhook: {exc}"
+            # A refusal is named as such: at capacity is not a broken webhook.
+            reason = str(exc) if isinstance(exc, RefusedError) else f"webhook: {exc}"
             report = measure(
                 None,
                 call_sid=details.call_sid,

@@ -25,6 +25,11 @@ class WebhookError(Exception):
     """The webhook did not answer with a usable ``<Connect><Stream>``; one printable line."""
 
 
+class RefusedError(WebhookError):
+    """The webhook answered, but with other TwiML than a stream: the bridge's fallback for a
+    call it does not take (at capacity, or draining for a shutdown)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallDetails:
     """The caller's side of one call, as posted to the webhook."""
@@ -71,6 +76,12 @@ def parse_twiml(xml: str, webhook_url: str) -> StreamTarget:
     except ET.ParseError as exc:
         raise WebhookError(f"the webhook's answer is not XML ({exc})") from None
     stream = root.find("./Connect/Stream") if root.tag == "Response" else None
+    if stream is None and root.tag == "Response" and len(root):
+        # The bridge's fallback (an apology, a <Dial>, a <Redirect>): it took no more calls.
+        verbs = "".join(f"<{verb.tag}>" for verb in root)
+        raise RefusedError(
+            f"refused: the webhook answered its fallback TwiML {verbs} (at capacity or draining)"
+        )
     if stream is None:
         raise WebhookError("the webhook's TwiML has no <Response><Connect><Stream>")
     url = stream.get("url")
