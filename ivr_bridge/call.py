@@ -110,8 +110,12 @@ class TwilioSocket(Protocol):
 
 
 class CallLog(logging.LoggerAdapter):
-    def process(self, msg: object, kwargs: object) -> tuple[str, object]:  # type: ignore[override]
-        return f"[{self.extra['call']}] {msg}", kwargs  # type: ignore[index]
+    """Prefixes the call sid to a line, and carries it as `call_sid` (JSON logs)."""
+
+    def process(self, msg: object, kwargs: Any) -> tuple[str, Any]:  # type: ignore[override]
+        call = self.extra["call"]  # type: ignore[index]
+        kwargs["extra"] = {"call_sid": call if call != "-" else ""}
+        return f"[{call}] {msg}", kwargs
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import sys
 
@@ -16,12 +17,16 @@ log = logging.getLogger("ivr_bridge")
 def serve(args: argparse.Namespace) -> int:
     # Unset, the public URL is where this server listens: right for trying it locally.
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    unknown: list[str] = []
     try:
-        settings = Settings.from_env(default_public_url=f"http://{host}:{args.port}")
+        settings = Settings.from_env(default_public_url=f"http://{host}:{args.port}", unknown=unknown)
     except SettingsError as exc:
         print(f"ivr-bridge: {logs.escape(str(exc))}", file=sys.stderr)
         return 2
-    logs.REDACT.add(settings.secret_values())
+    logs.configure(args.log_level, settings.secret_values(), settings.log_format)
+    log.info("ivr-bridge %s; %s", version(), settings.summary())
+    for warning in unknown:
+        log.warning("%s", warning)
 
     from ivr_bridge.app import create_app
     from ivr_bridge.connections import check_descriptor_limit
@@ -62,13 +67,35 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("ivr-bridge")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ivr-bridge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ivr-bridge {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("serve", help="run the bridge (Twilio webhook + media stream)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = commands.add_parser(
+        "serve",
+        help="run the bridge (Twilio webhook + media stream)",
+        description="Serve Twilio's voice webhook (/twiml) and Media Streams (/media-stream), the "
+        "control API, /healthz, /readyz and /metrics. Settings come from IVR_* environment "
+        "variables and a .env file (see the README's settings table).",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)"
+    )
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe level logged (default INFO); secrets are masked at every level, "
+        "IVR_LOG_FORMAT=json gives JSON lines",
+    )
     p.set_defaults(func=serve)
 
     from ivr_bridge.standins import nextevi as voice_api_standin

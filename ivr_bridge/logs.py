@@ -12,10 +12,12 @@ site, is where this belongs.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 MASK = "***"
 MIN_SECRET_CHARS = 6  # shorter values would mask ordinary words
@@ -84,6 +86,31 @@ class SafeFormatter(logging.Formatter):
         return self._redact(escape(super().format(record), keep_newlines=True))
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: `time` (ISO 8601 UTC), `level`, `logger`, `message`, and
+    `call_sid` where the record is about a call, `exception` with a traceback. Secrets are
+    masked in each value before encoding; ASCII-only output escapes every control
+    character."""
+
+    def __init__(self, redactor: Redactor = REDACT) -> None:
+        super().__init__()
+        self._redact = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": self._redact(record.getMessage()),
+        }
+        call_sid = getattr(record, "call_sid", None)
+        if call_sid:
+            entry["call_sid"] = str(call_sid)
+        if record.exc_info:
+            entry["exception"] = self._redact(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=True)
+
+
 class RedactFilter(logging.Filter):
     """Masks secrets in a record before any handler sees it: for library loggers whose
     records may reach handlers this process did not configure (a library user's)."""
@@ -101,19 +128,26 @@ class RedactFilter(logging.Filter):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# Libraries that narrate routine work at INFO: migrations on every start (alembic), every
+# REST request's headers (the Twilio SDK). Heard from at WARNING, or at DEBUG.
+CHATTY = ("alembic", "twilio", "aiosqlite", "asyncio", "websockets")
 
 
-def configure(level: str | int = "INFO", secrets: Iterable[str] = ()) -> None:
-    """One handler on the root logger, with the safe formatter; every library's records
-    (uvicorn's included: serve runs it with `log_config=None`) go through it."""
+def configure(level: str | int = "INFO", secrets: Iterable[str] = (), log_format: str = "text") -> None:
+    """One handler on the root logger, with the safe formatter (text or JSON lines); every
+    library's records (uvicorn's included: serve runs it with `log_config=None`) go
+    through it."""
     REDACT.add(secrets)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeFormatter(LOG_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else SafeFormatter(LOG_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    debug = logging.getLevelName(level) == "DEBUG" if isinstance(level, str) else level <= logging.DEBUG
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
 
 
 def guard_library_loggers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -16,6 +17,10 @@ DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_DATABASE_PATH = "ivr-bridge.db"
 DTMF_KEYS = "0123456789*#"
+LOG_FORMATS = ("text", "json")
+# Variables under these prefixes are the bridge's: one it does not know is a typo, warned
+# about at start-up. (TWILIO_ is Twilio's own namespace, shared with its other tools.)
+OWN_PREFIXES = ("IVR_", "NEXTEVI_")
 # What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
 # URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
 # no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
@@ -65,6 +70,7 @@ class Settings:
     request_timeout_s: float = 10.0  # an HTTP request's headers and body must arrive within this
     start_timeout_s: float = 5.0  # a Media Stream must send a valid `start` within this
     max_pending_connections: int = 256  # connections not yet proven to come from Twilio
+    log_format: str = "text"  # "json": one JSON object per line
 
     @property
     def database(self) -> str:
@@ -120,8 +126,11 @@ class Settings:
         *,
         dotenv: bool = True,
         default_public_url: str = DEFAULT_PUBLIC_URL,
+        unknown: list[str] | None = None,
     ) -> Settings:
-        """Read and validate settings; raises SettingsError naming the first bad variable."""
+        """Read and validate settings; raises SettingsError naming the first bad variable.
+        `unknown`, if given, receives a warning for each variable under the bridge's own
+        prefixes that no setting reads (a misspelling), with the closest known name."""
         if env is None:
             env = dict(os.environ)
             if dotenv and Path(".env").is_file():
@@ -130,7 +139,10 @@ class Settings:
                 # Real environment variables win over the file.
                 env = {k: v for k, v in dotenv_values(".env").items() if v is not None} | env
 
+        read: set[str] = set()  # every name a setting reads: all of them, unconditionally
+
         def get(name: str, default: str = "") -> str:
+            read.add(name)
             return env.get(name, default).strip()
 
         public_url = get("IVR_PUBLIC_URL", default_public_url).rstrip("/")
@@ -196,7 +208,12 @@ class Settings:
         if hook_urls and not hook_secret:
             raise SettingsError("IVR_HOOK_SECRET is required when IVR_HOOK_URL is set (hooks are signed)")
 
-        return cls(
+        log_format = get("IVR_LOG_FORMAT", "text").lower()
+        if log_format not in LOG_FORMATS:
+            raise SettingsError(f"IVR_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+
+        settings = cls(
+            log_format=log_format,
             hook_urls=hook_urls,
             hook_secret=hook_secret,
             hook_timeout_s=number("IVR_HOOK_TIMEOUT_S", 5, 0.1, 120),
@@ -230,6 +247,42 @@ class Settings:
             nextevi_project_id=get("NEXTEVI_PROJECT_ID"),
             upstream_chunk_ms=chunk_ms,
         )
+        if unknown is not None:
+            for name in sorted(env):
+                if name.startswith(OWN_PREFIXES) and name not in read:
+                    close = difflib.get_close_matches(name, read, n=1)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    unknown.append(f"{name} is not a setting of ivr-bridge and is ignored{hint}")
+        return settings
+
+    def summary(self) -> str:
+        """The settings in effect, on one line, secrets shown only as set or not."""
+
+        def secret(value: str) -> str:
+            return "set" if value else "unset"
+
+        fields = {
+            "provider": self.provider,
+            "public_url": self.public_url,
+            "auth": "twilio-signatures" if self.twilio_auth_token else "DEVELOPMENT (none)",
+            "max_calls": self.max_calls,
+            "upstream_chunk_ms": self.upstream_chunk_ms,
+            "records": redact_url(self.database),
+            "instance": self.instance_id,
+            "hooks": len(self.hook_urls),
+            "control_api": "on" if self.api_token else "off",
+            "dtmf_map": ",".join(f"{k}={v}" for k, v in self.dtmf_map) or "-",
+            "fallback": self.fallback_number or self.fallback_twiml_url or "apology",
+            "twilio_rest": "on" if self.twilio_account_sid and self.twilio_auth_token else "off",
+            "timeouts_s": f"idle {self.idle_timeout_s:g}, start {self.start_timeout_s:g}, "
+            f"request {self.request_timeout_s:g}, send {self.twilio_send_timeout_s:g}, "
+            f"drain {self.drain_timeout_s:g}",
+            "max_pending_connections": self.max_pending_connections,
+            "nextevi_url": self.nextevi_url if self.provider == "nextevi" else "-",
+            "nextevi_api_key": secret(self.nextevi_api_key),
+            "log_format": self.log_format,
+        }
+        return "settings: " + "; ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def is_phone_target(target: str) -> bool:
