@@ -31,6 +31,7 @@ from ivr_bridge.hooks import HookAction, HookDispatcher
 from ivr_bridge.media_stream import StreamStarted, is_call_sid
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
+from ivr_bridge.preflight import preflight
 from ivr_bridge.records import CallStore
 from ivr_bridge.security import (
     TOKEN_PARAMETER,
@@ -49,7 +50,8 @@ MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
 CAPACITY_WAIT_S = 1.0  # a webhook at capacity waits this long for a call to end before the fallback
-HOOK_DRAIN_MIN_S = 1.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
+HOOK_DRAIN_MIN_S = 1.0
+PREFLIGHT_RETRY_S = 10.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
 # Twilio's webhook forms are a few KB with a few dozen fields: anything far larger is
 # refused before it is read on, let alone parsed or checked (which cost the audio loop).
 MAX_WEBHOOK_BYTES = 32 * 1024
@@ -339,10 +341,27 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
 
     async def readyz(request: Request) -> Response:
         # Readiness, for load balancers: 503 once draining, while /healthz (liveness) stays 200
-        # so the instance is not killed before its calls finish.
+        # so the instance is not killed before its calls finish; 503 too until the voice API
+        # has taken a session (IVR_PREFLIGHT), so no caller meets a wrong key first.
         if request.app.state.draining:
             return JSONResponse({"status": "draining", "active_calls": len(active)}, status_code=503)
+        if request.app.state.not_ready is not None:
+            body = {"status": "preflight", "reason": request.app.state.not_ready, "active_calls": len(active)}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ready", "active_calls": len(active)})
+
+    async def run_preflight(app: Starlette) -> None:
+        """Until the voice API takes a session: /readyz says why not, retried every PREFLIGHT_RETRY_S."""
+        while True:
+            reason = await preflight(settings)
+            if reason is None:
+                log.info("preflight: the voice API (%s) took a session; ready", settings.provider)
+                app.state.not_ready = None
+                return
+            if app.state.not_ready != reason:
+                log.error("preflight: %s; /readyz stays 503 until it works", reason)
+            app.state.not_ready = reason
+            await asyncio.sleep(PREFLIGHT_RETRY_S)
 
     async def metrics_page(request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -351,11 +370,14 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Migrates the records and marks calls a crash of this instance cut as interrupted.
         await store.open()
-        loop_watch = asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag")
+        watchers = [asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag")]
+        if settings.preflight:
+            watchers.append(asyncio.create_task(run_preflight(app), name="preflight"))
         try:
             yield
         finally:
-            loop_watch.cancel()
+            for task in watchers:
+                task.cancel()
             # After the drain: the calls' last events go out, within what is left of the
             # drain timeout, so a hanging receiver cannot hold the exit past it.
             deadline = app.state.drain_deadline
@@ -384,6 +406,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.metrics = metrics
     app.state.unproven = unproven
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
+    app.state.not_ready = "preflight pending" if settings.preflight else None  # why /readyz is 503
     app.state.drain_deadline = None  # loop time the drain must be done by, once it began
     return app
 

@@ -7,6 +7,7 @@ import asyncio
 import importlib.metadata
 import logging
 import sys
+import time
 
 from ivr_bridge import logs
 from ivr_bridge.settings import Settings, SettingsError
@@ -67,6 +68,40 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(args: argparse.Namespace) -> int:
+    """Validate the settings, open the records, and open one voice API session."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"ivr-bridge: {logs.escape(str(exc))}", file=sys.stderr)
+        return 2
+    logs.REDACT.add(settings.secret_values())
+    from ivr_bridge.preflight import preflight
+    from ivr_bridge.records import CallStore, RecordsError
+
+    async def run() -> str | None:
+        store = CallStore(settings.database, settings.instance_id)
+        try:
+            await store.open(mark_interrupted=False)  # a check must not end a running server's calls
+        finally:
+            await store.close()
+        return await preflight(settings)
+
+    started = time.monotonic()
+    try:
+        reason = asyncio.run(run())
+    except RecordsError as exc:
+        setting = "IVR_DATABASE_URL" if settings.database_url else "IVR_DATABASE_PATH"
+        print(f"ivr-bridge: check failed: {setting}: {logs.escape(str(exc))}", file=sys.stderr)
+        return 1
+    if reason is not None:
+        print(f"ivr-bridge: check failed: {settings.provider}: {logs.escape(reason)}", file=sys.stderr)
+        return 1
+    took = (time.monotonic() - started) * 1000
+    print(f"ok: settings valid, records open, {settings.provider} took a session ({took:.0f} ms)")
+    return 0
+
+
 def version() -> str:
     try:
         return importlib.metadata.version("ivr-bridge")
@@ -97,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         "IVR_LOG_FORMAT=json gives JSON lines",
     )
     p.set_defaults(func=serve)
+    p = commands.add_parser(
+        "check",
+        help="check the settings, the records and the voice API credentials, then exit",
+        description="Validates the settings, opens the call records and opens one session with "
+        "the configured voice API, as a call would. Prints one line; exit 0 if all worked, 1 if "
+        "the records or the voice API refused (the line says why), 2 for a bad setting. "
+        "IVR_PREFLIGHT=1 runs the same voice API check when `serve` starts.",
+    )
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=check)
 
     from ivr_bridge.standins import nextevi as voice_api_standin
 

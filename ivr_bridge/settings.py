@@ -71,6 +71,7 @@ class Settings:
     start_timeout_s: float = 5.0  # a Media Stream must send a valid `start` within this
     max_pending_connections: int = 256  # connections not yet proven to come from Twilio
     log_format: str = "text"  # "json": one JSON object per line
+    preflight: bool = False  # open one voice API session at start-up; /readyz 503 until it works
 
     @property
     def database(self) -> str:
@@ -212,8 +213,13 @@ class Settings:
         if log_format not in LOG_FORMATS:
             raise SettingsError(f"IVR_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
 
+        raw_preflight = get("IVR_PREFLIGHT", "0").lower()
+        if raw_preflight not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
+            raise SettingsError(f"IVR_PREFLIGHT must be 1 or 0, got {raw_preflight!r}")
+
         settings = cls(
             log_format=log_format,
+            preflight=raw_preflight in ("1", "true", "yes", "on"),
             hook_urls=hook_urls,
             hook_secret=hook_secret,
             hook_timeout_s=number("IVR_HOOK_TIMEOUT_S", 5, 0.1, 120),
@@ -281,6 +287,7 @@ class Settings:
             "nextevi_url": self.nextevi_url if self.provider == "nextevi" else "-",
             "nextevi_api_key": secret(self.nextevi_api_key),
             "log_format": self.log_format,
+            "preflight": "on" if self.preflight else "off",
         }
         return "settings: " + "; ".join(f"{k}={v}" for k, v in fields.items())
 

@@ -107,3 +107,67 @@ async def test_json_logs_one_object_a_line_with_the_call_sid(tmp_path: Path) -> 
         "IVR_MAX_CALL is not a setting" in e["message"] and "IVR_MAX_CALLS" in e["message"] for e in entries
     )
     assert "api-token-json" not in (tmp_path / "serve.log").read_text()
+
+
+# -- preflight: a wrong key is found before the first caller ---------------------------------
+
+
+@pytest.mark.parametrize("key_ok", [True, False])
+async def test_check_opens_a_session_with_the_configured_credentials(tmp_path: Path, key_ok: bool) -> None:
+    from tests.test_end_to_end import API_KEY, CONFIG_ID, voice_api
+
+    async with voice_api() as standin:
+        env = serve_env(
+            tmp_path,
+            NEXTEVI_URL=standin.url,
+            NEXTEVI_API_KEY=API_KEY if key_ok else "oak_wrong_key",
+            NEXTEVI_CONFIG_ID=CONFIG_ID,
+        )
+        done = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ivr_bridge",
+            "check",
+            env=env,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(done.communicate(), 60)
+    if key_ok:
+        assert (
+            done.returncode == 0
+            and out.decode().startswith("ok: ")
+            and "nextevi took a session" in out.decode()
+        )
+    else:
+        [line] = err.decode().splitlines()
+        assert done.returncode == 1 and line.startswith("ivr-bridge: check failed: nextevi: ")
+        assert "oak_wrong_key" not in line
+
+
+async def test_preflight_keeps_readyz_at_503_until_the_voice_api_takes_a_session(make_bridge) -> None:
+    import httpx
+
+    from tests.test_end_to_end import nextevi_settings, voice_api
+
+    async with voice_api() as standin:
+        right = nextevi_settings(standin, preflight=True)
+        wrong = Settings(**{**right.__dict__, "nextevi_api_key": "oak_wrong_key"})
+        bridge = make_bridge(wrong)
+        async with httpx.AsyncClient(base_url=bridge.base_url, timeout=15) as client:
+            for _ in range(300):  # polled: the preflight runs in the background
+                answer = await client.get("/readyz")
+                if answer.json()["reason"] != "preflight pending":
+                    break
+                await asyncio.sleep(0.05)
+            assert answer.status_code == 503 and answer.json()["status"] == "preflight"
+            assert "oak_wrong_key" not in answer.text
+        good = make_bridge(right)
+        async with httpx.AsyncClient(base_url=good.base_url, timeout=15) as client:
+            for _ in range(300):
+                answer = await client.get("/readyz")
+                if answer.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert answer.status_code == 200 and answer.json()["status"] == "ready"
