@@ -128,6 +128,7 @@ class Settings:
         dotenv: bool = True,
         default_public_url: str = DEFAULT_PUBLIC_URL,
         unknown: list[str] | None = None,
+        read_into: set[str] | None = None,
     ) -> Settings:
         """Read and validate settings; raises SettingsError naming the first bad variable.
         `unknown`, if given, receives a warning for each variable under the bridge's own
@@ -140,7 +141,7 @@ class Settings:
                 # Real environment variables win over the file.
                 env = {k: v for k, v in dotenv_values(".env").items() if v is not None} | env
 
-        read: set[str] = set()  # every name a setting reads: all of them, unconditionally
+        read: set[str] = set() if read_into is None else read_into  # every name read: all, always
 
         def get(name: str, default: str = "") -> str:
             read.add(name)
@@ -260,6 +261,13 @@ class Settings:
                     hint = f"; did you mean {close[0]}?" if close else ""
                     unknown.append(f"{name} is not a setting of ivr-bridge and is ignored{hint}")
         return settings
+
+    @classmethod
+    def variable_names(cls) -> set[str]:
+        """Every environment variable a setting reads (the README's table, .env.example)."""
+        names: set[str] = set()
+        cls.from_env({}, dotenv=False, read_into=names)
+        return names
 
     def summary(self) -> str:
         """The settings in effect, on one line, secrets shown only as set or not."""
