@@ -23,7 +23,7 @@ import re
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ IN_PROGRESS = "in_progress"
 INTERRUPTED = "interrupted"
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "ivr_alembic_version"
-SCHEMA_REVISION = "0002"  # the migration the tables below match: the head of migrations/versions
+SCHEMA_REVISION = "0003"  # the migration the tables below match: the head of migrations/versions
 MIGRATION_LOCK_KEY = 0x1B71D6E3C0A5  # pg_advisory_xact_lock key of the schema migration
 MAX_QUEUE = 100_000  # events waiting for the database; beyond this new events are dropped
 BATCH_MAX = 500  # events per transaction
@@ -72,6 +72,11 @@ BATCH_MAX = 500  # events per transaction
 # arrives within this window into one. A crash loses at most this much of the record.
 GATHER_S = 0.25
 REJECTED_LOG_LIMIT = 20  # events the database rejects are logged up to this many, then counted
+# Each serving instance beats every HEARTBEAT_S; one silent for STALE_S is dead, and the
+# first survivor to notice marks its calls `interrupted` (once: after that none is left
+# in progress). An instance id is unique per process, so a restart is a new instance.
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -157,6 +162,14 @@ controls = Table(
     Column("result", JSONData),
 )
 
+instances = Table(
+    "ivr_instances",
+    metadata,
+    Column("instance_id", Text, primary_key=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
 # What call.ended sets on the call row (an upsert: a call whose call.started was lost still gets a row).
 _END_COLUMNS = (
     "outcome",
@@ -204,6 +217,7 @@ class CallStore:
         self._full = False  # the queue overflowed (logged once until it drains)
         self._record_failed = False
         self.file_recoveries = 0  # SQLite files found deleted or damaged, and started anew
+        self._beat: asyncio.Task[None] | None = None
         self._sqlite_file: Path | None = None  # the SQLite file, when the records are one
         self._file_id: tuple[int, int] | None = None  # its (device, inode) once migrated
 
@@ -220,7 +234,9 @@ class CallStore:
 
     async def open(self, *, mark_interrupted: bool = True) -> int:
         """Connect, migrate to head and (unless `mark_interrupted=False`, e.g. for reading)
-        mark this instance's calls left `in_progress` as `interrupted`; returns how many.
+        mark this instance's calls left `in_progress` as `interrupted`, and those of
+        instances whose heartbeat has stopped; returns how many. A serving store then
+        beats for this instance and sweeps for dead ones every HEARTBEAT_S.
 
         Raises RecordsError when the database cannot be reached or migrated."""
         try:
@@ -229,7 +245,10 @@ class CallStore:
                 self._write_engine = self._engine.execution_options(ivr_write=True)
                 await self._check_integrity()
             await self._migrate()
-            count = await self._mark_interrupted() if mark_interrupted else 0
+            count = 0
+            if mark_interrupted:
+                count = await self._mark_interrupted() + await self.sweep()
+                await self.heartbeat()
         except RecordsError:
             raise
         except Exception as e:  # unreachable, refused, an unknown schema revision, a bad URL...
@@ -240,6 +259,10 @@ class CallStore:
             self._writer.add_done_callback(_writer_stopped)
             if self._queue:
                 self._wake.set()
+        if mark_interrupted and self._beat is None:
+            self._beat = asyncio.get_running_loop().create_task(
+                self._keep_beating(), name="records-heartbeat"
+            )
         return count
 
     async def flush(self, timeout: float = 10.0) -> bool:
@@ -261,6 +284,13 @@ class CallStore:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to `timeout`), stop the writer and close the connections."""
+        if self._beat is not None:
+            self._beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beat
+            self._beat = None
+            with contextlib.suppress(Exception):  # gone for good: no need to wait to be declared dead
+                await self._leave()
         if self._writer is not None:
             if not await self.flush(timeout):
                 log.warning(
@@ -628,6 +658,69 @@ class CallStore:
             "fallback": _text(data.get("fallback")) or None,
             "end_data": data,
         }
+
+    # -- instances: heartbeats, and the calls of the dead --------------------------------
+
+    async def heartbeat(self) -> None:
+        """This instance is alive (an upsert of its row)."""
+        engine = self._writer_engine()
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        now = datetime.now(UTC)
+        stmt = insert(instances).values(instance_id=self.instance_id, started_at=now, heartbeat_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=["instance_id"], set_={"heartbeat_at": now})
+        async with engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def sweep(self, stale_s: float = STALE_S) -> int:
+        """Mark the calls of instances silent for `stale_s` as `interrupted`, and forget those
+        instances; returns how many calls. Several survivors may sweep at once: each call is
+        updated by the first only (after it, none is left in progress)."""
+        engine = self._writer_engine()
+        cutoff = datetime.now(UTC) - timedelta(seconds=stale_s)
+        dead = select(instances.c.instance_id).where(
+            instances.c.heartbeat_at < cutoff, instances.c.instance_id != self.instance_id
+        )
+        last_at = select(func.max(events.c.at)).where(events.c.call_sid == calls.c.call_sid)
+        last_elapsed = select(func.max(events.c.elapsed)).where(events.c.call_sid == calls.c.call_sid)
+        async with engine.begin() as conn:
+            names = list((await conn.execute(dead)).scalars())
+            if not names:
+                return 0
+            count = (
+                await conn.execute(
+                    update(calls)
+                    .where(calls.c.instance_id.in_(names), calls.c.outcome == IN_PROGRESS)
+                    .values(
+                        outcome=INTERRUPTED,
+                        ended_at=func.coalesce(last_at.scalar_subquery(), literal(cutoff, UTCDateTime())),
+                        duration_s=last_elapsed.scalar_subquery(),
+                    )
+                )
+            ).rowcount
+            await conn.execute(instances.delete().where(instances.c.instance_id.in_(names)))
+        if count:
+            log.warning(
+                "call records: instance(s) %s stopped beating %.0f s ago or more; marked their %d call(s) "
+                "in progress as interrupted",
+                ", ".join(names),
+                stale_s,
+                count,
+            )
+        return count
+
+    async def _leave(self) -> None:
+        engine = self._writer_engine()
+        async with engine.begin() as conn:
+            await conn.execute(instances.delete().where(instances.c.instance_id == self.instance_id))
+
+    async def _keep_beating(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.heartbeat()
+                await self.sweep()
+            except Exception as e:  # the database away: the writer reports it; beat again later
+                log.debug("call records: heartbeat failed: %s", _reason(e))
 
     # -- call control claims ------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -230,7 +231,8 @@ class Settings:
             playout_wait_s=number("IVR_PLAYOUT_WAIT_S", 10, 0, 120),
             database_path=get("IVR_DATABASE_PATH", DEFAULT_DATABASE_PATH),
             database_url=parse_database_url(get("IVR_DATABASE_URL")),
-            instance_id=get("IVR_INSTANCE_ID") or socket.gethostname(),
+            # Unique per process: a restart is a new instance, and can never mark another's calls.
+            instance_id=get("IVR_INSTANCE_ID") or f"{socket.gethostname()}-{secrets.token_hex(3)}",
             twilio_auth_token=get("TWILIO_AUTH_TOKEN"),
             twilio_account_sid=get("TWILIO_ACCOUNT_SID"),
             stream_token_ttl_s=number("IVR_STREAM_TOKEN_TTL_S", 120, 5, 3600),

@@ -766,3 +766,30 @@ async def test_a_control_claim_is_won_once_among_many_instances(backend: Backend
     assert await stores[1].claim_control("CA2", "hangup", "", "api") is None
     await stores[1].settle_control("CA2", None)
     assert await stores[2].claim_control("CA2", "hangup", "", "hook") is None
+
+
+# -- instances that die: their calls marked interrupted once, by one survivor ---------------
+
+
+async def test_a_dead_instances_calls_are_marked_once_by_a_survivor(backend: Backend) -> None:
+    from sqlalchemy import update as sql_update
+
+    from ivr_bridge.records import instances
+
+    dead = backend.store("host-dead")
+    await dead.open()
+    for n in range(3):
+        dead.record(CallEvent("call.started", f"CA-dead-{n}", 1, T0, 0.0, {"from": "+1555"}))
+    assert await dead.flush(10)
+    # It dies: no clean close, and its heartbeat goes stale.
+    dead._beat.cancel()
+    async with dead._writer_engine().begin() as conn:
+        await conn.execute(sql_update(instances).values(heartbeat_at=datetime(2026, 1, 1, tzinfo=UTC)))
+    survivors = [backend.store(f"host-{n}") for n in range(3)]
+    marked = await asyncio.gather(*(s.open() for s in survivors))  # three survivors start at once
+    assert sum(marked) == 3
+    assert await survivors[0].sweep() == 0  # nothing left to mark: each call was marked once
+    rows = await survivors[1].list_calls(limit=None)
+    assert {r["call_sid"]: r["outcome"] for r in rows} == {f"CA-dead-{n}": "interrupted" for n in range(3)}
+    alive = {r for r in await backend.scalars("SELECT instance_id FROM ivr_instances")}
+    assert alive == {"host-0", "host-1", "host-2"}  # the dead one forgotten, the living beating
