@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,12 +21,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from ivr_bridge.call import POLICY_VIOLATION, Call, Outcome
+from ivr_bridge.call import POLICY_VIOLATION, Call, Handoff, Outcome
 from ivr_bridge.capacity import Capacity
 from ivr_bridge.connections import Unproven, bounded_body
-from ivr_bridge.control import CallControl, ControlError
+from ivr_bridge.control import CallControl, ControlError, ControlResult
 from ivr_bridge.control_api import control_routes
 from ivr_bridge.events import CallEvent
+from ivr_bridge.fabric import Fabric, FabricError
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.hooks import HookAction, HookDispatcher
 from ivr_bridge.media_stream import StreamStarted, is_call_sid
@@ -50,8 +52,10 @@ MAX_PARAMETER_CHARS = 400  # Twilio caps name + value at 500 characters
 TRY_AGAIN_LATER = 1013  # WebSocket close code for a stream beyond capacity
 HOOK_DRAIN_S = 10.0  # at shutdown, time left for queued hook deliveries (e.g. call.ended)
 CAPACITY_WAIT_S = 1.0  # a webhook at capacity waits this long for a call to end before the fallback
-HOOK_DRAIN_MIN_S = 1.0
-PREFLIGHT_RETRY_S = 10.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
+HOOK_DRAIN_MIN_S = 1.0  # ... at least, when a drain (SIGTERM) has used up its own timeout
+PREFLIGHT_RETRY_S = 10.0
+FORWARD_MARGIN_S = 15.0  # a forwarded transfer: the owner's playout wait, its REST request, and some
+FLEET_LIST_TIMEOUT_S = 2.0  # GET /calls: how long another instance may take to list its calls
 # Twilio's webhook forms are a few KB with a few dozen fields: anything far larger is
 # refused before it is read on, let alone parsed or checked (which cost the audio loop).
 MAX_WEBHOOK_BYTES = 32 * 1024
@@ -122,7 +126,72 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     capacity = Capacity(settings.max_calls)
     slot_freed = asyncio.Event()  # set (and replaced) whenever a call releases its slot
     store = CallStore(settings.database, settings.instance_id)
-    control = CallControl(settings, by_sid, claims=store, metrics=metrics)
+    fabric = Fabric(settings.redis_url, settings.instance_id) if settings.redis_url else None
+
+    async def control_elsewhere(call_sid: str, handoff: Handoff) -> ControlResult | None:
+        """A transfer or hang-up of a call another instance carries, carried out there."""
+        owner = await fabric.owner(call_sid) if fabric is not None else None
+        if fabric is None or owner is None:
+            return None
+        request = {"op": "control", "call_sid": call_sid, **asdict(handoff)}
+        try:
+            answer = await fabric.ask(owner, request, settings.playout_wait_s + FORWARD_MARGIN_S)
+        except FabricError as exc:
+            log.warning("[%s] %s; carrying the %s out here", call_sid, exc, handoff.action)
+            return None
+        if "error" in answer:
+            raise ControlError(int(answer.get("status", 502)), str(answer["error"]))
+        return ControlResult(**answer["result"])
+
+    control = CallControl(settings, by_sid, claims=store, metrics=metrics, remote=control_elsewhere)
+
+    async def serve_request(request: dict[str, Any]) -> dict[str, Any]:
+        """A request from another instance (fabric.py): control of a call carried here, or
+        the calls carried here."""
+        op, sid = request.get("op"), str(request.get("call_sid", ""))
+        if op == "control":
+            action = "hangup" if request.get("action") == "hangup" else f"transfer:{request.get('to', '')}"
+            try:
+                result = await control.apply(sid, action, str(request.get("source", "api")))
+            except ControlError as exc:
+                return {"error": str(exc), "status": exc.status}
+            return {"result": result.as_dict() if result else None}
+        if op == "list":
+            return {"calls": [call.snapshot(full=False) for call in list(by_sid.values())]}
+        if op == "show":
+            call = by_sid.get(sid)
+            return {"call": call.snapshot() if call is not None else None}
+        return {"error": f"unknown request {str(op)[:20]!r}", "status": 400}
+
+    async def live_calls() -> list[dict[str, Any]]:
+        """The live calls of every instance (of this one alone without a fabric)."""
+        here = [call.snapshot(full=False) for call in list(by_sid.values())]
+        if fabric is None:
+            return here
+        others = [i for i in await fabric.live_instances() if i != settings.instance_id]
+        answers = await asyncio.gather(
+            *(fabric.ask(i, {"op": "list"}, FLEET_LIST_TIMEOUT_S) for i in others), return_exceptions=True
+        )
+        for instance, answer in zip(others, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("calls of instance %s not listed: %s", instance, answer)
+            else:
+                here.extend(answer.get("calls", []))
+        return here
+
+    async def live_call(call_sid: str) -> dict[str, Any] | None:
+        call = by_sid.get(call_sid)
+        if call is not None:
+            return call.snapshot()
+        owner = await fabric.owner(call_sid) if fabric is not None else None
+        if fabric is None or owner is None:
+            return None
+        try:
+            answer = await fabric.ask(owner, {"op": "show", "call_sid": call_sid}, FLEET_LIST_TIMEOUT_S)
+        except FabricError:
+            return None
+        return answer.get("call")
+
     background: set[asyncio.Task[Any]] = set()
 
     def run_in_background(work: Coroutine[Any, Any, Any], name: str) -> None:
@@ -149,6 +218,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     hooks = HookDispatcher(settings, on_action=hook_answered)
     metrics.watch_routing(hooks, store)
     metrics.watch_connections(unproven)
+    if fabric is not None:
+        metrics.watch_fabric(fabric)
 
     def publish(call: Call, event: CallEvent) -> None:
         """A call's event: on record, to the hooks, and a mapped key carried out."""
@@ -228,7 +299,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             return _refusal(400, "Bad Request")
         if request.app.state.draining:  # DRAINING (shutdown): new calls go to the fallback
             return Response(fallback_twiml(settings), media_type="application/xml")
-        if call_sid in by_sid:
+        if call_sid in by_sid or (fabric is not None and call_sid and await fabric.owner(call_sid)):
             # A replayed webhook: the call has its stream, and a second one would be refused.
             log.warning("[%s] webhook for a call that already has a stream: fallback TwiML", call_sid)
             return Response(fallback_twiml(settings), media_type="application/xml")
@@ -238,23 +309,39 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         token = tokens.mint(call_sid) if tokens is not None else None
         return Response(twiml_for_call(settings, params, token), media_type="application/xml")
 
-    def admit(call: Call, start: StreamStarted) -> str | None:
+    async def admit(call: Call, start: StreamStarted) -> str | None:
         """Whether a stream's `start` may become a call: its token (when checked), one live
-        stream per call sid, and capacity. Only an admitted call takes a capacity slot, so
-        sockets that never send a valid `start` cannot crowd out real callers."""
+        stream per call sid (across the fleet with a fabric), and capacity. Only an
+        admitted call takes a capacity slot, so sockets that never send a valid `start`
+        cannot crowd out real callers."""
+        sid = start.call_sid
+        # Popped: the token is spent here and stays out of call records and logs.
+        token = start.custom_parameters.pop(TOKEN_PARAMETER, None)
+        token_key, token_ttl_ms = None, 0
         if tokens is not None:
-            # Popped: the token is spent here and stays out of call records and logs.
-            refusal = tokens.check(start.custom_parameters.pop(TOKEN_PARAMETER, None), start.call_sid)
+            refusal = tokens.check(token, sid)
             if refusal is not None:
                 return refusal
-        if start.call_sid in by_sid:
+            assert token is not None
+            token_key, token_ttl_ms = tokens.spent_key(token)
+        if sid in by_sid:
             return "this call already has a live stream"
-        if not capacity.take(start.call_sid, len(active)):
-            return f"at capacity ({len(active)} calls)"
-        # With no await since the checks: concurrent starts cannot overshoot either bound.
+        if fabric is not None:
+            refusal = await fabric.admit(sid, token_key, token_ttl_ms)
+            if refusal is not None:
+                return refusal
+        # With no await since the checks below: concurrent starts cannot overshoot a bound.
+        if sid in by_sid or not capacity.take(sid, len(active)):
+            if fabric is not None:
+                run_in_background(fabric.release(sid), f"fabric-release-{sid}")
+            return (
+                "this call already has a live stream"
+                if sid in by_sid
+                else f"at capacity ({len(active)} calls)"
+            )
         unproven.discard(call)
         active.add(call)
-        by_sid[start.call_sid] = call
+        by_sid[sid] = call
         return None
 
     async def slot_for(call_sid: str) -> bool:
@@ -278,6 +365,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         active.discard(call)
         if by_sid.get(call.call_sid) is call:
             del by_sid[call.call_sid]
+            if fabric is not None:
+                run_in_background(fabric.release(call.call_sid), f"fabric-release-{call.call_sid}")
         slot_freed.set()  # wake the webhooks waiting for a slot; the next ones wait anew
         slot_freed = asyncio.Event()
 
@@ -370,6 +459,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Migrates the records and marks calls a crash of this instance cut as interrupted.
         await store.open()
+        if fabric is not None:
+            await fabric.start(serve_request)
         watchers = [asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag")]
         if settings.preflight:
             watchers.append(asyncio.create_task(run_preflight(app), name="preflight"))
@@ -383,6 +474,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             deadline = app.state.drain_deadline
             left = HOOK_DRAIN_S if deadline is None else deadline - asyncio.get_running_loop().time()
             await hooks.aclose(min(HOOK_DRAIN_S, max(HOOK_DRAIN_MIN_S, left)))
+            if fabric is not None:
+                await fabric.close()
             await store.close()
 
     app = Starlette(
@@ -393,7 +486,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             Route("/stream-status", stream_status, methods=["POST"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
-            *control_routes(settings.api_token, by_sid, control, store.get),
+            *control_routes(settings.api_token, live_calls, live_call, control, store.get),
         ],
         lifespan=lifespan,
     )
@@ -405,6 +498,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.control = control
     app.state.metrics = metrics
     app.state.unproven = unproven
+    app.state.fabric = fabric
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     app.state.not_ready = "preflight pending" if settings.preflight else None  # why /readyz is 503
     app.state.drain_deadline = None  # loop time the drain must be done by, once it began

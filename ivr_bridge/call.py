@@ -15,11 +15,12 @@ are written off the audio path.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -153,7 +154,7 @@ class Call:
         twilio: TwilioSocket,
         session_factory: Callable[[Settings, str], VoiceSession] = new_session,
         metrics: BridgeMetrics | None = None,
-        admit: Callable[[StreamStarted], str | None] | None = None,
+        admit: Callable[[StreamStarted], str | Awaitable[str | None] | None] | None = None,
         on_event: Callable[[CallEvent], None] | None = None,
         on_over: Callable[[Call], None] | None = None,
     ) -> None:
@@ -318,6 +319,8 @@ class Call:
                 self.call_sid = event.call_sid
                 self.log = CallLog(log, {"call": event.call_sid})
                 refusal = self._admit(event) if self._admit else None
+                if inspect.isawaitable(refusal):  # e.g. checked across instances (fabric.py)
+                    refusal = await refusal
                 if refusal is not None:
                     self.outcome = Outcome.REFUSED
                     self.log.warning("stream refused: %s", refusal)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -85,13 +85,17 @@ class CallControl:
         calls: Mapping[str, Call],
         claims: Claims | None = None,
         metrics: BridgeMetrics | None = None,
+        remote: Callable[[str, Handoff], Awaitable[ControlResult | None]] | None = None,
     ) -> None:
         """`calls`: this instance's active calls by sid. `claims`: where each call's one
-        action is claimed across instances (None: this instance alone decides)."""
+        action is claimed across instances (None: this instance alone decides). `remote`
+        hands a request for a call carried by another instance to that instance, and
+        answers None when no other instance carries it."""
         self.settings = settings
         self._calls = calls
         self._rest = TwilioRest(settings)
         self._claims = claims
+        self._remote = remote
         self._metrics = metrics
         self._requests: OrderedDict[str, tuple[Handoff, asyncio.Future[ControlResult]]] = OrderedDict()
 
@@ -136,6 +140,12 @@ class CallControl:
         call = self._calls.get(call_sid)
         if not self._rest.available and not (call is not None and handoff.action == "hangup"):
             raise ControlError(503, "transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (Twilio REST)")
+        if call is None and self._remote is not None:
+            # Carried elsewhere: that instance waits for the bot's sentence and records the
+            # action (before any claim here, which it would then wait on).
+            forwarded = await self._remote(call_sid, handoff)
+            if forwarded is not None:
+                return forwarded
         if self._claims is not None:
             earlier = await self._claim(call_sid, handoff, local=call is not None)
             if earlier is not None:

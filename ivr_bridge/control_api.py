@@ -9,14 +9,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ivr_bridge.call import Call
 from ivr_bridge.connections import bounded_body
 from ivr_bridge.control import CallControl, ControlError
 from ivr_bridge.media_stream import is_call_sid
@@ -29,11 +28,13 @@ MAX_BODY_BYTES = 4096
 
 def control_routes(
     token: str,
-    calls: Mapping[str, Call],
+    live_calls: Callable[[], Awaitable[list[dict[str, Any]]]],
+    live_call: Callable[[str], Awaitable[dict[str, Any] | None]],
     control: CallControl,
     record: Callable[[str], Awaitable[dict[str, Any] | None]],
 ) -> list[Route]:
-    """`calls`: this instance's active calls by sid; `record` reads a call's stored record."""
+    """`live_calls` lists the live calls (short snapshots) of every instance, `live_call`
+    finds one (full snapshot) wherever it is carried; `record` reads a call's stored record."""
 
     def refused(request: Request) -> Response | None:
         if not token:
@@ -50,7 +51,7 @@ def control_routes(
     async def list_calls(request: Request) -> Response:
         if (denied := refused(request)) is not None:
             return denied
-        return JSONResponse({"calls": [call.snapshot(full=False) for call in list(calls.values())]})
+        return JSONResponse({"calls": await live_calls()})
 
     async def show_call(request: Request) -> Response:
         if (denied := refused(request)) is not None:
@@ -58,9 +59,9 @@ def control_routes(
         call_sid = request.path_params["call_sid"]
         if not is_call_sid(call_sid):
             return _error(404, "no such call: a call sid is letters, digits, - and _")
-        call = calls.get(call_sid)
-        if call is not None:
-            return JSONResponse({"active": True, **call.snapshot()})
+        live = await live_call(call_sid)
+        if live is not None:
+            return JSONResponse({"active": True, **live})
         stored = await record(call_sid)
         if stored is None:
             return _error(404, f"no call {call_sid} on record")

@@ -24,6 +24,7 @@ from ivr_bridge.providers.nextevi import SKIP_KINDS
 if TYPE_CHECKING:
     from ivr_bridge.call import Call
     from ivr_bridge.connections import Unproven
+    from ivr_bridge.fabric import Fabric
     from ivr_bridge.hooks import HookDispatcher
     from ivr_bridge.records import CallStore
 
@@ -181,6 +182,23 @@ class _Connections(Collector):
         yield closed
 
 
+class _Fabric(Collector):
+    def __init__(self, fabric: Fabric) -> None:
+        self._fabric = fabric
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "ivr_fabric_up",
+            "1 while Redis (IVR_REDIS_URL) answers; 0: acting alone",
+            value=int(self._fabric.up),
+        )
+        yield CounterMetricFamily(
+            "ivr_fabric_errors",
+            "Redis operations that failed (the instance acted alone)",
+            value=self._fabric.errors,
+        )
+
+
 class BridgeMetrics:
     """The metrics of one bridge instance, in a registry of their own."""
 
@@ -241,6 +259,9 @@ class BridgeMetrics:
 
     def watch_routing(self, hooks: HookDispatcher, store: CallStore) -> None:
         self.registry.register(_Routing(hooks, store))
+
+    def watch_fabric(self, fabric: Fabric) -> None:
+        self.registry.register(_Fabric(fabric))
 
     def watch_connections(self, unproven: Unproven) -> None:
         self.registry.register(_Connections(unproven))

@@ -115,6 +115,12 @@ class StreamTokens:
         self._used[mac] = expiry_ms
         return None
 
+    def spent_key(self, token: str) -> tuple[str, int]:
+        """For a token `check` has just admitted: a key naming it (its MAC, no secret) and the
+        ms it has left, to mark it spent across instances (fabric.py)."""
+        expiry_text, _, mac_text = token.partition(".")
+        return mac_text, int(expiry_text) - int(self._clock() * 1000)
+
     def _prune(self, now_ms: int) -> None:
         used = self._used
         while used:

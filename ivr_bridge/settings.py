@@ -73,6 +73,7 @@ class Settings:
     max_pending_connections: int = 256  # connections not yet proven to come from Twilio
     log_format: str = "text"  # "json": one JSON object per line
     preflight: bool = False  # open one voice API session at start-up; /readyz 503 until it works
+    redis_url: str = ""  # set => the instances sharing it act as one service (fabric.py)
 
     @property
     def database(self) -> str:
@@ -96,7 +97,9 @@ class Settings:
 
     def secret_values(self) -> tuple[str, ...]:
         """Every configured secret, for the log redactor (ivr_bridge.logs)."""
-        passwords = [urlsplit(url).password or "" for url in (*self.hook_urls, self.database_url)]
+        passwords = [
+            urlsplit(url).password or "" for url in (*self.hook_urls, self.database_url, self.redis_url)
+        ]
         return tuple(
             s
             for s in (
@@ -219,7 +222,14 @@ class Settings:
         if raw_preflight not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
             raise SettingsError(f"IVR_PREFLIGHT must be 1 or 0, got {raw_preflight!r}")
 
+        redis_url = get("IVR_REDIS_URL")
+        if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(
+                f"IVR_REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redact_url(redis_url)!r}"
+            )
+
         settings = cls(
+            redis_url=redis_url,
             log_format=log_format,
             preflight=raw_preflight in ("1", "true", "yes", "on"),
             hook_urls=hook_urls,
@@ -284,6 +294,7 @@ class Settings:
             "max_calls": self.max_calls,
             "upstream_chunk_ms": self.upstream_chunk_ms,
             "records": redact_url(self.database),
+            "fabric": redact_url(self.redis_url) if self.redis_url else "off (one instance)",
             "instance": self.instance_id,
             "hooks": len(self.hook_urls),
             "control_api": "on" if self.api_token else "off",
