@@ -125,7 +125,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     unproven = Unproven(settings.max_pending_connections)
     capacity = Capacity(settings.max_calls)
     slot_freed = asyncio.Event()  # set (and replaced) whenever a call releases its slot
-    store = CallStore(settings.database, settings.instance_id)
+    store = CallStore(settings.database, settings.instance_id, heartbeat_s=settings.heartbeat_s)
     fabric = Fabric(settings.redis_url, settings.instance_id) if settings.redis_url else None
 
     async def control_elsewhere(call_sid: str, handoff: Handoff) -> ControlResult | None:

@@ -36,7 +36,7 @@ def serve(args: argparse.Namespace) -> int:
 
     async def open_records() -> None:
         # Before serving: a database that cannot be reached is one clear line, not a traceback.
-        async with CallStore(settings.database, settings.instance_id):
+        async with CallStore(settings.database, settings.instance_id, heartbeat_s=settings.heartbeat_s):
             pass  # opened: migrated, and calls a crash of this instance cut marked interrupted
 
     try:
@@ -80,7 +80,7 @@ def check(args: argparse.Namespace) -> int:
     from ivr_bridge.records import CallStore, RecordsError
 
     async def run() -> str | None:
-        store = CallStore(settings.database, settings.instance_id)
+        store = CallStore(settings.database, settings.instance_id, heartbeat_s=settings.heartbeat_s)
         try:
             await store.open(mark_interrupted=False)  # a check must not end a running server's calls
         finally:

@@ -72,11 +72,12 @@ BATCH_MAX = 500  # events per transaction
 # arrives within this window into one. A crash loses at most this much of the record.
 GATHER_S = 0.25
 REJECTED_LOG_LIMIT = 20  # events the database rejects are logged up to this many, then counted
-# Each serving instance beats every HEARTBEAT_S; one silent for STALE_S is dead, and the
-# first survivor to notice marks its calls `interrupted` (once: after that none is left
-# in progress). An instance id is unique per process, so a restart is a new instance.
+# Each serving instance beats every `heartbeat_s` (IVR_HEARTBEAT_S); one silent for
+# STALE_BEATS of them is dead, and the first survivor to notice marks its calls
+# `interrupted` (once: after that none is left in progress). An instance id is unique per
+# process, so a restart is a new instance.
 HEARTBEAT_S = 10.0
-STALE_S = 60.0
+STALE_BEATS = 6
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 
@@ -195,10 +196,12 @@ class CallStore:
         *,
         max_queue: int = MAX_QUEUE,
         connect_args: Mapping[str, Any] | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.url = url
         self.instance_id = instance_id
         self.max_queue = max_queue
+        self.heartbeat_s = heartbeat_s
         self.dropped = 0  # events not recorded: queue full, or rejected by the database
         self.write_failures = 0  # failed write attempts (the database down), retried
         self._rejected = 0
@@ -671,10 +674,11 @@ class CallStore:
         async with engine.begin() as conn:
             await conn.execute(stmt)
 
-    async def sweep(self, stale_s: float = STALE_S) -> int:
-        """Mark the calls of instances silent for `stale_s` as `interrupted`, and forget those
-        instances; returns how many calls. Several survivors may sweep at once: each call is
-        updated by the first only (after it, none is left in progress)."""
+    async def sweep(self, stale_s: float | None = None) -> int:
+        """Mark the calls of instances silent for `stale_s` (default: STALE_BEATS heartbeats)
+        as `interrupted`, and forget those instances; returns how many calls. Several
+        survivors may sweep at once: each call is updated by the first only."""
+        stale_s = self.heartbeat_s * STALE_BEATS if stale_s is None else stale_s
         engine = self._writer_engine()
         cutoff = datetime.now(UTC) - timedelta(seconds=stale_s)
         dead = select(instances.c.instance_id).where(
@@ -715,7 +719,7 @@ class CallStore:
 
     async def _keep_beating(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.heartbeat_s)
             try:
                 await self.heartbeat()
                 await self.sweep()

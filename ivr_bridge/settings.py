@@ -74,6 +74,7 @@ class Settings:
     log_format: str = "text"  # "json": one JSON object per line
     preflight: bool = False  # open one voice API session at start-up; /readyz 503 until it works
     redis_url: str = ""  # set => the instances sharing it act as one service (fabric.py)
+    heartbeat_s: float = 10.0  # instances beat in the records; silent for 6 beats => dead
 
     @property
     def database(self) -> str:
@@ -230,6 +231,7 @@ class Settings:
 
         settings = cls(
             redis_url=redis_url,
+            heartbeat_s=number("IVR_HEARTBEAT_S", 10, 0.5, 300),
             log_format=log_format,
             preflight=raw_preflight in ("1", "true", "yes", "on"),
             hook_urls=hook_urls,

@@ -126,3 +126,61 @@ def test_the_old_layout_fails_as_the_unprivileged_user(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "IVR_DATABASE_PATH" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- manifests and settings ----------------------------------------------------------------
+
+
+def _known() -> set[str]:
+    from ivr_bridge.settings import Settings
+
+    return Settings.variable_names()
+
+
+def test_the_kubernetes_manifests_validate_against_the_schemas() -> None:
+    import yaml
+
+    folder = ROOT / "deploy" / "kubernetes"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    files = [folder / name for name in kustomization["resources"]]
+    checked = subprocess.run(
+        [BIN / "kubernetes-validate", "--strict", *files], capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    documents = {d["kind"]: d for f in files for d in yaml.safe_load_all(f.read_text())}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Secret"} <= set(
+        documents
+    )
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    drain = float(documents["ConfigMap"]["data"]["IVR_DRAIN_TIMEOUT_S"])
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > drain + pause  # the drain is never cut short
+    assert pod["securityContext"]["runAsUser"] == int(final_stage()["USER"][0].split(":")[0])
+    named = set(documents["ConfigMap"]["data"]) | set(documents["Secret"]["stringData"])
+    named |= {e["name"] for e in container["env"]}
+    assert named <= _known(), named - _known()  # no misspelt setting
+
+
+def test_compose_and_the_env_example_name_only_real_settings() -> None:
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    bridge = compose["services"]["bridge"]
+    assert bridge["deploy"]["replicas"] >= 2 and {"postgres", "redis", "balancer"} <= set(compose["services"])
+    assert set(bridge["environment"]) <= _known()
+    example = (ROOT / "deploy" / ".env.example").read_text()
+    listed = {
+        m for m in re.findall(r"^#?([A-Z][A-Z0-9_]+)=", example, flags=re.M) if m != "POSTGRES_PASSWORD"
+    }
+    assert listed == _known(), listed ^ _known()  # every setting, and nothing else
+    grace = int(bridge["stop_grace_period"].rstrip("s"))
+    assert grace > 30  # IVR_DRAIN_TIMEOUT_S's default
+
+
+def test_the_readme_settings_table_is_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
+    assert table == _known(), table ^ _known()
