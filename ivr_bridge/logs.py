@@ -145,7 +145,8 @@ def configure(level: str | int = "INFO", secrets: Iterable[str] = (), log_format
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    debug = logging.getLevelName(level) == "DEBUG" if isinstance(level, str) else level <= logging.DEBUG
+    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    debug = isinstance(numeric, int) and numeric <= logging.DEBUG
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
 

@@ -94,7 +94,10 @@ async def test_unsigned_without_a_token(webhook: str) -> None:
 @pytest.mark.parametrize(
     ("xml", "message"),
     [
-        ("<Response><Say>hi</Say></Response>", "no <Response><Connect><Stream>"),
+        # Other TwiML than a stream is the bridge's fallback: a refusal, named as such.
+        ("<Response><Say>hi</Say></Response>", "refused: the webhook answered its fallback TwiML <Say>"),
+        ("<Response/>", "no <Response><Connect><Stream>"),
+        ("<Dial>+1555</Dial>", "no <Response><Connect><Stream>"),
         ("<Response><Connect><Stream/></Connect></Response>", "<Stream> has no url"),
         ("not xml", "not XML"),
     ],
