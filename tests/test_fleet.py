@@ -133,6 +133,9 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
             for instance in instances:
                 await serving(instance.port)
             await serving(lb_port)
+            await eventually(
+                lambda: _all_up(stats_port, len(instances)), 15, "HAProxy sees every instance up"
+            )
 
             async def place(hold: bool = False) -> tuple[CallDetails, TwilioCaller]:
                 call = CallDetails()
@@ -195,6 +198,7 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
                     custom_parameters=target.parameters,
                     # Signed as Twilio signs it: over the public (load balancer's) stream URL.
                     headers=stream_headers(StreamTarget(target.url, {}), rest.auth_token),
+                    continuous=True,
                 )
                 async with stream:
                     if expected is None:
@@ -207,7 +211,8 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
             # 4. One instance SIGTERMed mid-call drains; new calls go to the others.
             draining_call, draining_caller = await place()
             await talk(draining_caller)
-            leaving = next(i for i in instances if i.name == await owner(draining_call.call_sid))
+            carrier = await owner(draining_call.call_sid)
+            leaving = next(i for i in instances if i.name == carrier)
             leaving.process.send_signal(signal.SIGTERM)
             await eventually(lambda: _down_at(stats_port, leaving.name), 15, "HAProxy takes it out")
             later = [await place() for _ in range(3)]
@@ -220,7 +225,8 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
 
             # 5. One instance SIGKILLed mid-call: a survivor marks the call interrupted.
             killed_call, _ = later[0]
-            victim = next(i for i in instances if i.name == await owner(killed_call.call_sid))
+            carrier = await owner(killed_call.call_sid)
+            victim = next(i for i in instances if i.name == carrier)
             victim.process.kill()
             record = await record_of(database_settings, killed_call.call_sid, "interrupted")
             assert record["instance_id"] == victim.name
@@ -245,11 +251,24 @@ def _settings(database: str):  # type: ignore[no-untyped-def]
     return Settings(database_url=parse_database_url(database), instance_id="reader")
 
 
-async def _down_at(stats_port: int, server: str) -> bool:
-    """Whether HAProxy has marked `server` down (its /readyz answered 503)."""
+async def _servers(stats_port: int) -> dict[str, str]:
+    """HAProxy's view of the backend's servers: name -> status (UP, DOWN, ...)."""
     import csv
 
     async with httpx.AsyncClient(timeout=5) as client:
         text = (await client.get(f"http://127.0.0.1:{stats_port}/stats;csv")).text
     rows = csv.DictReader(text.lstrip("# ").splitlines())
-    return any(row["svname"] == server and row["status"].startswith("DOWN") for row in rows)
+    return {row["svname"]: row["status"] for row in rows if row["pxname"] == "bridges"}
+
+
+async def _down_at(stats_port: int, server: str) -> bool:
+    """Whether HAProxy has marked `server` down (its /readyz answered 503)."""
+    return (await _servers(stats_port)).get(server, "").startswith("DOWN")
+
+
+async def _all_up(stats_port: int, count: int) -> bool:
+    servers = await _servers(stats_port)
+    return (
+        sum(status == "UP" for name, status in servers.items() if name not in ("BACKEND", "FRONTEND"))
+        == count
+    )
