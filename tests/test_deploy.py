@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,3 +185,13 @@ def test_the_readme_settings_table_is_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, flags=re.M))
     assert table == _known(), table ^ _known()
+
+
+def test_the_compose_load_balancer_configuration_is_valid() -> None:
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    checked = subprocess.run(
+        [haproxy, "-c", "-f", ROOT / "deploy" / "haproxy.cfg"], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    config = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    assert "option httpchk GET /readyz" in config and "timeout tunnel" in config  # drains, long calls
