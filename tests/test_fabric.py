@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from ivr_bridge.fabric import Fabric
-from ivr_bridge.loadgen.webhook import CallDetails, fetch_stream, stream_headers
+from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget, fetch_stream, stream_headers
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
-from tests.support import eventually
+from tests.support import eventually, stream_caller
 from tests.test_end_to_end import nextevi_settings, tone_ulaw, voice_api
 from tests.test_hostile_state import free_port
 from tests.test_resilience import with_rest
@@ -83,26 +83,16 @@ async def test_a_call_has_one_stream_and_a_token_one_use_across_the_fleet(
             replay = await client.post(url, data=form, headers={"X-Twilio-Signature": sign(token, url, form)})
         assert "<Stream" not in replay.text
         # A's token, replayed to B's stream endpoint while the call is live: refused.
-        b_stream = target.url.replace(a.base_url.split("//")[1], b.base_url.split("//")[1])
-        b_target = type(target)(b_stream, target.parameters)
-        async with TwilioCaller(
-            b_stream,
-            call_sid=call.call_sid,
-            custom_parameters=target.parameters,
-            headers=stream_headers(b_target, token),
-        ) as twin:
+        # The same token and call on B (whose public URL the upgrade is signed over).
+        on_b = StreamTarget(b.stream_url, target.parameters)
+        async with stream_caller(on_b, call.call_sid, token, continuous=False) as twin:
             await twin.wait_closed(15)
         assert twin.close_code == 1008
         await caller.say(tone_ulaw(300))
         await caller.wait_for(lambda: caller.received_total > 0, 15)
         await caller.hang_up()
     # After the call: the spent token still opens nothing on B.
-    async with TwilioCaller(
-        b_stream,
-        call_sid=call.call_sid,
-        custom_parameters=target.parameters,
-        headers=stream_headers(b_target, token),
-    ) as late:
+    async with stream_caller(on_b, call.call_sid, token, continuous=False) as late:
         await late.wait_closed(15)
     assert late.close_code == 1008
     [b_calls, a_calls] = [await b.wait_for_calls(2), await a.wait_for_calls(1)]
@@ -120,13 +110,7 @@ async def test_control_through_another_instance_is_carried_out_by_the_owner(
         call = CallDetails()
         target = await signed_target(a, call, rest.auth_token)
         rest.live_calls.add(call.call_sid)
-        caller = TwilioCaller(
-            target.url,
-            call_sid=call.call_sid,
-            custom_parameters=target.parameters,
-            headers=stream_headers(target, rest.auth_token),
-            continuous=True,
-        )
+        caller = stream_caller(target, call.call_sid, rest.auth_token)
         async with caller, api(b) as through_b:
             await first_reply_playing(caller)
             listed = (await through_b.get("/calls")).json()["calls"]

@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget, fetch_stream, stream_headers
+from ivr_bridge.loadgen.webhook import CallDetails, fetch_stream
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
-from tests.support import eventually
+from tests.support import eventually, stream_caller
 from tests.test_end_to_end import API_KEY, CONFIG_ID, tone_ulaw, voice_api
 from tests.test_fabric import REDIS_URL
 from tests.test_hostile_state import free_port, serving
@@ -137,17 +137,11 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
                 lambda: _all_up(stats_port, len(instances)), 15, "HAProxy sees every instance up"
             )
 
-            async def place(hold: bool = False) -> tuple[CallDetails, TwilioCaller]:
+            async def place() -> tuple[CallDetails, TwilioCaller]:
                 call = CallDetails()
                 target = await fetch_stream(lb + "/twiml", call, rest.auth_token)
                 rest.live_calls.add(call.call_sid)
-                caller = TwilioCaller(
-                    target.url,
-                    call_sid=call.call_sid,
-                    custom_parameters=target.parameters,
-                    headers=stream_headers(target, rest.auth_token),
-                    continuous=True,
-                )
+                caller = stream_caller(target, call.call_sid, rest.auth_token)
                 await caller.connect()
                 return call, caller
 
@@ -192,14 +186,8 @@ async def test_three_instances_behind_a_load_balancer_act_as_one(
             target = await fetch_stream(lb + "/twiml", spent, rest.auth_token)
             first, second = instances[0], instances[1]
             for instance, expected in ((first, None), (second, 1008)):
-                stream = TwilioCaller(
-                    f"ws://127.0.0.1:{instance.port}/media-stream",  # straight to the instance
-                    call_sid=spent.call_sid,
-                    custom_parameters=target.parameters,
-                    # Signed as Twilio signs it: over the public (load balancer's) stream URL.
-                    headers=stream_headers(StreamTarget(target.url, {}), rest.auth_token),
-                    continuous=True,
-                )
+                direct = f"ws://127.0.0.1:{instance.port}/media-stream"  # straight to the instance
+                stream = stream_caller(target, spent.call_sid, rest.auth_token, url=direct)
                 async with stream:
                     if expected is None:
                         await talk(stream)
