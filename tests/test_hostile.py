@@ -24,7 +24,7 @@ from ivr_bridge.media_stream import MAX_COUNTER, MediaStream, MediaStreamError
 from ivr_bridge.security import TOKEN_PARAMETER
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.twilio import TwilioCaller
-from tests.support import eventually
+from tests.support import eventually, stream_caller
 from tests.test_end_to_end import tone_ulaw
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
@@ -207,13 +207,7 @@ async def test_idle_upgrades_hold_no_capacity_and_are_closed(make_bridge) -> Non
         for n in range(2):  # every real caller is admitted meanwhile
             sid = f"CA{n:032d}"
             target = await fetch_stream(bridge.base_url + "/twiml", CallDetails(call_sid=sid), AUTH_TOKEN)
-            async with TwilioCaller(
-                target.url,
-                call_sid=sid,
-                custom_parameters=target.parameters,
-                headers=stream_headers(target, AUTH_TOKEN),
-                continuous=True,
-            ) as caller:
+            async with stream_caller(target, sid, AUTH_TOKEN) as caller:
                 await caller.say(tone_ulaw(300))
                 await caller.wait_for(lambda c=caller: c.received_total > 0, timeout=15)
                 await caller.hang_up()
@@ -232,13 +226,7 @@ async def test_a_replayed_webhook_gets_no_second_stream(make_bridge) -> None:
     webhook = bridge.base_url + "/twiml"
     first = await fetch_stream(webhook, CallDetails(call_sid=SID), AUTH_TOKEN)
     early_replay = await fetch_stream(webhook, CallDetails(call_sid=SID), AUTH_TOKEN)
-    async with TwilioCaller(
-        first.url,
-        call_sid=SID,
-        custom_parameters=first.parameters,
-        headers=stream_headers(first, AUTH_TOKEN),
-        continuous=True,
-    ) as caller:
+    async with stream_caller(first, SID, AUTH_TOKEN) as caller:
         await eventually(lambda: SID in bridge.server.app.state.calls_by_sid, 10)
         # Replayed while the call streams: the fallback, not a token.
         form = CallDetails(call_sid=SID).form()
@@ -250,12 +238,7 @@ async def test_a_replayed_webhook_gets_no_second_stream(make_bridge) -> None:
             replay.status_code == 200 and "<Stream" not in replay.text and TOKEN_PARAMETER not in replay.text
         )
         # A token minted by a replay before the stream began opens no second stream.
-        async with TwilioCaller(
-            early_replay.url,
-            call_sid=SID,
-            custom_parameters=early_replay.parameters,
-            headers=stream_headers(early_replay, AUTH_TOKEN),
-        ) as second:
+        async with stream_caller(early_replay, SID, AUTH_TOKEN, continuous=False) as second:
             await second.wait_closed(15)
             assert second.close_code == 1008
         await caller.say(tone_ulaw(300))
