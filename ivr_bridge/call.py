@@ -1,7 +1,8 @@
 """One phone call: joins the Twilio stream, the audio converters and a voice session.
 
-Three tasks per call. `_from_twilio` parses caller frames, converts mu-law 8 kHz to PCM16
-24 kHz and forwards it upstream in `IVR_UPSTREAM_CHUNK_MS` chunks. `_from_voice_api`
+Three tasks per call. `_from_twilio` parses caller frames, converts mu-law 8 kHz to the
+format the voice session negotiated at `connect()` (mu-law 8 kHz goes up byte for byte;
+PCM16 at the API's rate) and forwards it upstream in `IVR_UPSTREAM_CHUNK_MS` chunks. `_from_voice_api`
 turns voice events into Twilio frames (speech into whole 20 ms mu-law frames, each chunk
 followed by a mark; an interruption into `clear` at once) and reconnects a dropped voice
 session. `_watchdog` ends an idle stream and renews the session before its cap. When any
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from ivr_bridge.audio import BotAudio, CallerAudio
+from ivr_bridge.audio import PCM16_24K, BotAudio, CallerAudio, carried
 from ivr_bridge.events import CallEvent, EventType
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.media_stream import (
@@ -371,7 +372,8 @@ class Call:
                         self._caller_ulaw.clear()
                         # Usually one chunk; after a connect or a large frame, several, each
                         # within the voice API's message size limit.
-                        step = self._chunk_bytes * 6  # PCM16 at 24 kHz: 6 bytes per mu-law byte
+                        # A mu-law byte becomes 1 byte (passed through) to 12 (PCM16 48 kHz).
+                        step = int(self._chunk_bytes * self._caller_audio.bytes_per_ulaw_byte)
                         for start in range(0, len(pcm), step):
                             await self._session.send_audio(pcm[start : start + step])  # type: ignore[union-attr]
                     elif self._reconnecting:
@@ -446,7 +448,7 @@ class Call:
         CONNECT_FAILED), None when the call is over."""
         connect_started = time.monotonic()
         try:
-            await session.connect()
+            send = await session.connect() or PCM16_24K
         except ConnectionError as exc:
             self.log.error("%s", exc)
             if self.metrics:
@@ -455,6 +457,17 @@ class Call:
             return CONNECT_FAILED
         if self.metrics:
             self.metrics.upstream_connected(time.monotonic() - connect_started)
+        if not carried(send):
+            self.outcome = Outcome.VOICE_API_FAILED
+            self.log.error(
+                "voice API %s takes caller audio as %s, which the bridge cannot convert; ending the call",
+                session.name,
+                send,
+            )
+            await self._fall_back()
+            return None
+        if send != self._caller_audio.format:  # mu-law passes through; PCM16 at its own rate
+            self._caller_audio = CallerAudio(send)
         self._session_started_at = asyncio.get_running_loop().time()
         if self._reconnecting:
             if self._gap == "drop":

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ivr_bridge.audio import Pcm
+from ivr_bridge.audio import PCM16_24K, AudioFormat, Pcm
 from ivr_bridge.call import Call
 from ivr_bridge.events import CallEvent
 from ivr_bridge.media_stream import MediaStream
@@ -123,6 +123,7 @@ class ScriptedSession:
     """A voice session whose events the test sends (`emit`); records what it was sent."""
 
     name: str = "scripted"
+    send_format: AudioFormat = PCM16_24K  # what connect() says the session takes
     connect_error: str = ""  # connect() raises ConnectionError with this message
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     may_connect: asyncio.Event = field(default_factory=asyncio.Event)
@@ -134,11 +135,12 @@ class ScriptedSession:
     def __post_init__(self) -> None:
         self.may_connect.set()
 
-    async def connect(self) -> None:
+    async def connect(self) -> AudioFormat:
         await self.may_connect.wait()
         if self.connect_error:
             raise ConnectionError(self.connect_error)
         self.connected.set()
+        return self.send_format
 
     async def send_audio(self, pcm: bytes) -> None:
         self.audio_in += pcm

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Ulaw
 from ivr_bridge.call import MAX_EARLY_AUDIO_MS, Outcome
 from ivr_bridge.providers.base import AssistantAudio, AssistantText, Closed, Interruption, UserTranscript
 from ivr_bridge.settings import Settings
@@ -143,3 +144,50 @@ async def _line(h: Harness) -> None:
     while True:
         h.twilio.media(b"\xff" * 160)
         await asyncio.sleep(0.02)
+
+
+# -- negotiated formats: mu-law passes through, PCM16 at the API's rate ------------------------
+
+
+async def test_mulaw_passes_through_byte_for_byte_both_ways() -> None:
+    h = Harness(Settings(provider="echo", upstream_chunk_ms=20, idle_timeout_s=60))
+    h.prepared.append(ScriptedSession(send_format=TWILIO_AUDIO))
+    h.run()
+    h.twilio.start()
+    session = await h.session()
+    said = caller_audio(400)
+    h.twilio.media(said)
+    await until(lambda: len(session.audio_in) >= len(said))
+    assert bytes(session.audio_in) == said  # no decode, no resample, no re-encode
+    reply = bytes(range(256)) * 4 + bytes(range(1, 201))  # 1224 bytes: 7 frames and a piece
+    session.emit(AssistantAudio(Ulaw(reply[:700]), response=1), AssistantAudio(Ulaw(reply[700:]), response=1))
+    await until(lambda: len(h.twilio.audio()) >= len(reply))
+    heard = h.twilio.audio()
+    assert heard[: len(reply)] == reply and len(heard) % 160 == 0  # re-framed only
+    assert set(heard[len(reply) :]) <= {0xFF}  # the last frame padded with mu-law silence
+    h.twilio.stop()
+    await h.ended()
+
+
+async def test_pcm16_goes_up_at_the_rate_the_api_acknowledged() -> None:
+    h = Harness(Settings(provider="echo", upstream_chunk_ms=100, idle_timeout_s=60))
+    h.prepared.append(ScriptedSession(send_format=AudioFormat(Encoding.PCM16, 16000)))
+    h.run()
+    h.twilio.start()
+    session = await h.session()
+    h.twilio.media(caller_audio(200))
+    await until(lambda: session.messages_in == 2)
+    assert len(session.audio_in) == 200 * 16 * 2  # 16 kHz PCM16: 32 bytes a ms
+    h.twilio.stop()
+    await h.ended()
+
+
+async def test_a_format_the_bridge_cannot_carry_ends_the_call_with_one_line(caplog) -> None:
+    h = Harness()
+    h.prepared.append(ScriptedSession(send_format=AudioFormat(Encoding.MULAW, 16000)))
+    h.run()
+    h.twilio.start()
+    call = await h.ended()
+    assert call.outcome == Outcome.VOICE_API_FAILED
+    [line] = [r.getMessage() for r in caplog.records if "cannot convert" in r.getMessage()]
+    assert "scripted" in line and "mulaw 16000 Hz" in line

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .format import PCM16_24K, TWILIO_AUDIO, AudioFormat
 from .g711 import FRAME_BYTES, ULAW_SILENCE, ULAW_TO_PCM, ulaw_encode
 from .resample import Resampler, round_to_int16
 from .wav import Pcm
 
-__all__ = ["BotAudio", "CallerAudio", "float_to_pcm16le", "ulaw_to_float"]
+__all__ = ["BotAudio", "CallerAudio", "Ulaw", "float_to_pcm16le", "ulaw_to_float"]
 
-TWILIO_RATE = 8000
-VOICE_API_RATE = 24000
+TWILIO_RATE = TWILIO_AUDIO.rate
 
 # Decoding straight to float64 skips an int16 -> float conversion on the hot path.
 _ULAW_TO_FLOAT = ULAW_TO_PCM.astype(np.float64)
@@ -28,20 +28,33 @@ def float_to_pcm16le(y: np.ndarray) -> bytes:
 
 
 class CallerAudio:
-    """Caller -> voice API: Twilio mu-law 8 kHz in, PCM16 LE 24 kHz out."""
+    """Caller -> voice API: Twilio mu-law 8 kHz in, the API's format out (`to`).
 
-    def __init__(self) -> None:
-        self._resampler = Resampler(TWILIO_RATE, VOICE_API_RATE)
+    mu-law 8 kHz goes through byte for byte; PCM16 is decoded and resampled to its rate."""
+
+    def __init__(self, to: AudioFormat = PCM16_24K) -> None:
+        self.format = to
+        self._passthrough = to == TWILIO_AUDIO
+        self._resampler = None if self._passthrough else Resampler(TWILIO_RATE, to.rate)
+        # Bytes out per mu-law byte in: what one upstream message of N ms holds.
+        self.bytes_per_ulaw_byte = 1.0 if self._passthrough else 2 * to.rate / TWILIO_RATE
 
     def process(self, ulaw: bytes) -> bytes:
-        """Convert any number of mu-law bytes; returns exactly 3 samples (6 bytes) per byte."""
-        if not ulaw:
-            return b""
+        """Convert any number of mu-law bytes (none to convert when passing through)."""
+        if self._resampler is None or not ulaw:
+            return ulaw
         return float_to_pcm16le(self._resampler.process_float(ulaw_to_float(ulaw)))
 
     def reset(self) -> None:
         """Forget the filter history (e.g. when the stream restarts)."""
-        self._resampler.reset()
+        if self._resampler is not None:
+            self._resampler.reset()
+
+
+class Ulaw(bytes):
+    """Speech already in the phone's format (mu-law 8 kHz): re-framed, never converted."""
+
+    __slots__ = ()
 
 
 class BotAudio:
@@ -72,10 +85,17 @@ class BotAudio:
         del self._pending[:whole]
         return out
 
-    def process(self, pcm: Pcm) -> bytes:
-        """Resample and encode a chunk; returns a multiple of 160 bytes (possibly b"")."""
-        resampler = self._resampler_for(pcm.sample_rate)
-        self._pending += ulaw_encode(resampler.process(pcm.samples))
+    def process(self, audio: Pcm | Ulaw) -> bytes:
+        """Resample and encode a chunk (mu-law only re-framed); returns a multiple of 160
+        bytes (possibly b"")."""
+        if isinstance(audio, Ulaw):
+            if self._resampler is not None:  # PCM before it: its filter tail goes first
+                self._pending += ulaw_encode(self._resampler.flush())
+                self._resampler = None
+            self._pending += audio
+            return self._take_frames()
+        resampler = self._resampler_for(audio.sample_rate)
+        self._pending += ulaw_encode(resampler.process(audio.samples))
         return self._take_frames()
 
     def flush(self) -> bytes:

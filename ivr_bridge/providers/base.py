@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ivr_bridge.audio import Pcm
+from ivr_bridge.audio import AudioFormat, Pcm, Ulaw
 
 # Close codes of the upstream socket (RFC 6455 and NextEVI's 4xxx), for log lines.
 NORMAL_CLOSE = 1000
@@ -28,9 +28,10 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class AssistantAudio:
-    """Speech for the caller. `response` numbers the reply it belongs to (from 1)."""
+    """Speech for the caller. `response` numbers the reply it belongs to (from 1). `pcm` is
+    PCM16 at its own rate, or `Ulaw` already in the phone's format (re-framed only)."""
 
-    pcm: Pcm
+    pcm: Pcm | Ulaw
     response: int
 
 
@@ -117,15 +118,17 @@ VoiceEvent = (
 
 
 class VoiceSession(Protocol):
-    """One call's session with a voice API: 24 kHz PCM16 mono in, events out."""
+    """One call's session with a voice API: caller audio in the format it negotiated, events out."""
 
     name: str
 
-    async def connect(self) -> None:
-        """Open the session; raises ConnectionError (message without secrets) on failure."""
+    async def connect(self) -> AudioFormat | None:
+        """Open the session and return the format `send_audio` takes, as the API acknowledged
+        it (mu-law 8 kHz passes the caller's audio through untouched; None: PCM16 24 kHz).
+        Raises ConnectionError (message without secrets) on failure."""
 
     async def send_audio(self, pcm: bytes) -> None:
-        """Caller speech, PCM16 LE mono 24 kHz."""
+        """Caller speech, in the negotiated format."""
 
     async def receive(self) -> VoiceEvent:
         """The next event. Safe to cancel. Returns Closed once, then keeps returning it."""

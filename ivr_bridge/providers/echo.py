@@ -12,7 +12,7 @@ import asyncio
 
 import numpy as np
 
-from ivr_bridge.audio import Pcm
+from ivr_bridge.audio import PCM16_24K, AudioFormat, Pcm
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
@@ -111,8 +111,9 @@ class EchoSession:
         self._events: asyncio.Queue[VoiceEvent] = asyncio.Queue()
         self._closed: Closed | None = None
 
-    async def connect(self) -> None:
+    async def connect(self) -> AudioFormat:
         self._events.put_nowait(Ready("echo"))
+        return PCM16_24K
 
     async def send_audio(self, pcm: bytes) -> None:
         if self._closed is None:

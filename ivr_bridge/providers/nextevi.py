@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ivr_bridge.audio import WavError, decode_tts_audio
+from ivr_bridge.audio import PCM16_24K, AudioFormat, WavError, decode_tts_audio
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
@@ -229,7 +229,7 @@ class NextEviSession:
         self._last_send = time.monotonic()
         self._keep_alive: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self) -> AudioFormat:
         s = self._settings
         url = NextEviProtocol.url(
             s.nextevi_url, self.connection_id, s.nextevi_api_key, s.nextevi_config_id, s.nextevi_project_id
@@ -252,6 +252,7 @@ class NextEviSession:
             await self._ws.send(NextEviProtocol.session_settings())
         self._last_send = time.monotonic()
         self._keep_alive = asyncio.create_task(self._keep_alive_loop(), name="nextevi-keep-alive")
+        return PCM16_24K  # what session_settings asks for (NextEviProtocol.session_settings)
 
     async def send_audio(self, pcm: bytes) -> None:
         if self._ws is None or self._closed:
