@@ -541,7 +541,12 @@ class Call:
         if isinstance(event, AssistantAudio):
             await self._speak(event, now)
         elif isinstance(event, Interruption):
-            await self._barge_in(event.reason, now)
+            if self.playback.speaking or self._tail_pending:
+                await self._barge_in(event.reason, now)
+            else:
+                # Speech while the bot is silent is a turn, not a barge-in (OpenAI reports
+                # every speech start): nothing to clear, but the reply in hand is over.
+                self._dropped_through = self._response_number
         elif isinstance(event, UserTranscript):
             if event.final:
                 await self._finish_response()
@@ -701,6 +706,14 @@ class Call:
         )
         self._settle(None)
         self._update_quiet()
+        # Tell the API how much of the cut reply the caller heard (OpenAI truncates its
+        # context there); APIs with nothing to do with it have no `reply_heard`.
+        reply_heard = getattr(self._session, "reply_heard", None)
+        if reply_heard is not None and response is not None:
+            try:
+                await reply_heard(self._dropped_through, response.heard_ms)
+            except Exception as exc:  # never fatal: the caller has been cleared already
+                self.log.warning("could not report what the caller heard: %s", type(exc).__name__)
 
     # -- call control --------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-PROVIDERS = ("nextevi", "echo")
+PROVIDERS = ("nextevi", "openai", "echo")
+DEFAULT_OPENAI_URL = "wss://api.openai.com/v1/realtime"
 DEFAULT_NEXTEVI_URL = "wss://api.nextevi.com/ws/voice"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
@@ -21,7 +22,7 @@ DTMF_KEYS = "0123456789*#"
 LOG_FORMATS = ("text", "json")
 # Variables under these prefixes are the bridge's: one it does not know is a typo, warned
 # about at start-up. (TWILIO_ is Twilio's own namespace, shared with its other tools.)
-OWN_PREFIXES = ("IVR_", "NEXTEVI_")
+OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_")
 # What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
 # URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
 # no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
@@ -41,6 +42,11 @@ class Settings:
     nextevi_api_key: str = ""
     nextevi_config_id: str = ""
     nextevi_project_id: str = ""
+    openai_api_key: str = ""
+    openai_model: str = "gpt-realtime"
+    openai_voice: str = ""
+    openai_instructions: str = ""
+    openai_url: str = DEFAULT_OPENAI_URL
     upstream_chunk_ms: int = 100
     # Who gets in (security).
     twilio_auth_token: str = ""  # set => every webhook and stream must be signed by Twilio
@@ -105,6 +111,7 @@ class Settings:
             s
             for s in (
                 self.nextevi_api_key,
+                self.openai_api_key,
                 self.twilio_auth_token,
                 self.hook_secret,
                 self.api_token,
@@ -115,7 +122,7 @@ class Settings:
 
     def __repr__(self) -> str:
         # Keeps the API key out of any log line or traceback that prints the settings.
-        key = "***" if self.nextevi_api_key else "''"
+        key = "***" if self.nextevi_api_key or self.openai_api_key else "''"
         token = "***" if self.twilio_auth_token else "''"
         return (
             f"Settings(public_url={self.public_url!r}, provider={self.provider!r}, "
@@ -160,7 +167,14 @@ class Settings:
             raise SettingsError("IVR_PUBLIC_URL must not carry a query string or fragment")
 
         api_key = get("NEXTEVI_API_KEY")
-        provider = get("IVR_PROVIDER").lower() or ("nextevi" if api_key else "echo")
+        openai_key = get("OPENAI_API_KEY")
+        credentials = {"nextevi": "NEXTEVI_API_KEY", "openai": "OPENAI_API_KEY"}
+        configured = [name for name, key in (("nextevi", api_key), ("openai", openai_key)) if key]
+        provider = get("IVR_PROVIDER").lower()
+        if not provider and len(configured) > 1:
+            both = " and ".join(credentials[name] for name in configured)
+            raise SettingsError(f"IVR_PROVIDER must say which voice API to use: {both} are all set")
+        provider = provider or (configured[0] if configured else "echo")
         if provider not in PROVIDERS:
             raise SettingsError(f"IVR_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}")
 
@@ -173,6 +187,20 @@ class Settings:
                 raise SettingsError("NEXTEVI_API_KEY is required when IVR_PROVIDER=nextevi")
             if not config_id:
                 raise SettingsError("NEXTEVI_CONFIG_ID is required when IVR_PROVIDER=nextevi")
+
+        openai_url = get("OPENAI_REALTIME_URL", DEFAULT_OPENAI_URL).rstrip("/")
+        if urlsplit(openai_url).scheme not in ("ws", "wss"):
+            raise SettingsError(f"OPENAI_REALTIME_URL must be a ws:// or wss:// URL, got {openai_url!r}")
+        instructions = get("OPENAI_REALTIME_INSTRUCTIONS")
+        if instructions.startswith("@"):
+            try:
+                instructions = Path(instructions[1:]).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(
+                    f"OPENAI_REALTIME_INSTRUCTIONS: cannot read {instructions[1:]!r}: {exc.strerror}"
+                ) from None
+        if provider == "openai" and not openai_key:
+            raise SettingsError("OPENAI_API_KEY is required when IVR_PROVIDER=openai")
 
         raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "100")
         try:
@@ -266,6 +294,11 @@ class Settings:
             nextevi_api_key=api_key,
             nextevi_config_id=config_id,
             nextevi_project_id=get("NEXTEVI_PROJECT_ID"),
+            openai_api_key=openai_key,
+            openai_model=get("OPENAI_REALTIME_MODEL", "gpt-realtime"),
+            openai_voice=get("OPENAI_REALTIME_VOICE"),
+            openai_instructions=instructions,
+            openai_url=openai_url,
             upstream_chunk_ms=chunk_ms,
         )
         if unknown is not None:
@@ -309,6 +342,8 @@ class Settings:
             "max_pending_connections": self.max_pending_connections,
             "nextevi_url": self.nextevi_url if self.provider == "nextevi" else "-",
             "nextevi_api_key": secret(self.nextevi_api_key),
+            "openai": f"{self.openai_model} at {self.openai_url}" if self.provider == "openai" else "-",
+            "openai_api_key": secret(self.openai_api_key),
             "log_format": self.log_format,
             "preflight": "on" if self.preflight else "off",
         }

@@ -1,0 +1,319 @@
+"""OpenAI Realtime (the GA interface) over WebSocket: `OpenAiRealtimeProtocol` (sans-I/O)
+and `OpenAiRealtimeSession` (the socket).
+
+The facts it is built on are in `shared/reference/providers.md` §2:
+- The session asks for `audio/pcmu` both ways, so the caller's mu-law goes up untouched and
+  the model's deltas come down untouched (re-framed only). The formats in force are the
+  ones `session.updated` confirms, not the ones asked for: until then no caller audio is
+  sent (the call buffers it), and a PCM answer is converted, never played as mu-law.
+- `input_audio_buffer.speech_started` is the barge-in (server VAD cancels the response
+  itself). Deltas of the cancelled response still arriving carry its reply number, which
+  the call drops. What the caller heard of the cut reply goes back as
+  `conversation.item.truncate`, clamped to the audio received for that item and skipped
+  when none of it played; an error there is logged, never fatal.
+- The beta names and values (`response.audio.delta`, `g711_ulaw`) are refused by the
+  service and not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import json
+import logging
+from base64 import b64decode, b64encode
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from ivr_bridge.audio import PCM16_24K, TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
+from ivr_bridge.providers.base import (
+    NORMAL_CLOSE,
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Interruption,
+    ProviderError,
+    Ready,
+    Skipped,
+    TurnEvent,
+    UserTranscript,
+    VoiceEvent,
+)
+from ivr_bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-realtime"
+TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
+SESSION_UPDATED_TIMEOUT_S = 10.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a delta is small; the API allows 15 MiB appends
+# Errors that are part of normal barge-in handling, not faults.
+BENIGN_ERRORS = frozenset({"response_cancel_not_active", "conversation_already_has_active_response"})
+SKIP_KINDS = ("binary", "not_json", "not_object", "missing_field", "bad_base64")
+_FORMATS = {"audio/pcmu": TWILIO_AUDIO}
+
+
+def _format(spec: object) -> AudioFormat | None:
+    """A GA format object (`{"type": "audio/pcmu"}`, `{"type": "audio/pcm", "rate": 24000}`)."""
+    if not isinstance(spec, dict):
+        return None
+    kind = spec.get("type")
+    if kind in _FORMATS:
+        return _FORMATS[kind]
+    if kind == "audio/pcm":
+        rate = spec.get("rate", 24000)
+        return AudioFormat(Encoding.PCM16, rate) if isinstance(rate, int) else None
+    return None
+
+
+@dataclass(slots=True)
+class _Reply:
+    number: int
+    item_id: str = ""
+    received_bytes: int = 0  # audio of `item_id` received, in the output format
+
+
+class OpenAiRealtimeProtocol:
+    """One Realtime session's protocol state: messages in, events out; messages to send."""
+
+    def __init__(self, voice: str = "", instructions: str = "") -> None:
+        self.voice = voice
+        self.instructions = instructions
+        self.send_format: AudioFormat | None = None  # confirmed by session.updated
+        self.receive_format: AudioFormat | None = None
+        self.skipped = 0
+        self._replies: dict[str, _Reply] = {}  # response_id -> its reply
+        self._numbers: dict[int, _Reply] = {}
+        self._count = 0
+
+    # -- to the API ---------------------------------------------------------------------------
+
+    @staticmethod
+    def url(base: str, model: str) -> str:
+        return f"{base}?{urlencode({'model': model or DEFAULT_MODEL})}"
+
+    def session_update(self) -> str:
+        session: dict[str, Any] = {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcmu"},
+                    "turn_detection": {
+                        "type": "server_vad",
+                        "create_response": True,
+                        "interrupt_response": True,
+                    },
+                    "transcription": {"model": TRANSCRIPTION_MODEL},
+                },
+                "output": {"format": {"type": "audio/pcmu"}},
+            },
+        }
+        if self.voice:
+            session["audio"]["output"]["voice"] = self.voice
+        if self.instructions:
+            session["instructions"] = self.instructions
+        return json.dumps({"type": "session.update", "session": session})
+
+    @staticmethod
+    def audio_message(audio: bytes) -> str:
+        return f'{{"type":"input_audio_buffer.append","audio":"{b64encode(audio).decode("ascii")}"}}'
+
+    def truncate(self, reply: int, heard_ms: int) -> str | None:
+        """`conversation.item.truncate` for what the caller heard of `reply`, clamped to the
+        audio received for its item; None when nothing of it played (the API refuses a
+        truncate at 0) or its item is unknown."""
+        cut = self._numbers.get(reply)
+        if cut is None or not cut.item_id or heard_ms <= 0 or self.receive_format is None:
+            return None
+        received_ms = _duration_ms(cut.received_bytes, self.receive_format)
+        end_ms = min(heard_ms, received_ms)
+        if end_ms <= 0:
+            return None
+        return json.dumps(
+            {
+                "type": "conversation.item.truncate",
+                "item_id": cut.item_id,
+                "content_index": 0,
+                "audio_end_ms": end_ms,
+            }
+        )
+
+    # -- from the API -------------------------------------------------------------------------
+
+    def receive(self, raw: str | bytes) -> list[VoiceEvent]:
+        if isinstance(raw, bytes):
+            return [self._skip("binary frame", "binary")]
+        try:
+            message = json.loads(raw)
+        except (ValueError, RecursionError):
+            return [self._skip("not JSON", "not_json")]
+        if not isinstance(message, dict):
+            return [self._skip("not a JSON object", "not_object")]
+        kind = message.get("type")
+        if kind == "session.updated":
+            return self._session_updated(message.get("session"))
+        if kind == "response.output_audio.delta":
+            return self._audio(message)
+        if kind == "input_audio_buffer.speech_started":
+            return [Interruption("caller speech (server VAD)")]
+        if kind == "response.output_audio_transcript.done":
+            reply = self._reply(str(message.get("response_id", "")))
+            return [AssistantText(str(message.get("transcript", "")), True, reply_id(message), reply.number)]
+        if kind == "conversation.item.input_audio_transcription.completed":
+            return [UserTranscript(str(message.get("transcript", "")), final=True)]
+        if kind == "input_audio_buffer.speech_stopped":
+            return [TurnEvent("end", str(message.get("item_id", "")))]
+        if kind == "error":
+            error = message.get("error") if isinstance(message.get("error"), dict) else {}
+            code = str(error.get("code") or error.get("type") or "error")[:60]
+            if code in BENIGN_ERRORS:
+                return []
+            return [ProviderError(code, str(error.get("message", ""))[:200])]
+        if kind == "session.created":
+            return [Ready("created")]
+        return []  # the rest of the ladder carries nothing a phone call needs
+
+    def _session_updated(self, session: object) -> list[VoiceEvent]:
+        audio = session.get("audio") if isinstance(session, dict) else None
+        inp = audio.get("input") if isinstance(audio, dict) else None
+        out = audio.get("output") if isinstance(audio, dict) else None
+        self.send_format = _format(inp.get("format")) if isinstance(inp, dict) else None
+        self.receive_format = _format(out.get("format")) if isinstance(out, dict) else None
+        return [Ready("ready")]
+
+    def _audio(self, message: dict) -> list[VoiceEvent]:
+        delta = message.get("delta")
+        if not isinstance(delta, str):
+            return [self._skip("output_audio.delta without delta", "missing_field")]
+        try:
+            audio = b64decode(delta, validate=True)
+        except (binascii.Error, ValueError):
+            return [self._skip("output_audio.delta is not base64", "bad_base64")]
+        reply = self._reply(str(message.get("response_id", "")))
+        item = str(message.get("item_id", ""))
+        if item != reply.item_id:  # a response may speak several items: truncation is per item
+            reply.item_id, reply.received_bytes = item, 0
+        reply.received_bytes += len(audio)
+        if self.receive_format == TWILIO_AUDIO:
+            return [AssistantAudio(Ulaw(audio), reply.number)]
+        rate = self.receive_format.rate if self.receive_format else PCM16_24K.rate
+        samples = np.frombuffer(audio[: len(audio) // 2 * 2], dtype="<i2").astype(np.int16)
+        return [AssistantAudio(Pcm(samples, rate), reply.number)]
+
+    def _reply(self, response_id: str) -> _Reply:
+        reply = self._replies.get(response_id)
+        if reply is None:
+            self._count += 1
+            reply = self._replies[response_id] = self._numbers[self._count] = _Reply(self._count)
+        return reply
+
+    def _skip(self, reason: str, kind: str) -> Skipped:
+        self.skipped += 1
+        return Skipped(reason, kind)
+
+    @staticmethod
+    def classify(code: int, reason: str) -> Closed:
+        """The 60-minute cap (1001 "... maximum duration ...") and drops (1006, 1011) are
+        retried with a new session; the beta shape (4000) and other 4xxx are not
+        (base.RETRYABLE_CLOSE_CODES)."""
+        return Closed(code, reason[:120])
+
+
+def reply_id(message: dict) -> str:
+    return str(message.get("response_id", ""))
+
+
+def _duration_ms(nbytes: int, audio: AudioFormat) -> int:
+    per_ms = audio.rate // 1000 * (1 if audio.encoding == Encoding.MULAW else 2)
+    return nbytes // max(1, per_ms)
+
+
+class OpenAiRealtimeSession:
+    """One call's Realtime session over a WebSocket (`VoiceSession`)."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings, call_sid: str = "") -> None:
+        self._settings = settings
+        self.protocol = OpenAiRealtimeProtocol(settings.openai_voice, settings.openai_instructions)
+        self._ws: ClientConnection | None = None
+        self._early: list[VoiceEvent] = []  # events that came with the handshake
+        self._closed: Closed | None = None
+
+    async def connect(self) -> AudioFormat:
+        s = self._settings
+        url = OpenAiRealtimeProtocol.url(s.openai_url, s.openai_model)
+        try:
+            self._ws = await websockets.connect(
+                url,
+                additional_headers={"Authorization": f"Bearer {s.openai_api_key}"},
+                compression=None,
+                max_size=MAX_MESSAGE_BYTES,
+                open_timeout=10,
+                ping_interval=20,
+            )
+        except InvalidStatus as exc:
+            raise ConnectionError(
+                f"voice API refused the connection: HTTP {exc.response.status_code}"
+            ) from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
+        try:
+            await self._ws.send(self.protocol.session_update())
+            async with asyncio.timeout(SESSION_UPDATED_TIMEOUT_S):
+                while self.protocol.send_format is None:
+                    events = self.protocol.receive(await self._ws.recv())
+                    self._early += [e for e in events if not isinstance(e, Ready)]
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else 1006
+            raise ConnectionError(f"voice API closed the session at its start: {code}") from None
+        except TimeoutError:
+            raise ConnectionError("voice API sent no session.updated") from None
+        if self.protocol.receive_format is None:
+            raise ConnectionError("voice API confirmed no output audio format")
+        return self.protocol.send_format
+
+    async def send_audio(self, audio: bytes) -> None:
+        if self._ws is None or self._closed:
+            return
+        with contextlib.suppress(ConnectionClosed):  # receive() reports the close
+            await self._ws.send(OpenAiRealtimeProtocol.audio_message(audio))
+
+    async def reply_heard(self, reply: int, heard_ms: int) -> None:
+        """The caller talked over `reply` after hearing `heard_ms` of it: truncate the item."""
+        message = self.protocol.truncate(reply, heard_ms)
+        if message is not None and self._ws is not None and not self._closed:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(message)
+
+    async def receive(self) -> VoiceEvent:
+        if self._early:
+            return self._early.pop(0)
+        while self._closed is None:
+            assert self._ws is not None, "receive() before connect()"
+            try:
+                raw = await self._ws.recv()
+            except ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                self._closed = OpenAiRealtimeProtocol.classify(code, reason)
+                break
+            events = self.protocol.receive(raw)
+            if events:
+                self._early = events[1:]
+                return events[0]
+        return self._closed
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close(code)
+        if self._closed is None:
+            self._closed = Closed(code)

@@ -1,0 +1,276 @@
+"""A stand-in for OpenAI Realtime (GA), faithful to what `shared/reference/providers.md` §2.8
+lists, the awkward parts included:
+
+- `/v1/realtime?model=…` with `Authorization: Bearer <key>` (else HTTP 401); the beta
+  header is closed with 4000 `beta_api_shape_disabled`;
+- `session.created` (PCM 24 kHz defaults) first; `session.update` applied partially and
+  checked (`type` required, token strings and `audio/pcm` without `rate` refused with an
+  `error`, the session staying open), answered by `session.updated`; `lie_about_format`
+  keeps PCM output whatever was asked, to prove the bridge checks `session.updated`;
+- appended audio read in the format in force at the time of the append;
+- server VAD by energy: `speech_started`, `speech_stopped` after 500 ms of silence, a
+  transcript, then a response: the whole event ladder, output deltas of a tone (100 ms
+  each) faster than real time;
+- speech during a response cancels it (`interrupt_response`), yet a few deltas already
+  queued still arrive after `speech_started`, then `response.done` `cancelled`;
+- `conversation.item.truncate` checked against the item's audio (the "already shorter"
+  and "only model output audio" errors), answered `conversation.item.truncated`;
+- `response.cancel` with nothing active: `error` `response_cancel_not_active`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import secrets
+from base64 import b64decode, b64encode
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ivr_bridge.audio import ulaw_decode, ulaw_encode
+
+PATH = "/v1/realtime"
+SPEECH_RMS = 500.0  # on the int16 scale: above is speech
+SILENCE_TO_END_MS = 500
+
+
+@dataclass
+class RealtimeBehaviour:
+    api_key: str = "sk-test-realtime"
+    reply_ms: int = 1000
+    delta_ms: int = 100
+    late_deltas: int = 2  # deltas of a cancelled response still sent after speech_started
+    lie_about_format: bool = False
+
+
+@dataclass
+class _Peer:
+    ws: ServerConnection
+    session: dict[str, Any]
+    appended: bytearray = field(default_factory=bytearray)  # raw bytes, as appended
+    speaking: bool = False
+    silence_ms: float = 0.0
+    response: asyncio.Task[None] | None = None
+    cancelled: bool = False
+    items: dict[str, int] = field(default_factory=dict)  # assistant item id -> audio ms sent
+    deltas: list[bytes] = field(default_factory=list)  # every output audio delta sent, decoded
+
+
+class OpenAiRealtimeStandIn:
+    def __init__(self, behaviour: RealtimeBehaviour | None = None) -> None:
+        self.behaviour = behaviour or RealtimeBehaviour()
+        self.peers: list[_Peer] = []
+        self.errors_sent: list[str] = []
+        self.truncations: list[dict[str, Any]] = []
+        self.session_updates: list[dict[str, Any]] = []
+        self._server: Server | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._server = await serve(
+            self._handle, "127.0.0.1", 0, process_request=self._check, compression=None
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{PATH}"
+
+    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not request.path.startswith(PATH + "?model="):
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "no such path\n")
+        if request.headers.get("Authorization") != f"Bearer {self.behaviour.api_key}":
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "Incorrect API key provided\n")
+        return None
+
+    # -- a session -----------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.headers.get("OpenAI-Beta"):
+            await ws.close(4000, "beta_api_shape_disabled")
+            return
+        pcm24 = {"type": "audio/pcm", "rate": 24000}
+        session = {
+            "type": "realtime",
+            "audio": {"input": {"format": dict(pcm24)}, "output": {"format": dict(pcm24), "voice": "alloy"}},
+        }
+        peer = _Peer(ws, session)
+        self.peers.append(peer)
+        await self._send(peer, "session.created", session=session)
+        try:
+            async for raw in ws:
+                await self._on_message(peer, json.loads(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            if peer.response is not None:
+                peer.response.cancel()
+
+    async def _on_message(self, peer: _Peer, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "session.update":
+            await self._update(peer, message.get("session") or {})
+        elif kind == "input_audio_buffer.append":
+            await self._append(peer, b64decode(message["audio"]))
+        elif kind == "conversation.item.truncate":
+            await self._truncate(peer, message)
+        elif kind == "response.cancel":
+            if peer.response is None or peer.response.done():
+                await self._error(
+                    peer, "response_cancel_not_active", "Cancellation failed: no active response found"
+                )
+            else:
+                peer.cancelled = True
+
+    async def _update(self, peer: _Peer, update: dict[str, Any]) -> None:
+        self.session_updates.append(update)
+        if update.get("type") != "realtime":
+            await self._error(
+                peer, "missing_required_parameter", "Missing required parameter: 'session.type'."
+            )
+            return
+        audio = update.get("audio") or {}
+        for direction in ("input", "output"):
+            spec = (audio.get(direction) or {}).get("format")
+            if spec is None:
+                continue
+            if not isinstance(spec, dict) or spec.get("type") not in (
+                "audio/pcmu",
+                "audio/pcma",
+                "audio/pcm",
+            ):
+                await self._error(
+                    peer, "invalid_value", f"Invalid value for 'session.audio.{direction}.format'."
+                )
+                return
+            if spec["type"] == "audio/pcm" and "rate" not in spec:
+                await self._error(peer, "missing_required_parameter", "Missing required parameter: 'rate'.")
+                return
+            if direction == "output" and self.behaviour.lie_about_format:
+                continue  # the reported trap: PCM comes back although G.711 was asked for
+            peer.session["audio"][direction]["format"] = spec
+        await self._send(peer, "session.updated", session=peer.session)
+
+    def _format(self, peer: _Peer, direction: str) -> str:
+        return str(peer.session["audio"][direction]["format"]["type"])
+
+    async def _append(self, peer: _Peer, audio: bytes) -> None:
+        peer.appended += audio
+        # Read in the format in force now: early mu-law under the PCM default is misread.
+        if self._format(peer, "input") == "audio/pcmu":
+            samples, ms = ulaw_decode(audio).astype(np.float64), len(audio) / 8
+        else:
+            samples, ms = (
+                np.frombuffer(audio[: len(audio) // 2 * 2], "<i2").astype(np.float64),
+                len(audio) / 48,
+            )
+        loud = samples.size > 0 and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+        if loud and not peer.speaking:
+            peer.speaking, peer.silence_ms = True, 0.0
+            await self._send(peer, "input_audio_buffer.speech_started", audio_start_ms=0, item_id=_id("item"))
+            if peer.response is not None and not peer.response.done():
+                peer.cancelled = True  # interrupt_response: the server cancels it itself
+        elif peer.speaking and not loud:
+            peer.silence_ms += ms
+            if peer.silence_ms >= SILENCE_TO_END_MS:
+                peer.speaking = False
+                item = _id("item")
+                await self._send(peer, "input_audio_buffer.speech_stopped", audio_end_ms=0, item_id=item)
+                await self._send(peer, "input_audio_buffer.committed", item_id=item)
+                await self._send(
+                    peer,
+                    "conversation.item.input_audio_transcription.completed",
+                    item_id=item,
+                    transcript="hello",
+                )
+                peer.cancelled = False
+                peer.response = asyncio.create_task(self._respond(peer))
+        elif loud:
+            peer.silence_ms = 0.0
+
+    async def _respond(self, peer: _Peer) -> None:
+        b = self.behaviour
+        response, item = _id("resp"), _id("item")
+        await self._send(peer, "response.created", response={"id": response, "status": "in_progress"})
+        await self._send(
+            peer, "response.output_item.added", response_id=response, item={"id": item, "type": "message"}
+        )
+        peer.items[item] = 0
+        pcmu = self._format(peer, "output") == "audio/pcmu"
+        late = b.late_deltas
+        for start in range(0, b.reply_ms, b.delta_ms):
+            if peer.cancelled:
+                if late <= 0:
+                    break
+                late -= 1  # already on the wire when the caller spoke
+            ms = min(b.delta_ms, b.reply_ms - start)
+            t = np.arange(ms * 24) / 24000
+            tone = (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+            audio = ulaw_encode(tone[::3]) if pcmu else tone.astype("<i2").tobytes()
+            peer.items[item] += ms
+            peer.deltas.append(audio)
+            await self._send(
+                peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
+                content_index=0, delta=b64encode(audio).decode(),
+            )  # fmt: skip
+            await asyncio.sleep(b.delta_ms / 1000 / 5)  # faster than real time
+        status = "cancelled" if peer.cancelled else "completed"
+        if status == "completed":
+            words = "Hello from the stand-in."
+            await self._send(
+                peer,
+                "response.output_audio_transcript.done",
+                response_id=response,
+                item_id=item,
+                transcript=words,
+            )
+            await self._send(peer, "response.output_audio.done", response_id=response, item_id=item)
+        details = {"reason": "turn_detected"} if peer.cancelled else None
+        await self._send(
+            peer, "response.done", response={"id": response, "status": status, "status_details": details}
+        )
+
+    async def _truncate(self, peer: _Peer, message: dict[str, Any]) -> None:
+        item, end_ms = str(message.get("item_id")), message.get("audio_end_ms")
+        if item not in peer.items or not peer.items[item]:
+            await self._error(peer, "invalid_value", "Only model output audio messages can be truncated")
+            return
+        if not isinstance(end_ms, int) or end_ms > peer.items[item]:
+            await self._error(
+                peer,
+                "invalid_value",
+                f"Audio content of {peer.items[item]}ms is already shorter than {end_ms}ms",
+            )
+            return
+        self.truncations.append({"item_id": item, "audio_end_ms": end_ms, "item_ms": peer.items[item]})
+        await self._send(
+            peer, "conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=end_ms
+        )
+
+    async def _error(self, peer: _Peer, code: str, text: str) -> None:
+        self.errors_sent.append(code)
+        await self._send(
+            peer, "error", error={"type": "invalid_request_error", "code": code, "message": text}
+        )
+
+    async def _send(self, peer: _Peer, kind: str, **body: Any) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await peer.ws.send(json.dumps({"type": kind, "event_id": _id("event"), **body}))
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"

@@ -1,0 +1,149 @@
+"""OpenAI Realtime (GA): the protocol class in memory, and whole calls over loopback
+against the stand-in: mu-law through untouched both ways, barge-in with late deltas of the
+cut response dropped and a truncate at what the caller heard, a server that answers
+another format than asked."""
+
+from __future__ import annotations
+
+import json
+from base64 import b64encode
+
+import pytest
+
+from ivr_bridge.audio import TWILIO_AUDIO, Pcm, Ulaw
+from ivr_bridge.providers.base import AssistantAudio, Interruption, ProviderError
+from ivr_bridge.providers.openai_realtime import OpenAiRealtimeProtocol
+from ivr_bridge.settings import Settings
+from ivr_bridge.standins.openai_realtime import OpenAiRealtimeStandIn, RealtimeBehaviour
+from ivr_bridge.standins.twilio import TwilioCaller
+from tests.test_end_to_end import tone_ulaw
+
+KEY = "sk-test-realtime"
+
+
+def delta(response: str, item: str, audio: bytes) -> str:
+    return json.dumps(
+        {
+            "type": "response.output_audio.delta",
+            "response_id": response,
+            "item_id": item,
+            "delta": b64encode(audio).decode(),
+        }
+    )
+
+
+def updated(output: dict) -> str:
+    audio = {"input": {"format": {"type": "audio/pcmu"}}, "output": {"format": output}}
+    return json.dumps({"type": "session.updated", "session": {"type": "realtime", "audio": audio}})
+
+
+def test_the_session_asks_for_mulaw_both_ways_in_the_ga_shape() -> None:
+    update = json.loads(OpenAiRealtimeProtocol(voice="marin").session_update())
+    session = update["session"]
+    assert update["type"] == "session.update" and session["type"] == "realtime"
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "marin"}
+    assert session["audio"]["input"]["turn_detection"]["interrupt_response"] is True
+    text = json.dumps(update)
+    assert "g711_ulaw" not in text and "input_audio_format" not in text  # beta shapes: refused
+
+
+def test_deltas_are_numbered_per_response_and_truncation_is_clamped() -> None:
+    protocol = OpenAiRealtimeProtocol()
+    protocol.receive(updated({"type": "audio/pcmu"}))
+    assert protocol.send_format == protocol.receive_format == TWILIO_AUDIO
+    [first] = protocol.receive(delta("resp_a", "item_a", b"\x01" * 800))  # 100 ms of mu-law
+    [again] = protocol.receive(delta("resp_a", "item_a", b"\x02" * 800))
+    [second] = protocol.receive(delta("resp_b", "item_b", b"\x03" * 160))
+    assert (
+        isinstance(first, AssistantAudio)
+        and isinstance(first.pcm, Ulaw)
+        and bytes(first.pcm) == b"\x01" * 800
+    )
+    assert (first.response, again.response, second.response) == (1, 1, 2)
+    assert protocol.receive(json.dumps({"type": "input_audio_buffer.speech_started"})) == [
+        Interruption("caller speech (server VAD)")
+    ]
+    cut = json.loads(protocol.truncate(1, heard_ms=150) or "{}")
+    assert cut == {
+        "type": "conversation.item.truncate",
+        "item_id": "item_a",
+        "content_index": 0,
+        "audio_end_ms": 150,
+    }
+    assert (
+        json.loads(protocol.truncate(1, heard_ms=5000) or "{}")["audio_end_ms"] == 200
+    )  # never past what came
+    assert protocol.truncate(1, heard_ms=0) is None  # nothing heard: the API refuses a truncate at 0
+    benign = {"type": "error", "error": {"code": "response_cancel_not_active", "message": "x"}}
+    assert protocol.receive(json.dumps(benign)) == []
+    real = {"type": "error", "error": {"code": "invalid_value", "message": "bad"}}
+    assert protocol.receive(json.dumps(real)) == [ProviderError("invalid_value", "bad")]
+
+
+def test_pcm_from_a_server_that_ignored_the_request_is_converted_not_played_as_mulaw() -> None:
+    protocol = OpenAiRealtimeProtocol()
+    protocol.receive(updated({"type": "audio/pcm", "rate": 24000}))
+    [audio] = protocol.receive(delta("r", "i", b"\x10\x00" * 240))
+    assert isinstance(audio, AssistantAudio) and isinstance(audio.pcm, Pcm) and audio.pcm.sample_rate == 24000
+
+
+def openai_settings(standin: OpenAiRealtimeStandIn, **more: object) -> Settings:
+    return Settings(
+        provider="openai",
+        openai_api_key=KEY,
+        openai_url=standin.url,
+        upstream_chunk_ms=20,
+        **more,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> None:
+    async with OpenAiRealtimeStandIn() as standin:
+        bridge = make_bridge(openai_settings(standin))
+        said = tone_ulaw(600, hz=500)
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.say(said)
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 900, 20)  # played, in order
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [peer] = standin.peers
+    assert said in bytes(peer.appended)  # the caller's payload went up byte for byte
+    sent, heard = b"".join(peer.deltas), bytes(caller.received)
+    assert len(heard) >= 8 * 900 and heard == sent[: len(heard)]  # byte for byte, re-framed only
+    assert call.outcome == "stream_stopped" and call.provider == "openai"
+    assert standin.session_updates[0]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+
+
+async def test_barge_in_drops_late_deltas_and_truncates_at_what_was_heard(make_bridge) -> None:
+    async with OpenAiRealtimeStandIn(RealtimeBehaviour(reply_ms=3000, late_deltas=3)) as standin:
+        bridge = make_bridge(openai_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.say(tone_ulaw(600, hz=500))
+            await caller.wait_for(lambda: len(caller.marks_played) >= 2, 20)  # some of the reply was heard
+            await caller.say(tone_ulaw(400, hz=700))  # the caller talks over it
+            await caller.wait_for(lambda: caller.clears >= 1, 20)
+            await caller.wait_for(lambda: len(standin.truncations) == 1 or bool(standin.errors_sent), 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [cut] = standin.truncations
+    assert 0 < cut["audio_end_ms"] <= cut["item_ms"]  # what was heard, never past what was sent
+    assert standin.errors_sent == []
+    [reply] = call.playback.responses[:1]
+    assert reply.interrupted and abs(cut["audio_end_ms"] - reply.heard_ms) <= 1
+    # The late deltas of the cut response were not played: nothing of reply 1 after the clear.
+    assert call.stats.barge_ins == 1
+
+
+@pytest.mark.parametrize("lie", [True])
+async def test_a_server_answering_pcm_is_converted(make_bridge, lie: bool) -> None:
+    async with OpenAiRealtimeStandIn(RealtimeBehaviour(lie_about_format=lie)) as standin:
+        bridge = make_bridge(openai_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.say(tone_ulaw(600, hz=500))
+            await caller.wait_for(lambda: caller.received_total >= 8 * 900, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [peer] = standin.peers
+    assert peer.session["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert call.outcome == "stream_stopped" and call.stats.frames_out >= 45  # about a second of speech
