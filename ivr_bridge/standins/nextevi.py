@@ -623,9 +623,17 @@ class NextEviStandIn:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The stand-in's options, shared by `ivr-bridge stub-voice-api` and `python -m`."""
     defaults = VoiceApiBehaviour()
+    parser.add_argument(
+        "--provider",
+        choices=["nextevi", "openai"],
+        default="nextevi",
+        help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--api-key", default=defaults.api_key)
+    parser.add_argument(
+        "--api-key", help=f"the key to accept (default {defaults.api_key}; openai: sk-test-realtime)"
+    )
     parser.add_argument("--config-id", default=defaults.config_id)
     parser.add_argument("--envelope", choices=["data", "flat"], default=defaults.envelope)
     parser.add_argument("--raw-pcm", action="store_true", help="tts_chunk without WAV header")
@@ -661,8 +669,12 @@ async def _run(host: str, port: int, behaviour: VoiceApiBehaviour, timeline: str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.provider == "openai":
+        from ivr_bridge.standins import openai_realtime
+
+        return openai_realtime.run(args)
     behaviour = VoiceApiBehaviour(
-        api_key=args.api_key,
+        api_key=args.api_key or VoiceApiBehaviour().api_key,
         config_id=args.config_id,
         envelope=args.envelope,
         wav_header=not args.raw_pcm,

@@ -20,11 +20,13 @@ lists, the awkward parts included:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import http
 import json
 import secrets
+import signal
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -74,10 +76,11 @@ class OpenAiRealtimeStandIn:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await serve(self._handle, host, port, process_request=self._check, compression=None)
+
     async def __aenter__(self) -> Self:
-        self._server = await serve(
-            self._handle, "127.0.0.1", 0, process_request=self._check, compression=None
-        )
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -274,3 +277,24 @@ class OpenAiRealtimeStandIn:
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ivr-bridge stub-voice-api --provider openai`: serve until SIGINT or SIGTERM."""
+    behaviour = RealtimeBehaviour(api_key=args.api_key or RealtimeBehaviour().api_key, reply_ms=args.reply_ms)
+
+    async def serve_forever() -> None:
+        standin = OpenAiRealtimeStandIn(behaviour)
+        await standin.start(args.host, args.port)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        print(
+            f"OpenAI Realtime stand-in at ws://{args.host}:{args.port}{PATH} (key {behaviour.api_key})",
+            flush=True,
+        )
+        await stop.wait()
+        await standin.__aexit__(None, None, None)
+
+    asyncio.run(serve_forever())
+    return 0
