@@ -408,9 +408,12 @@ class Call:
         while True:
             session = self._session
             assert session is not None
-            code = await self._serve_session(session)
-            if code is None:  # the call ended (Twilio side) or the voice API ended it normally
+            ended = await self._serve_session(session)
+            if ended is None:  # the call ended (Twilio side) or the voice API ended it normally
                 return
+            # The provider classifies its own closes (Closed.retryable).
+            code = ended.code if isinstance(ended, Closed) else ended
+            retryable = ended.retryable if isinstance(ended, Closed) else code in RETRYABLE_CLOSE_CODES
             await session.close(NORMAL_CLOSE)
             now = time.monotonic()
             if code == RENEWING:
@@ -420,7 +423,7 @@ class Call:
                 self.stats.renewals += 1
                 self._session = self._session_factory(self.settings, self.call_sid)
                 continue
-            if code not in RETRYABLE_CLOSE_CODES and code != CONNECT_FAILED:
+            if not retryable and code != CONNECT_FAILED:
                 self.outcome = Outcome.VOICE_API_FAILED
                 await self._fall_back()
                 return
@@ -443,9 +446,9 @@ class Call:
             await asyncio.sleep(delay)
             self._session = self._session_factory(self.settings, self.call_sid)
 
-    async def _serve_session(self, session: VoiceSession) -> int | None:
-        """Connect and relay one voice session. Returns its close code if it failed (or
-        CONNECT_FAILED), None when the call is over."""
+    async def _serve_session(self, session: VoiceSession) -> Closed | int | None:
+        """Connect and relay one voice session. Returns how it failed (its `Closed`, or
+        CONNECT_FAILED / RENEWING), None when the call is over."""
         connect_started = time.monotonic()
         try:
             send = await session.connect() or PCM16_24K
@@ -505,7 +508,7 @@ class Call:
             "upstream.error",
             {"code": str(closed.code), "message": closed.reason[:200], "retrying": closed.retryable},
         )
-        return closed.code
+        return closed
 
     async def _fall_back(self) -> None:
         """The voice API cannot serve this call: hand it to the fallback through Twilio's

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-PROVIDERS = ("nextevi", "openai", "echo")
+PROVIDERS = ("nextevi", "elevenlabs", "openai", "echo")
+DEFAULT_ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
+DEFAULT_ELEVENLABS_API_URL = "https://api.elevenlabs.io"
 DEFAULT_OPENAI_URL = "wss://api.openai.com/v1/realtime"
 DEFAULT_NEXTEVI_URL = "wss://api.nextevi.com/ws/voice"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
@@ -22,7 +24,7 @@ DTMF_KEYS = "0123456789*#"
 LOG_FORMATS = ("text", "json")
 # Variables under these prefixes are the bridge's: one it does not know is a typo, warned
 # about at start-up. (TWILIO_ is Twilio's own namespace, shared with its other tools.)
-OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_")
+OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_", "ELEVENLABS_")
 # What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
 # URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
 # no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
@@ -42,6 +44,10 @@ class Settings:
     nextevi_api_key: str = ""
     nextevi_config_id: str = ""
     nextevi_project_id: str = ""
+    elevenlabs_agent_id: str = ""
+    elevenlabs_api_key: str = ""  # set => a private agent, reached through a signed URL
+    elevenlabs_url: str = DEFAULT_ELEVENLABS_URL
+    elevenlabs_api_url: str = DEFAULT_ELEVENLABS_API_URL
     openai_api_key: str = ""
     openai_model: str = "gpt-realtime"
     openai_voice: str = ""
@@ -112,6 +118,7 @@ class Settings:
             for s in (
                 self.nextevi_api_key,
                 self.openai_api_key,
+                self.elevenlabs_api_key,
                 self.twilio_auth_token,
                 self.hook_secret,
                 self.api_token,
@@ -168,8 +175,17 @@ class Settings:
 
         api_key = get("NEXTEVI_API_KEY")
         openai_key = get("OPENAI_API_KEY")
-        credentials = {"nextevi": "NEXTEVI_API_KEY", "openai": "OPENAI_API_KEY"}
-        configured = [name for name, key in (("nextevi", api_key), ("openai", openai_key)) if key]
+        agent_id = get("ELEVENLABS_AGENT_ID")
+        credentials = {
+            "nextevi": "NEXTEVI_API_KEY",
+            "elevenlabs": "ELEVENLABS_AGENT_ID",
+            "openai": "OPENAI_API_KEY",
+        }
+        configured = [
+            name
+            for name, key in (("nextevi", api_key), ("elevenlabs", agent_id), ("openai", openai_key))
+            if key
+        ]
         provider = get("IVR_PROVIDER").lower()
         if not provider and len(configured) > 1:
             both = " and ".join(credentials[name] for name in configured)
@@ -201,6 +217,14 @@ class Settings:
                 ) from None
         if provider == "openai" and not openai_key:
             raise SettingsError("OPENAI_API_KEY is required when IVR_PROVIDER=openai")
+        if provider == "elevenlabs" and not agent_id:
+            raise SettingsError("ELEVENLABS_AGENT_ID is required when IVR_PROVIDER=elevenlabs")
+        elevenlabs_url = get("ELEVENLABS_URL", DEFAULT_ELEVENLABS_URL).rstrip("/")
+        if urlsplit(elevenlabs_url).scheme not in ("ws", "wss"):
+            raise SettingsError(f"ELEVENLABS_URL must be a ws:// or wss:// URL, got {elevenlabs_url!r}")
+        elevenlabs_api_url = get("ELEVENLABS_API_URL", DEFAULT_ELEVENLABS_API_URL).rstrip("/")
+        if urlsplit(elevenlabs_api_url).scheme not in ("http", "https"):
+            raise SettingsError(f"ELEVENLABS_API_URL must be an http(s) URL, got {elevenlabs_api_url!r}")
 
         raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "100")
         try:
@@ -294,6 +318,10 @@ class Settings:
             nextevi_api_key=api_key,
             nextevi_config_id=config_id,
             nextevi_project_id=get("NEXTEVI_PROJECT_ID"),
+            elevenlabs_agent_id=agent_id,
+            elevenlabs_api_key=get("ELEVENLABS_API_KEY"),
+            elevenlabs_url=elevenlabs_url,
+            elevenlabs_api_url=elevenlabs_api_url,
             openai_api_key=openai_key,
             openai_model=get("OPENAI_REALTIME_MODEL", "gpt-realtime"),
             openai_voice=get("OPENAI_REALTIME_VOICE"),
@@ -344,6 +372,8 @@ class Settings:
             "nextevi_api_key": secret(self.nextevi_api_key),
             "openai": f"{self.openai_model} at {self.openai_url}" if self.provider == "openai" else "-",
             "openai_api_key": secret(self.openai_api_key),
+            "elevenlabs": f"agent {self.elevenlabs_agent_id}" if self.provider == "elevenlabs" else "-",
+            "elevenlabs_api_key": secret(self.elevenlabs_api_key),
             "log_format": self.log_format,
             "preflight": "on" if self.preflight else "off",
         }

@@ -93,6 +93,7 @@ class Closed:
 
     code: int
     reason: str = ""
+    retry: bool | None = None  # the provider's own verdict; None: RETRYABLE_CLOSE_CODES decide
 
     @property
     def normal(self) -> bool:
@@ -100,7 +101,7 @@ class Closed:
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE_CLOSE_CODES
+        return self.retry if self.retry is not None else self.code in RETRYABLE_CLOSE_CODES
 
 
 VoiceEvent = (

@@ -625,9 +625,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = VoiceApiBehaviour()
     parser.add_argument(
         "--provider",
-        choices=["nextevi", "openai"],
+        choices=["nextevi", "openai", "elevenlabs"],
         default="nextevi",
-        help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime)",
+        help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime; "
+        "elevenlabs: an agent at /v1/convai/conversation, private with --api-key)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
@@ -673,6 +674,10 @@ def run(args: argparse.Namespace) -> int:
         from ivr_bridge.standins import openai_realtime
 
         return openai_realtime.run(args)
+    if args.provider == "elevenlabs":
+        from ivr_bridge.standins import elevenlabs
+
+        return elevenlabs.run(args)
     behaviour = VoiceApiBehaviour(
         api_key=args.api_key or VoiceApiBehaviour().api_key,
         config_id=args.config_id,

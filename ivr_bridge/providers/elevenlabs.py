@@ -1,0 +1,280 @@
+"""ElevenLabs agents (Conversational AI) over WebSocket: `ElevenLabsProtocol` (sans-I/O)
+and `ElevenLabsSession` (the socket).
+
+The facts it is built on are in `shared/reference/providers.md` §1:
+- The audio formats are the agent's own (set in its configuration, not per call), known
+  from `conversation_initiation_metadata`: until then no caller audio is sent. With
+  `ulaw_8000` both ways the caller's audio goes up untouched and the agent's comes down
+  untouched; `pcm_<rate>` is converted.
+- Every `audio` carries the `event_id` of its turn (growing turn by turn): it is the reply
+  number. On `interruption {event_id: N}` every later chunk with `event_id <= N` is
+  dropped: chunks of the cut turn keep arriving after it.
+- Each `ping` is answered at once by a `pong` with the same `event_id`.
+- 1000 is the agent ending the call (or its maximum duration); 1008 a configuration or
+  contract error (no retry); 1002 and 1011 operational failures (a new conversation is
+  tried within the reconnect budget). An `error` event comes just before a close.
+- A private agent (ELEVENLABS_API_KEY set) is reached through a signed URL fetched with
+  the key, used exactly as returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import json
+import logging
+import re
+from base64 import b64decode, b64encode
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import numpy as np
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
+from ivr_bridge.providers.base import (
+    NORMAL_CLOSE,
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Interruption,
+    ProviderError,
+    Ready,
+    Skipped,
+    UserTranscript,
+    VoiceEvent,
+)
+from ivr_bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+METADATA_TIMEOUT_S = 10.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+RETRY_CODES = frozenset({1002, 1006, 1011})  # operational: a new conversation may work
+NO_RETRY_CODES = frozenset({1008})  # contract or configuration: it would fail again
+_FORMAT = re.compile(r"(pcm|ulaw)_(\d+)")
+DEFAULT_INPUT = "pcm_16000"  # what the SDKs assume when the metadata leaves it out
+
+
+def parse_format(text: object) -> AudioFormat | None:
+    """`ulaw_8000` / `pcm_16000` -> AudioFormat (None for anything else)."""
+    match = _FORMAT.fullmatch(str(text))
+    if match is None:
+        return None
+    encoding = Encoding.MULAW if match[1] == "ulaw" else Encoding.PCM16
+    return AudioFormat(encoding, int(match[2]))
+
+
+class ElevenLabsProtocol:
+    """One conversation's protocol state: messages in, events out, replies to send
+    (`outbox`: the pongs)."""
+
+    def __init__(self, dynamic_variables: dict[str, str] | None = None) -> None:
+        self.dynamic_variables = dynamic_variables or {}
+        self.send_format: AudioFormat | None = None
+        self.receive_format: AudioFormat | None = None
+        self.conversation_id = ""
+        self.interrupted_through = 0  # audio of turns up to this event_id is stale
+        self.stale_chunks = 0
+        self.outbox: list[str] = []
+
+    # -- to the API ---------------------------------------------------------------------------
+
+    @staticmethod
+    def url(base: str, agent_id: str) -> str:
+        return f"{base}?{urlencode({'agent_id': agent_id})}"
+
+    def initiation(self) -> str:
+        message: dict[str, Any] = {"type": "conversation_initiation_client_data"}
+        if self.dynamic_variables:
+            message["dynamic_variables"] = self.dynamic_variables
+        return json.dumps(message)
+
+    @staticmethod
+    def audio_message(audio: bytes) -> str:
+        return f'{{"user_audio_chunk":"{b64encode(audio).decode("ascii")}"}}'
+
+    # -- from the API -------------------------------------------------------------------------
+
+    def receive(self, raw: str | bytes) -> list[VoiceEvent]:
+        if isinstance(raw, bytes):
+            return [Skipped("binary frame", "binary")]
+        try:
+            message = json.loads(raw)
+        except (ValueError, RecursionError):
+            return [Skipped("not JSON", "not_json")]
+        if not isinstance(message, dict):
+            return [Skipped("not a JSON object", "not_object")]
+        kind = message.get("type")
+        body = message.get(f"{kind}_event")
+        body = body if isinstance(body, dict) else {}
+        if kind == "audio":
+            return self._audio(message, body)
+        if kind == "ping":
+            self.outbox.append(json.dumps({"type": "pong", "event_id": body.get("event_id")}))
+            return []
+        if kind == "conversation_initiation_metadata":
+            self.conversation_id = str(body.get("conversation_id", ""))
+            self.send_format = parse_format(body.get("user_input_audio_format", DEFAULT_INPUT))
+            self.receive_format = parse_format(body.get("agent_output_audio_format"))
+            return [Ready("ready")]
+        if kind == "interruption":
+            self.interrupted_through = max(self.interrupted_through, _int(body.get("event_id")))
+            return [Interruption("caller speech (agent)")]
+        if kind == "agent_response":
+            text = str(body.get("agent_response", ""))
+            return [AssistantText(text, True, response=_int(body.get("event_id")))]
+        if kind == "user_transcript":
+            return [
+                UserTranscript(
+                    str(message.get("user_transcription_event", {}).get("user_transcript", "")), True
+                )
+            ]
+        if kind == "tentative_user_transcript":
+            event = message.get("tentative_user_transcription_event", {})
+            return [
+                UserTranscript(
+                    str(event.get("user_transcript", "")) if isinstance(event, dict) else "", False
+                )
+            ]
+        if kind == "error":
+            code = str(body.get("error_type") or body.get("code") or "error")[:60]
+            return [ProviderError(code, str(body.get("message", ""))[:200])]
+        return []  # vad scores, tool visibility, corrections (the marks say what was heard)...
+
+    def _audio(self, message: dict, body: dict) -> list[VoiceEvent]:
+        encoded = body.get("audio_base_64")
+        if encoded is None and isinstance(message.get("audio"), dict):  # the legacy shape
+            encoded = message["audio"].get("chunk")
+        if not isinstance(encoded, str):
+            return [Skipped("audio without audio_base_64", "missing_field")]
+        turn = _int(body.get("event_id"))
+        if turn and turn <= self.interrupted_through:
+            self.stale_chunks += 1
+            return []  # a chunk of the turn the caller cut off
+        try:
+            audio = b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            return [Skipped("audio is not base64", "bad_base64")]
+        out = self.receive_format
+        if out == TWILIO_AUDIO:
+            return [AssistantAudio(Ulaw(audio), turn)]
+        rate = out.rate if out is not None else 16000
+        samples = np.frombuffer(audio[: len(audio) // 2 * 2], dtype="<i2").astype(np.int16)
+        return [AssistantAudio(Pcm(samples, rate), turn)]
+
+    @staticmethod
+    def classify(code: int, reason: str) -> Closed:
+        retry = True if code in RETRY_CODES else False if code in NO_RETRY_CODES else None
+        return Closed(code, reason[:120], retry)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class ElevenLabsSession:
+    """One call's conversation with an ElevenLabs agent (`VoiceSession`)."""
+
+    name = "elevenlabs"
+
+    def __init__(self, settings: Settings, call_sid: str = "") -> None:
+        self._settings = settings
+        self.protocol = ElevenLabsProtocol({"call_sid": call_sid} if call_sid else None)
+        self._ws: ClientConnection | None = None
+        self._pending: list[VoiceEvent] = []
+        self._closed: Closed | None = None
+
+    async def _signed_url(self) -> str:
+        s = self._settings
+        url = f"{s.elevenlabs_api_url}/v1/convai/conversation/get-signed-url"
+        timeout = aiohttp.ClientTimeout(total=10)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.get(
+                    url,
+                    params={"agent_id": s.elevenlabs_agent_id},
+                    headers={"xi-api-key": s.elevenlabs_api_key},
+                ) as answer,
+            ):
+                if answer.status != 200:
+                    raise ConnectionError(f"voice API refused a signed URL: HTTP {answer.status}")
+                signed = (await answer.json(content_type=None)).get("signed_url")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ConnectionError(f"voice API unreachable for a signed URL: {type(exc).__name__}") from None
+        if not isinstance(signed, str) or not signed.startswith(("ws://", "wss://")):
+            raise ConnectionError("voice API answered no signed_url")
+        return signed  # used exactly as returned
+
+    async def connect(self) -> AudioFormat:
+        s = self._settings
+        url = (
+            await self._signed_url()
+            if s.elevenlabs_api_key
+            else ElevenLabsProtocol.url(s.elevenlabs_url, s.elevenlabs_agent_id)
+        )
+        try:
+            self._ws = await websockets.connect(
+                url, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=10, ping_interval=20
+            )
+        except InvalidStatus as exc:
+            raise ConnectionError(
+                f"voice API refused the connection: HTTP {exc.response.status_code}"
+            ) from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
+        try:
+            await self._ws.send(self.protocol.initiation())
+            async with asyncio.timeout(METADATA_TIMEOUT_S):
+                while self.protocol.send_format is None:
+                    self._pending += await self._take(await self._ws.recv())
+        except ConnectionClosed as exc:
+            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+            raise ConnectionError(
+                f"voice API closed the conversation at its start: {code} {reason[:80]}"
+            ) from None
+        except TimeoutError:
+            raise ConnectionError("voice API sent no conversation_initiation_metadata") from None
+        if self.protocol.receive_format is None:
+            raise ConnectionError("voice API named no agent output audio format")
+        return self.protocol.send_format
+
+    async def _take(self, raw: str | bytes) -> list[VoiceEvent]:
+        events = [e for e in self.protocol.receive(raw) if not isinstance(e, Ready)]
+        while self.protocol.outbox and self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(self.protocol.outbox.pop(0))
+        return events
+
+    async def send_audio(self, audio: bytes) -> None:
+        if self._ws is None or self._closed:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(ElevenLabsProtocol.audio_message(audio))
+
+    async def receive(self) -> VoiceEvent:
+        while not self._pending and self._closed is None:
+            assert self._ws is not None, "receive() before connect()"
+            try:
+                raw = await self._ws.recv()
+            except ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                self._closed = ElevenLabsProtocol.classify(code, reason)
+                break
+            self._pending += await self._take(raw)
+        if self._pending:
+            return self._pending.pop(0)
+        assert self._closed is not None
+        return self._closed
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close(code)
+        if self._closed is None:
+            self._closed = Closed(code)

@@ -1,0 +1,247 @@
+"""A stand-in for an ElevenLabs agent's conversation socket, faithful to what
+`shared/reference/providers.md` §1.8 lists, the awkward parts included:
+
+- `/v1/convai/conversation?agent_id=…`; a private agent needs the `token` of a signed URL
+  from `GET /v1/convai/conversation/get-signed-url` (checked `xi-api-key`), used once;
+- `conversation_initiation_metadata` with the formats of the agent's configuration
+  (`ulaw_8000` both ways, or PCM), then a greeting at once: `agent_response` and audio
+  chunks of odd sizes, faster than real time;
+- caller audio decoded in the declared input format; energy VAD; `user_transcript`, then the
+  next turn with a larger `event_id`;
+- speech over the agent: `interruption {event_id}`, then more chunks of the cut turn
+  (stale audio the bridge must drop);
+- `ping {event_id}` on a timer, each `pong` checked against it;
+- an `error` event before a close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http
+import json
+import secrets
+import signal
+from base64 import b64decode, b64encode
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ivr_bridge.audio import ulaw_decode, ulaw_encode
+
+PATH = "/v1/convai/conversation"
+SPEECH_RMS = 500.0
+SILENCE_TO_END_MS = 500
+
+
+@dataclass
+class AgentBehaviour:
+    agent_id: str = "agent_test"
+    api_key: str = ""  # set => a private agent: only signed URLs get in
+    input_format: str = "ulaw_8000"
+    output_format: str = "ulaw_8000"
+    greeting_ms: int = 600
+    reply_ms: int = 1500
+    chunk_sizes: tuple[int, ...] = (733, 1601, 977)  # bytes (mu-law) / samples (PCM), in turn
+    stale_chunks: int = 3  # chunks of a cut turn still sent after the interruption
+    ping_every_s: float = 0.5
+
+
+@dataclass
+class _Peer:
+    ws: ServerConnection
+    turn: int = 0
+    speaking: bool = False
+    silence_ms: float = 0.0
+    agent: asyncio.Task[None] | None = None
+    interrupted: bool = False
+    appended: bytearray = field(default_factory=bytearray)
+    chunks: list[bytes] = field(default_factory=list)  # decoded audio sent, in order
+    pings: dict[int, bool] = field(default_factory=dict)  # ping event_id -> pong received
+
+
+class ElevenLabsStandIn:
+    def __init__(self, behaviour: AgentBehaviour | None = None) -> None:
+        self.behaviour = behaviour or AgentBehaviour()
+        self.peers: list[_Peer] = []
+        self.initiations: list[dict[str, Any]] = []
+        self._tokens: set[str] = set()
+        self._server: Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await serve(self._handle, host, port, process_request=self._route, compression=None)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+
+    @property
+    def base(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.base}{PATH}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.base}"
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == PATH + "/get-signed-url":  # the REST route, on the same port
+            if not self.behaviour.api_key or request.headers.get("xi-api-key") != self.behaviour.api_key:
+                return _json(401, {"detail": {"status": "invalid_api_key"}})
+            token = secrets.token_urlsafe(16)
+            self._tokens.add(token)
+            return _json(
+                200, {"signed_url": f"ws://{self.base}{PATH}?agent_id={query.get('agent_id')}&token={token}"}
+            )
+        if parts.path != PATH or query.get("agent_id") != self.behaviour.agent_id:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "unknown agent\n")
+        if self.behaviour.api_key:
+            token = query.get("token", "")
+            if token not in self._tokens:
+                return connection.respond(http.HTTPStatus.FORBIDDEN, "signature invalid or used\n")
+            self._tokens.discard(token)  # used once
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        peer = _Peer(ws)
+        self.peers.append(peer)
+        pinger = asyncio.create_task(self._ping(peer))
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("type") == "conversation_initiation_client_data":
+                    self.initiations.append(message)
+                    await self._send(
+                        peer,
+                        "conversation_initiation_metadata",
+                        conversation_id=secrets.token_hex(8),
+                        user_input_audio_format=self.behaviour.input_format,
+                        agent_output_audio_format=self.behaviour.output_format,
+                    )
+                    peer.agent = asyncio.create_task(self._speak(peer, self.behaviour.greeting_ms, "Hello!"))
+                elif "user_audio_chunk" in message:
+                    await self._hear(peer, b64decode(message["user_audio_chunk"]))
+                elif message.get("type") == "pong":
+                    peer.pings[int(message.get("event_id", -1))] = True
+        except ConnectionClosed:
+            pass
+        finally:
+            pinger.cancel()
+            if peer.agent is not None:
+                peer.agent.cancel()
+
+    async def _ping(self, peer: _Peer) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(self.behaviour.ping_every_s)
+            n += 1
+            peer.pings[n] = False
+            await self._send(peer, "ping", event_id=n, ping_ms=None if n == 1 else 20)
+
+    def _pcm(self, fmt: str) -> bool:
+        return fmt.startswith("pcm_")
+
+    async def _hear(self, peer: _Peer, audio: bytes) -> None:
+        peer.appended += audio
+        if self._pcm(self.behaviour.input_format):
+            rate = int(self.behaviour.input_format.split("_")[1])
+            samples, ms = (
+                np.frombuffer(audio[: len(audio) // 2 * 2], "<i2").astype(np.float64),
+                len(audio) / 2 / rate * 1000,
+            )
+        else:
+            samples, ms = ulaw_decode(audio).astype(np.float64), len(audio) / 8
+        loud = samples.size > 0 and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+        busy = peer.agent is not None and not peer.agent.done()
+        if loud and not peer.speaking:
+            peer.speaking, peer.silence_ms = True, 0.0
+            if busy and not peer.interrupted:
+                peer.interrupted = True
+                await self._send(peer, "interruption", event_id=peer.turn)
+        elif peer.speaking and not loud:
+            peer.silence_ms += ms
+            if peer.silence_ms >= SILENCE_TO_END_MS:
+                peer.speaking = False
+                await self._send(
+                    peer, "user_transcript", key="user_transcription_event", user_transcript="hello"
+                )
+                if peer.agent is not None:
+                    peer.agent.cancel()
+                peer.agent = asyncio.create_task(
+                    self._speak(peer, self.behaviour.reply_ms, "How can I help?")
+                )
+        elif loud:
+            peer.silence_ms = 0.0
+
+    async def _speak(self, peer: _Peer, ms: int, text: str) -> None:
+        b = self.behaviour
+        peer.turn += 1
+        peer.interrupted = False
+        turn = peer.turn
+        await self._send(peer, "agent_response", agent_response=text, event_id=turn)
+        rate = int(b.output_format.split("_")[1])
+        t = np.arange(rate * ms // 1000) / rate
+        tone = (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+        audio = tone.astype("<i2").tobytes() if self._pcm(b.output_format) else ulaw_encode(tone)
+        width = 2 if self._pcm(b.output_format) else 1
+        at, n, stale = 0, 0, b.stale_chunks
+        while at < len(audio):
+            if peer.interrupted:
+                if stale <= 0:
+                    return
+                stale -= 1  # already in flight when the caller spoke
+            size = b.chunk_sizes[n % len(b.chunk_sizes)] * width
+            chunk = audio[at : at + size]
+            at, n = at + size, n + 1
+            peer.chunks.append(chunk)
+            await self._send(peer, "audio", audio_base_64=b64encode(chunk).decode(), event_id=turn)
+            await asyncio.sleep(len(chunk) / width / rate / 5)  # faster than real time
+
+    async def _send(self, peer: _Peer, kind: str, key: str = "", **body: Any) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await peer.ws.send(json.dumps({"type": kind, (key or f"{kind}_event"): body}))
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ivr-bridge stub-voice-api --provider elevenlabs`: serve until SIGINT or SIGTERM."""
+    behaviour = AgentBehaviour(api_key=args.api_key or "", reply_ms=args.reply_ms)
+
+    async def serve_forever() -> None:
+        standin = ElevenLabsStandIn(behaviour)
+        await standin.start(args.host, args.port)
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        print(
+            f"ElevenLabs agent stand-in at ws://{args.host}:{args.port}{PATH}?agent_id={behaviour.agent_id}",
+            flush=True,
+        )
+        await stop.wait()
+        await standin.__aexit__(None)
+
+    asyncio.run(serve_forever())
+    return 0

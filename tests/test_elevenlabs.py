@@ -1,0 +1,135 @@
+"""ElevenLabs agents: the protocol class in memory, and whole calls over loopback against
+the stand-in: mu-law through untouched both ways, the greeting before the caller speaks,
+barge-in with the stale chunks of the cut turn dropped, pings answered, PCM formats
+converted, a private agent reached through a signed URL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Ulaw
+from ivr_bridge.providers.base import AssistantAudio, Interruption
+from ivr_bridge.providers.elevenlabs import ElevenLabsProtocol, parse_format
+from ivr_bridge.settings import Settings
+from ivr_bridge.standins.elevenlabs import AgentBehaviour, ElevenLabsStandIn
+from ivr_bridge.standins.twilio import TwilioCaller
+from tests.test_end_to_end import tone_ulaw
+
+
+def event(kind: str, **body: object) -> str:
+    return json.dumps({"type": kind, f"{kind}_event": body})
+
+
+def test_formats_pings_and_stale_turns_in_memory() -> None:
+    assert parse_format("ulaw_8000") == TWILIO_AUDIO
+    assert parse_format("pcm_22050") == AudioFormat(Encoding.PCM16, 22050)
+    assert parse_format("mp3_44100") is None
+    protocol = ElevenLabsProtocol()
+    protocol.receive(
+        event(
+            "conversation_initiation_metadata",
+            user_input_audio_format="ulaw_8000",
+            agent_output_audio_format="ulaw_8000",
+        )
+    )
+    assert protocol.send_format == protocol.receive_format == TWILIO_AUDIO
+    [audio] = protocol.receive(event("audio", audio_base_64="AAEC", event_id=3))
+    assert isinstance(audio, AssistantAudio) and isinstance(audio.pcm, Ulaw) and audio.response == 3
+    assert protocol.receive(event("interruption", event_id=3)) == [Interruption("caller speech (agent)")]
+    assert protocol.receive(event("audio", audio_base_64="AAEC", event_id=3)) == []  # stale: dropped
+    assert protocol.stale_chunks == 1
+    assert protocol.receive(event("audio", audio_base_64="AAEC", event_id=4))[0].response == 4
+    legacy = json.dumps({"type": "audio", "audio": {"chunk": "AAEC"}})
+    assert isinstance(protocol.receive(legacy)[0], AssistantAudio)  # the older shape is accepted
+    assert protocol.receive(event("ping", event_id=7, ping_ms=None)) == []
+    assert json.loads(protocol.outbox.pop()) == {"type": "pong", "event_id": 7}
+    assert ElevenLabsProtocol.classify(1008, "override_error").retryable is False
+    assert ElevenLabsProtocol.classify(1002, "transport_receive_timeout").retryable is True
+
+
+def agent_settings(standin: ElevenLabsStandIn, **more: object) -> Settings:
+    return Settings(
+        provider="elevenlabs",
+        elevenlabs_agent_id=standin.behaviour.agent_id,
+        elevenlabs_url=standin.url,
+        elevenlabs_api_url=standin.api_url,
+        upstream_chunk_ms=20,
+        **more,  # type: ignore[arg-type]
+    )
+
+
+async def test_greeting_and_a_turn_pass_mulaw_through_untouched(make_bridge) -> None:
+    async with ElevenLabsStandIn() as standin:
+        bridge = make_bridge(agent_settings(standin))
+        said = tone_ulaw(600, hz=500)
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 500, 20)  # the greeting, unasked
+            await caller.say(said)
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 1800, 20)  # and the reply
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [peer] = standin.peers
+    assert said in bytes(peer.appended)  # up byte for byte
+    sent, heard = b"".join(peer.chunks), bytes(caller.received)
+    # Down byte for byte, only re-framed: the greeting's last frame is padded with silence.
+    greeting = b"".join(peer.chunks[: _greeting_chunks(peer)])
+    assert heard[: len(greeting)] == greeting and len(sent) >= len(greeting)
+    assert all(peer.pings.values()) and peer.pings  # every ping got its pong
+    assert call.outcome == "stream_stopped" and call.provider == "elevenlabs"
+    assert standin.initiations and standin.initiations[0]["type"] == "conversation_initiation_client_data"
+
+
+def _greeting_chunks(peer) -> int:  # type: ignore[no-untyped-def]
+    total, n = 0, 0
+    while n < len(peer.chunks) and total < 8 * 600:
+        total += len(peer.chunks[n])
+        n += 1
+    return n
+
+
+async def test_barge_in_drops_the_stale_chunks_of_the_cut_turn(make_bridge) -> None:
+    async with ElevenLabsStandIn(AgentBehaviour(greeting_ms=4000, stale_chunks=3)) as standin:
+        bridge = make_bridge(agent_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.wait_for(lambda: len(caller.marks_played) >= 2, 20)
+            await caller.say(tone_ulaw(400, hz=700))  # over the greeting
+            await caller.wait_for(lambda: caller.clears >= 1, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [greeting] = call.playback.responses[:1]
+    assert greeting.interrupted and call.stats.barge_ins == 1
+    # The stale chunks sent after the interruption never reached the caller.
+    assert caller.received_total < sum(len(c) for c in standin.peers[0].chunks)
+
+
+@pytest.mark.parametrize("formats", [("pcm_16000", "pcm_16000"), ("ulaw_8000", "pcm_24000")])
+async def test_pcm_formats_are_converted(make_bridge, formats: tuple[str, str]) -> None:
+    behaviour = AgentBehaviour(input_format=formats[0], output_format=formats[1], greeting_ms=800)
+    async with ElevenLabsStandIn(behaviour) as standin:
+        bridge = make_bridge(agent_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 700, 20)
+            await caller.say(tone_ulaw(300))
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [peer] = standin.peers
+    if formats[0] == "pcm_16000":
+        assert len(peer.appended) % 2 == 0 and len(peer.appended) >= 300 * 32  # 16 kHz PCM16 went up
+    assert call.outcome == "stream_stopped" and call.stats.frames_out >= 35
+
+
+async def test_a_private_agent_is_reached_through_a_signed_url(make_bridge) -> None:
+    async with ElevenLabsStandIn(AgentBehaviour(api_key="xi-secret-key")) as standin:
+        bridge = make_bridge(agent_settings(standin, elevenlabs_api_key="xi-secret-key"))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 400, 20)
+            await caller.hang_up()
+        wrong = make_bridge(agent_settings(standin, elevenlabs_api_key="xi-wrong"))
+        async with TwilioCaller(wrong.stream_url, continuous=True) as refused:
+            await refused.wait_closed(30)
+        [call] = await bridge.wait_for_calls(1)
+        [failed] = await wrong.wait_for_calls(1)
+    assert call.outcome == "stream_stopped"
+    assert failed.outcome == "voice_api_unreachable"  # refused a signed URL: no session
