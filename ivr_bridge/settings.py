@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-PROVIDERS = ("nextevi", "elevenlabs", "openai", "echo")
+PROVIDERS = ("nextevi", "elevenlabs", "openai", "navtalk", "echo")
+DEFAULT_NAVTALK_URL = "wss://transfer.navtalk.ai/wss/v2/realtime-chat"
 DEFAULT_ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
 DEFAULT_ELEVENLABS_API_URL = "https://api.elevenlabs.io"
 DEFAULT_OPENAI_URL = "wss://api.openai.com/v1/realtime"
@@ -24,7 +25,7 @@ DTMF_KEYS = "0123456789*#"
 LOG_FORMATS = ("text", "json")
 # Variables under these prefixes are the bridge's: one it does not know is a typo, warned
 # about at start-up. (TWILIO_ is Twilio's own namespace, shared with its other tools.)
-OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_", "ELEVENLABS_")
+OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_", "ELEVENLABS_", "NAVTALK_")
 # What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
 # URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
 # no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
@@ -48,6 +49,12 @@ class Settings:
     elevenlabs_api_key: str = ""  # set => a private agent, reached through a signed URL
     elevenlabs_url: str = DEFAULT_ELEVENLABS_URL
     elevenlabs_api_url: str = DEFAULT_ELEVENLABS_API_URL
+    navtalk_license: str = ""
+    navtalk_character: str = ""
+    navtalk_avatar_id: str = ""
+    navtalk_voice: str = ""
+    navtalk_prompt: str = ""
+    navtalk_url: str = DEFAULT_NAVTALK_URL
     openai_api_key: str = ""
     openai_model: str = "gpt-realtime"
     openai_voice: str = ""
@@ -119,6 +126,7 @@ class Settings:
                 self.nextevi_api_key,
                 self.openai_api_key,
                 self.elevenlabs_api_key,
+                self.navtalk_license,
                 self.twilio_auth_token,
                 self.hook_secret,
                 self.api_token,
@@ -176,19 +184,17 @@ class Settings:
         api_key = get("NEXTEVI_API_KEY")
         openai_key = get("OPENAI_API_KEY")
         agent_id = get("ELEVENLABS_AGENT_ID")
-        credentials = {
-            "nextevi": "NEXTEVI_API_KEY",
-            "elevenlabs": "ELEVENLABS_AGENT_ID",
-            "openai": "OPENAI_API_KEY",
+        navtalk_license = get("NAVTALK_LICENSE")
+        credentials = {  # a provider is configured when its credential is set
+            "nextevi": ("NEXTEVI_API_KEY", api_key),
+            "elevenlabs": ("ELEVENLABS_AGENT_ID", agent_id),
+            "openai": ("OPENAI_API_KEY", openai_key),
+            "navtalk": ("NAVTALK_LICENSE", navtalk_license),
         }
-        configured = [
-            name
-            for name, key in (("nextevi", api_key), ("elevenlabs", agent_id), ("openai", openai_key))
-            if key
-        ]
+        configured = [name for name, (_, key) in credentials.items() if key]
         provider = get("IVR_PROVIDER").lower()
         if not provider and len(configured) > 1:
-            both = " and ".join(credentials[name] for name in configured)
+            both = " and ".join(credentials[name][0] for name in configured)
             raise SettingsError(f"IVR_PROVIDER must say which voice API to use: {both} are all set")
         provider = provider or (configured[0] if configured else "echo")
         if provider not in PROVIDERS:
@@ -217,6 +223,16 @@ class Settings:
                 ) from None
         if provider == "openai" and not openai_key:
             raise SettingsError("OPENAI_API_KEY is required when IVR_PROVIDER=openai")
+        if provider == "navtalk" and not navtalk_license:
+            raise SettingsError("NAVTALK_LICENSE is required when IVR_PROVIDER=navtalk")
+        character, avatar_id = get("NAVTALK_CHARACTER"), get("NAVTALK_AVATAR_ID")
+        if provider == "navtalk" and not (character or avatar_id):
+            raise SettingsError(
+                "NAVTALK_CHARACTER or NAVTALK_AVATAR_ID is required when IVR_PROVIDER=navtalk"
+            )
+        navtalk_url = get("NAVTALK_URL", DEFAULT_NAVTALK_URL).rstrip("/")
+        if urlsplit(navtalk_url).scheme not in ("ws", "wss"):
+            raise SettingsError(f"NAVTALK_URL must be a ws:// or wss:// URL, got {navtalk_url!r}")
         if provider == "elevenlabs" and not agent_id:
             raise SettingsError("ELEVENLABS_AGENT_ID is required when IVR_PROVIDER=elevenlabs")
         elevenlabs_url = get("ELEVENLABS_URL", DEFAULT_ELEVENLABS_URL).rstrip("/")
@@ -322,6 +338,12 @@ class Settings:
             elevenlabs_api_key=get("ELEVENLABS_API_KEY"),
             elevenlabs_url=elevenlabs_url,
             elevenlabs_api_url=elevenlabs_api_url,
+            navtalk_license=navtalk_license,
+            navtalk_character=character,
+            navtalk_avatar_id=avatar_id,
+            navtalk_voice=get("NAVTALK_VOICE"),
+            navtalk_prompt=get("NAVTALK_PROMPT"),
+            navtalk_url=navtalk_url,
             openai_api_key=openai_key,
             openai_model=get("OPENAI_REALTIME_MODEL", "gpt-realtime"),
             openai_voice=get("OPENAI_REALTIME_VOICE"),
@@ -374,6 +396,10 @@ class Settings:
             "openai_api_key": secret(self.openai_api_key),
             "elevenlabs": f"agent {self.elevenlabs_agent_id}" if self.provider == "elevenlabs" else "-",
             "elevenlabs_api_key": secret(self.elevenlabs_api_key),
+            "navtalk": self.navtalk_avatar_id or self.navtalk_character
+            if self.provider == "navtalk"
+            else "-",
+            "navtalk_license": secret(self.navtalk_license),
             "log_format": self.log_format,
             "preflight": "on" if self.preflight else "off",
         }

@@ -16,6 +16,10 @@ def new_session(settings: Settings, call_sid: str = "") -> VoiceSession:
         from ivr_bridge.providers.elevenlabs import ElevenLabsSession
 
         return ElevenLabsSession(settings, call_sid=call_sid)
+    if settings.provider == "navtalk":
+        from ivr_bridge.providers.navtalk import NavTalkSession
+
+        return NavTalkSession(settings, call_sid=call_sid)
     if settings.provider == "openai":
         from ivr_bridge.providers.openai_realtime import OpenAiRealtimeSession
 

@@ -97,7 +97,9 @@ class Closed:
 
     @property
     def normal(self) -> bool:
-        return self.code == NORMAL_CLOSE
+        """A normal end of the session: 1000, unless the provider knows it ended in failure
+        (e.g. NavTalk's balance running out before a 1000)."""
+        return self.code == NORMAL_CLOSE and self.retry is None
 
     @property
     def retryable(self) -> bool:

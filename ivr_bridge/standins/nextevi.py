@@ -625,10 +625,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = VoiceApiBehaviour()
     parser.add_argument(
         "--provider",
-        choices=["nextevi", "openai", "elevenlabs"],
+        choices=["nextevi", "openai", "elevenlabs", "navtalk"],
         default="nextevi",
         help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime; "
-        "elevenlabs: an agent at /v1/convai/conversation, private with --api-key)",
+        "elevenlabs: an agent at /v1/convai/conversation, private with --api-key; "
+        "navtalk: /wss/v2/realtime-chat, --api-key is the license)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
@@ -678,6 +679,10 @@ def run(args: argparse.Namespace) -> int:
         from ivr_bridge.standins import elevenlabs
 
         return elevenlabs.run(args)
+    if args.provider == "navtalk":
+        from ivr_bridge.standins import navtalk
+
+        return navtalk.run(args)
     behaviour = VoiceApiBehaviour(
         api_key=args.api_key or VoiceApiBehaviour().api_key,
         config_id=args.config_id,
