@@ -47,6 +47,7 @@ from ivr_bridge.providers.base import (
     RETRYABLE_CLOSE_CODES,
     AssistantAudio,
     AssistantText,
+    CallInfo,
     Closed,
     Emotions,
     Interruption,
@@ -153,7 +154,7 @@ class Call:
         self,
         settings: Settings,
         twilio: TwilioSocket,
-        session_factory: Callable[[Settings, str], VoiceSession] = new_session,
+        session_factory: Callable[[Settings, CallInfo], VoiceSession] = new_session,
         metrics: BridgeMetrics | None = None,
         admit: Callable[[StreamStarted], str | Awaitable[str | None] | None] | None = None,
         on_event: Callable[[CallEvent], None] | None = None,
@@ -219,6 +220,9 @@ class Call:
     def transcript(self) -> list[TranscriptLine]:
         return self.words.lines
 
+    def _call_info(self) -> CallInfo:
+        return CallInfo(self.call_sid, self.caller, self.called, dict(self.custom_parameters))
+
     @property
     def provider(self) -> str:
         return self._session.name if self._session is not None else ""
@@ -250,7 +254,7 @@ class Call:
                 self.outcome = Outcome.CLOSED_BEFORE_START
             await self.twilio.close(POLICY_VIOLATION if self.outcome == Outcome.NO_START else NORMAL_CLOSE)
             return
-        self._session = self._session_factory(self.settings, self.call_sid)
+        self._session = self._session_factory(self.settings, self._call_info())
         self.log.info(
             "call started, provider %s, parameters %s", self._session.name, sorted(self.custom_parameters)
         )
@@ -421,7 +425,7 @@ class Call:
                 self._connected.clear()
                 self._reconnecting, self._gap = True, "renewal"
                 self.stats.renewals += 1
-                self._session = self._session_factory(self.settings, self.call_sid)
+                self._session = self._session_factory(self.settings, self._call_info())
                 continue
             if not retryable and code != CONNECT_FAILED:
                 self.outcome = Outcome.VOICE_API_FAILED
@@ -444,7 +448,7 @@ class Call:
             self._connected.clear()
             self._reconnecting, self._gap = True, "drop"
             await asyncio.sleep(delay)
-            self._session = self._session_factory(self.settings, self.call_sid)
+            self._session = self._session_factory(self.settings, self._call_info())
 
     async def _serve_session(self, session: VoiceSession) -> Closed | int | None:
         """Connect and relay one voice session. Returns how it failed (its `Closed`, or

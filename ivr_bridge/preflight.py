@@ -12,7 +12,7 @@ import asyncio
 import time
 
 from ivr_bridge.providers import new_session
-from ivr_bridge.providers.base import Closed, ProviderError, Ready
+from ivr_bridge.providers.base import CallInfo, Closed, ProviderError, Ready
 from ivr_bridge.settings import Settings
 
 TIMEOUT_S = 10.0
@@ -22,7 +22,7 @@ READY = frozenset({"ready", "echo"})  # NextEVI's status after its session setti
 async def preflight(settings: Settings, timeout: float = TIMEOUT_S) -> str | None:
     """None if a session was opened and declared ready within `timeout`, else why not, in
     one line without secrets (the session's own errors never carry the key)."""
-    session = new_session(settings, call_sid="preflight")
+    session = new_session(settings, CallInfo(call_sid="preflight"))
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):

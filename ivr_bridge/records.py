@@ -252,9 +252,14 @@ class CallStore:
             if mark_interrupted:
                 count = await self._mark_interrupted() + await self.sweep()
                 await self.heartbeat()
-        except RecordsError:
-            raise
-        except Exception as e:  # unreachable, refused, an unknown schema revision, a bad URL...
+        except Exception as e:  # unreachable, refused, damaged, an unknown schema revision, a bad URL...
+            # Nothing is left running (an aiosqlite thread would print a traceback at exit).
+            if self._engine is not None:
+                with contextlib.suppress(Exception):
+                    await self._engine.dispose()
+                self._engine = self._write_engine = None
+            if isinstance(e, RecordsError):
+                raise
             raise RecordsError(f"cannot open the call records at {self.redacted_url}: {_reason(e)}") from e
         if self._writer is None:
             self._loop = asyncio.get_running_loop()

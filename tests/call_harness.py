@@ -22,7 +22,7 @@ from ivr_bridge.audio import PCM16_24K, AudioFormat, Pcm
 from ivr_bridge.call import Call
 from ivr_bridge.events import CallEvent
 from ivr_bridge.media_stream import MediaStream
-from ivr_bridge.providers.base import NORMAL_CLOSE, Closed, VoiceEvent
+from ivr_bridge.providers.base import NORMAL_CLOSE, CallInfo, Closed, VoiceEvent
 from ivr_bridge.settings import Settings
 
 STREAM_SID = "MZ" + "0" * 32
@@ -180,7 +180,7 @@ class Harness:
         self.call.stream = MediaStream(clock=None)
         self._task: asyncio.Task[None] | None = None
 
-    def _session(self, settings: Settings, call_sid: str) -> ScriptedSession:
+    def _session(self, settings: Settings, call: CallInfo) -> ScriptedSession:
         session = self.prepared.pop(0) if self.prepared else ScriptedSession()
         self.sessions.append(session)
         return session

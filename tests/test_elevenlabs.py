@@ -64,7 +64,8 @@ async def test_greeting_and_a_turn_pass_mulaw_through_untouched(make_bridge) -> 
     async with ElevenLabsStandIn() as standin:
         bridge = make_bridge(agent_settings(standin))
         said = tone_ulaw(600, hz=500)
-        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+        details = {"From": "+15550001111", "Language": "fr"}
+        async with TwilioCaller(bridge.stream_url, continuous=True, custom_parameters=details) as caller:
             await caller.wait_for(lambda: len(caller.received) >= 8 * 500, 20)  # the greeting, unasked
             await caller.say(said)
             await caller.wait_for(lambda: len(caller.received) >= 8 * 1800, 20)  # and the reply
@@ -78,7 +79,10 @@ async def test_greeting_and_a_turn_pass_mulaw_through_untouched(make_bridge) -> 
     assert heard[: len(greeting)] == greeting and len(sent) >= len(greeting)
     assert all(peer.pings.values()) and peer.pings  # every ping got its pong
     assert call.outcome == "stream_stopped" and call.provider == "elevenlabs"
-    assert standin.initiations and standin.initiations[0]["type"] == "conversation_initiation_client_data"
+    [initiation] = standin.initiations
+    variables = initiation["dynamic_variables"]  # the call's details reach the agent
+    assert variables["caller_number"] == "+15550001111" and variables["Language"] == "fr"
+    assert variables["call_sid"] == call.call_sid
 
 
 def _greeting_chunks(peer) -> int:  # type: ignore[no-untyped-def]

@@ -102,7 +102,8 @@ async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> N
     async with OpenAiRealtimeStandIn() as standin:
         bridge = make_bridge(openai_settings(standin))
         said = tone_ulaw(600, hz=500)
-        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+        details = {"From": "+15550001111"}
+        async with TwilioCaller(bridge.stream_url, continuous=True, custom_parameters=details) as caller:
             await caller.say(said)
             await caller.wait_for(lambda: len(caller.received) >= 8 * 900, 20)  # played, in order
             await caller.hang_up()
@@ -113,6 +114,7 @@ async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> N
     assert len(heard) >= 8 * 900 and heard == sent[: len(heard)]  # byte for byte, re-framed only
     assert call.outcome == "stream_stopped" and call.provider == "openai"
     assert standin.session_updates[0]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert "caller number: +15550001111" in standin.session_updates[0]["instructions"]  # the call's details
 
 
 async def test_barge_in_drops_late_deltas_and_truncates_at_what_was_heard(make_bridge) -> None:

@@ -106,6 +106,27 @@ class Closed:
         return self.retry if self.retry is not None else self.code in RETRYABLE_CLOSE_CODES
 
 
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What the agent may know of the call it answers (Twilio's start and the webhook's
+    parameters): for its dynamic variables or instructions, where the API allows."""
+
+    call_sid: str = ""
+    caller: str = ""  # the caller's number (From)
+    called: str = ""  # the number called (To)
+    parameters: dict[str, str] = field(default_factory=dict)  # the <Parameter>s of the stream
+
+    def variables(self) -> dict[str, str]:
+        """The details as flat string variables (ElevenLabs' dynamic_variables)."""
+        given = {"call_sid": self.call_sid, "caller_number": self.caller, "called_number": self.called}
+        return {k: v for k, v in ({**given, **self.parameters}).items() if v}
+
+    def sentence(self) -> str:
+        """The details as a line for an agent's instructions."""
+        parts = [f"{name.replace('_', ' ')}: {value}" for name, value in self.variables().items()]
+        return "The call: " + "; ".join(parts) + "." if parts else ""
+
+
 VoiceEvent = (
     Ready
     | AssistantAudio

@@ -106,7 +106,7 @@ class EchoEngine:
 class EchoSession:
     name = "echo"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: object = None, call: object = None) -> None:  # needs neither
         self.engine = EchoEngine()
         self._events: asyncio.Queue[VoiceEvent] = asyncio.Queue()
         self._closed: Closed | None = None

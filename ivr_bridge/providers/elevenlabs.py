@@ -40,6 +40,7 @@ from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
     AssistantText,
+    CallInfo,
     Closed,
     Interruption,
     ProviderError,
@@ -182,9 +183,10 @@ class ElevenLabsSession:
 
     name = "elevenlabs"
 
-    def __init__(self, settings: Settings, call_sid: str = "") -> None:
+    def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         self._settings = settings
-        self.protocol = ElevenLabsProtocol({"call_sid": call_sid} if call_sid else None)
+        # The call's details as dynamic variables: the agent's prompt may use {{caller_number}}.
+        self.protocol = ElevenLabsProtocol((call or CallInfo()).variables())
         self._ws: ClientConnection | None = None
         self._pending: list[VoiceEvent] = []
         self._closed: Closed | None = None

@@ -38,6 +38,7 @@ from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
     AssistantText,
+    CallInfo,
     Closed,
     Interruption,
     ProviderError,
@@ -171,9 +172,11 @@ class NavTalkSession:
 
     name = "navtalk"
 
-    def __init__(self, settings: Settings, call_sid: str = "") -> None:
+    def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         self._settings = settings
-        self.protocol = NavTalkProtocol(settings.navtalk_voice, settings.navtalk_prompt)
+        details = (call or CallInfo()).sentence()  # into the prompt: the API has no variables
+        prompt = "\n\n".join(part for part in (settings.navtalk_prompt, details) if part)
+        self.protocol = NavTalkProtocol(settings.navtalk_voice, prompt)
         self._ws: ClientConnection | None = None
         self._pending: list[VoiceEvent] = []
         self._closed: Closed | None = None

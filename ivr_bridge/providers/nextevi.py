@@ -27,6 +27,7 @@ from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
     AssistantText,
+    CallInfo,
     Closed,
     Emotions,
     Interruption,
@@ -214,8 +215,9 @@ class NextEviSession:
     name = "nextevi"
 
     def __init__(
-        self, settings: Settings, call_sid: str = "", keep_alive_after: float = KEEP_ALIVE_AFTER_S
+        self, settings: Settings, call: CallInfo | None = None, keep_alive_after: float = KEEP_ALIVE_AFTER_S
     ) -> None:
+        call_sid = call.call_sid if call is not None else ""
         self._settings = settings
         self._keep_alive_after = keep_alive_after
         # Fresh per session; led by the call sid so the provider's logs can be matched to

@@ -37,6 +37,7 @@ from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AssistantAudio,
     AssistantText,
+    CallInfo,
     Closed,
     Interruption,
     ProviderError,
@@ -241,9 +242,12 @@ class OpenAiRealtimeSession:
 
     name = "openai"
 
-    def __init__(self, settings: Settings, call_sid: str = "") -> None:
+    def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         self._settings = settings
-        self.protocol = OpenAiRealtimeProtocol(settings.openai_voice, settings.openai_instructions)
+        # The call's details go into the instructions: the API has no variables.
+        details = (call or CallInfo()).sentence()
+        instructions = "\n\n".join(part for part in (settings.openai_instructions, details) if part)
+        self.protocol = OpenAiRealtimeProtocol(settings.openai_voice, instructions)
         self._ws: ClientConnection | None = None
         self._early: list[VoiceEvent] = []  # events that came with the handshake
         self._closed: Closed | None = None
