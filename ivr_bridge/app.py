@@ -227,6 +227,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         hooks.publish(event)
         if event.type == "dtmf" and event.data["action"]:
             run_in_background(apply(event.call_sid, event.data["action"], "dtmf"), f"dtmf-{event.call_sid}")
+        elif event.type == "agent.action":
+            run_in_background(apply(event.call_sid, event.data["action"], "agent"), f"agent-{event.call_sid}")
 
     auth_token = settings.twilio_auth_token
     tokens: StreamTokens | None = None

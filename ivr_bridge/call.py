@@ -45,6 +45,7 @@ from ivr_bridge.providers import new_session
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     RETRYABLE_CLOSE_CODES,
+    AgentAction,
     AssistantAudio,
     AssistantText,
     CallInfo,
@@ -586,6 +587,11 @@ class Call:
             )
         elif isinstance(event, Ready):
             self.log.debug("voice API %s", event.detail)
+        elif isinstance(event, AgentAction):
+            # Carried out by whoever handles the event (the app's call control), after the
+            # bot's sentence has played, like a mapped key.
+            self.log.info("the agent asked: %s", event.action)
+            self._emit("agent.action", {"action": event.action})
 
     async def _speak(self, event: AssistantAudio, now: float) -> None:
         if event.response <= self._dropped_through:

@@ -19,7 +19,8 @@ EventType = Literal[
     "dtmf",  # digit, action ("transfer:+1555..." | "hangup" | "" when the key is not mapped)
     "barge_in",  # reply, heard_ms, dropped_ms, reason
     "upstream.error",  # code, message, retrying
-    "control",  # action "transfer" | "hangup", to, source ("api" | "hook" | "dtmf"), result
+    "control",  # action "transfer" | "hangup", to, source ("api" | "hook" | "dtmf" | "agent"), result
+    "agent.action",  # action ("transfer:+1555..." | "hangup"): the agent's end_call / transfer_call
     "call.ended",  # outcome, duration_s, turns, barge_ins, emotions {name: count},
     #   latency {reply_ms, clear_ms: {count, p50, p95, max}}, transfer_to, fallback, ...
 ]

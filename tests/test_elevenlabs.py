@@ -137,3 +137,27 @@ async def test_a_private_agent_is_reached_through_a_signed_url(make_bridge) -> N
         [failed] = await wrong.wait_for_calls(1)
     assert call.outcome == "stream_stopped"
     assert failed.outcome == "voice_api_unreachable"  # refused a signed URL: no session
+
+
+async def test_the_agent_ends_the_call_after_its_sentence(make_bridge, twilio_rest) -> None:
+    import asyncio
+
+    from tests.test_resilience import signed_caller, with_rest
+
+    rest, rest_url = twilio_rest
+    behaviour = AgentBehaviour(greeting_ms=300, reply_ms=900, tool_after_reply=("end_call", {}))
+    async with ElevenLabsStandIn(behaviour) as standin:
+        bridge = make_bridge(with_rest(agent_settings(standin), rest, rest_url))
+        caller = await signed_caller(bridge, rest.auth_token)
+        rest.live_calls.add(caller.call_sid)
+        async with caller:
+            await caller.wait_for(lambda: len(caller.marks_played) >= 1, 20)  # the greeting
+            await caller.say(tone_ulaw(600, hz=500))
+            [update] = await asyncio.to_thread(rest.wait_for_updates, 1, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert update.params.get("Status") == "completed"  # hung up through Twilio's REST API
+    assert update.at >= caller.marks_played_at[-1]
+    assert call.outcome == "hung_up"
+    [result] = standin.tool_results
+    assert result["is_error"] is False and result["tool_call_id"].startswith("toolu_")

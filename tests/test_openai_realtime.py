@@ -149,3 +149,28 @@ async def test_a_server_answering_pcm_is_converted(make_bridge, lie: bool) -> No
     [peer] = standin.peers
     assert peer.session["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert call.outcome == "stream_stopped" and call.stats.frames_out >= 45  # about a second of speech
+
+
+async def test_the_agent_transfers_the_call_after_its_sentence(make_bridge, twilio_rest) -> None:
+    from tests.test_resilience import signed_caller, with_rest
+    from tests.test_routing import record_of
+
+    rest, rest_url = twilio_rest
+    behaviour = RealtimeBehaviour(reply_ms=1200, tool_after_reply=("transfer_call", {"to": "+15550100"}))
+    async with OpenAiRealtimeStandIn(behaviour) as standin:
+        bridge = make_bridge(with_rest(openai_settings(standin), rest, rest_url))
+        caller = await signed_caller(bridge, rest.auth_token)
+        rest.live_calls.add(caller.call_sid)
+        async with caller:
+            await caller.say(tone_ulaw(600, hz=500))
+            [update] = await __import__("asyncio").to_thread(rest.wait_for_updates, 1, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert "<Dial>+15550100</Dial>" in update.params["Twiml"]
+    assert update.at >= caller.marks_played_at[-1]  # the agent's sentence played first
+    assert call.outcome == "transferred"
+    [output] = [i for i in standin.items_created if i.get("type") == "function_call_output"]
+    assert "+15550100" in output["output"]
+    record = await record_of(bridge.settings, caller.call_sid, "transferred")
+    [control] = [e for e in record["events"] if e["type"] == "control"]
+    assert control["data"]["source"] == "agent" and control["data"]["played_out"] is True

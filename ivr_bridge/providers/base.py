@@ -71,6 +71,19 @@ class TurnEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentAction:
+    """The agent asked to end the call or hand it to a number (its `end_call` or
+    `transfer_call` tool): carried out through call control, after its sentence has played."""
+
+    action: str  # "hangup" | "transfer:<E.164 or sip: URI>"
+
+
+# The tools every agent is offered (OpenAI) or may define (ElevenLabs client tools).
+END_CALL_TOOL = "end_call"
+TRANSFER_CALL_TOOL = "transfer_call"
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderError:
     code: str
     message: str
@@ -136,6 +149,7 @@ VoiceEvent = (
     | Emotions
     | TurnEvent
     | ProviderError
+    | AgentAction
     | Skipped
     | Closed
 )

@@ -37,7 +37,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
 from ivr_bridge.providers.base import (
+    END_CALL_TOOL,
     NORMAL_CLOSE,
+    TRANSFER_CALL_TOOL,
+    AgentAction,
     AssistantAudio,
     AssistantText,
     CallInfo,
@@ -49,7 +52,7 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
-from ivr_bridge.settings import Settings
+from ivr_bridge.settings import Settings, is_phone_target
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +145,37 @@ class ElevenLabsProtocol:
                     str(event.get("user_transcript", "")) if isinstance(event, dict) else "", False
                 )
             ]
+        if kind == "client_tool_call":
+            return self._tool_call(message.get("client_tool_call"))
         if kind == "error":
             code = str(body.get("error_type") or body.get("code") or "error")[:60]
             return [ProviderError(code, str(body.get("message", ""))[:200])]
         return []  # vad scores, tool visibility, corrections (the marks say what was heard)...
+
+    def _tool_call(self, call: object) -> list[VoiceEvent]:
+        """A client tool the agent calls: end_call / transfer_call become an AgentAction;
+        every call gets its `client_tool_result`."""
+        call = call if isinstance(call, dict) else {}
+        name, call_id = call.get("tool_name"), str(call.get("tool_call_id", ""))
+        parameters = call.get("parameters") if isinstance(call.get("parameters"), dict) else {}
+        to = str(parameters.get("to", ""))
+        events: list[VoiceEvent] = []
+        if name == END_CALL_TOOL:
+            events, result, error = (
+                [AgentAction("hangup")],
+                "the call will end after your last sentence",
+                False,
+            )
+        elif name == TRANSFER_CALL_TOOL and is_phone_target(to):
+            events, result, error = [AgentAction(f"transfer:{to}")], f"transferring to {to}", False
+        else:
+            result, error = f"no such tool here, or no valid 'to': {str(name)[:40]}", True
+        self.outbox.append(
+            json.dumps(
+                {"type": "client_tool_result", "tool_call_id": call_id, "result": result, "is_error": error}
+            )
+        )
+        return events
 
     def _audio(self, message: dict, body: dict) -> list[VoiceEvent]:
         encoded = body.get("audio_base_64")

@@ -34,7 +34,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from ivr_bridge.audio import PCM16_24K, TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
 from ivr_bridge.providers.base import (
+    END_CALL_TOOL,
     NORMAL_CLOSE,
+    TRANSFER_CALL_TOOL,
+    AgentAction,
     AssistantAudio,
     AssistantText,
     CallInfo,
@@ -47,7 +50,7 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
-from ivr_bridge.settings import Settings
+from ivr_bridge.settings import Settings, is_phone_target
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,25 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a delta is small; the API allows 15 MiB 
 # Errors that are part of normal barge-in handling, not faults.
 BENIGN_ERRORS = frozenset({"response_cancel_not_active", "conversation_already_has_active_response"})
 SKIP_KINDS = ("binary", "not_json", "not_object", "missing_field", "bad_base64")
+# The agent's ways to end a call, offered with every session (call control carries them out).
+TOOLS = [
+    {
+        "type": "function",
+        "name": END_CALL_TOOL,
+        "description": "End the phone call, after your last sentence has been heard.",
+        "parameters": {"type": "object", "properties": {}},
+    },
+    {
+        "type": "function",
+        "name": TRANSFER_CALL_TOOL,
+        "description": "Hand the caller to another number or SIP address, after your last sentence.",
+        "parameters": {
+            "type": "object",
+            "properties": {"to": {"type": "string", "description": "E.164 number (+15550100) or sip: URI"}},
+            "required": ["to"],
+        },
+    },
+]
 _FORMATS = {"audio/pcmu": TWILIO_AUDIO}
 
 
@@ -90,6 +112,7 @@ class OpenAiRealtimeProtocol:
         self.send_format: AudioFormat | None = None  # confirmed by session.updated
         self.receive_format: AudioFormat | None = None
         self.skipped = 0
+        self.outbox: list[str] = []  # messages to send in answer (tool outputs)
         self._replies: dict[str, _Reply] = {}  # response_id -> its reply
         self._numbers: dict[int, _Reply] = {}
         self._count = 0
@@ -117,6 +140,8 @@ class OpenAiRealtimeProtocol:
                 "output": {"format": {"type": "audio/pcmu"}},
             },
         }
+        session["tools"] = TOOLS
+        session["tool_choice"] = "auto"
         if self.voice:
             session["audio"]["output"]["voice"] = self.voice
         if self.instructions:
@@ -180,6 +205,8 @@ class OpenAiRealtimeProtocol:
             return [ProviderError(code, str(error.get("message", ""))[:200])]
         if kind == "session.created":
             return [Ready("created")]
+        if kind == "response.function_call_arguments.done":
+            return self._tool_call(message)
         return []  # the rest of the ladder carries nothing a phone call needs
 
     def _session_updated(self, session: object) -> list[VoiceEvent]:
@@ -208,6 +235,25 @@ class OpenAiRealtimeProtocol:
         rate = self.receive_format.rate if self.receive_format else PCM16_24K.rate
         samples = np.frombuffer(audio[: len(audio) // 2 * 2], dtype="<i2").astype(np.int16)
         return [AssistantAudio(Pcm(samples, rate), reply.number)]
+
+    def _tool_call(self, message: dict) -> list[VoiceEvent]:
+        """The agent's end_call / transfer_call: an AgentAction, and its output to send."""
+        name, call_id = message.get("name"), str(message.get("call_id", ""))
+        try:
+            arguments = json.loads(message.get("arguments") or "{}")
+        except ValueError:
+            arguments = {}
+        to = str(arguments.get("to", "")) if isinstance(arguments, dict) else ""
+        events: list[VoiceEvent] = []
+        if name == END_CALL_TOOL:
+            events, output = [AgentAction("hangup")], "the call will end after your last sentence"
+        elif name == TRANSFER_CALL_TOOL and is_phone_target(to):
+            events, output = [AgentAction(f"transfer:{to}")], f"transferring to {to} after your last sentence"
+        else:
+            output = f"error: no such tool or no valid 'to' ({str(name)[:40]})"
+        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+        self.outbox.append(json.dumps({"type": "conversation.item.create", "item": item}))
+        return events
 
     def _reply(self, response_id: str) -> _Reply:
         reply = self._replies.get(response_id)
@@ -310,6 +356,9 @@ class OpenAiRealtimeSession:
                 self._closed = OpenAiRealtimeProtocol.classify(code, reason)
                 break
             events = self.protocol.receive(raw)
+            while self.protocol.outbox:
+                with contextlib.suppress(ConnectionClosed):
+                    await self._ws.send(self.protocol.outbox.pop(0))
             if events:
                 self._early = events[1:]
                 return events[0]

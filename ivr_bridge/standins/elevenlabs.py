@@ -52,6 +52,7 @@ class AgentBehaviour:
     chunk_sizes: tuple[int, ...] = (733, 1601, 977)  # bytes (mu-law) / samples (PCM), in turn
     stale_chunks: int = 3  # chunks of a cut turn still sent after the interruption
     ping_every_s: float = 0.5
+    tool_after_reply: tuple[str, dict[str, Any]] | None = None  # a client tool called after each reply
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ElevenLabsStandIn:
         self.peers: list[_Peer] = []
         self.initiations: list[dict[str, Any]] = []
         self._tokens: set[str] = set()
+        self.tool_results: list[dict[str, Any]] = []
         self._server: Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -139,6 +141,8 @@ class ElevenLabsStandIn:
                     peer.agent = asyncio.create_task(self._speak(peer, self.behaviour.greeting_ms, "Hello!"))
                 elif "user_audio_chunk" in message:
                     await self._hear(peer, b64decode(message["user_audio_chunk"]))
+                elif message.get("type") == "client_tool_result":
+                    self.tool_results.append(message)
                 elif message.get("type") == "pong":
                     peer.pings[int(message.get("event_id", -1))] = True
         except ConnectionClosed:
@@ -214,10 +218,18 @@ class ElevenLabsStandIn:
             peer.chunks.append(chunk)
             await self._send(peer, "audio", audio_base_64=b64encode(chunk).decode(), event_id=turn)
             await asyncio.sleep(len(chunk) / width / rate / 5)  # faster than real time
+        if b.tool_after_reply is not None and turn > 1:  # not on the greeting
+            name, parameters = b.tool_after_reply
+            call = {"tool_name": name, "tool_call_id": _tool_id(), "parameters": parameters, "event_id": turn}
+            await self._send(peer, "client_tool_call", key="client_tool_call", **call)
 
     async def _send(self, peer: _Peer, kind: str, key: str = "", **body: Any) -> None:
         with contextlib.suppress(ConnectionClosed):
             await peer.ws.send(json.dumps({"type": kind, (key or f"{kind}_event"): body}))
+
+
+def _tool_id() -> str:
+    return f"toolu_{secrets.token_hex(8)}"
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:

@@ -50,6 +50,7 @@ class RealtimeBehaviour:
     delta_ms: int = 100
     late_deltas: int = 2  # deltas of a cancelled response still sent after speech_started
     lie_about_format: bool = False
+    tool_after_reply: tuple[str, dict[str, Any]] | None = None  # (name, arguments) called after the reply
 
 
 @dataclass
@@ -72,6 +73,7 @@ class OpenAiRealtimeStandIn:
         self.errors_sent: list[str] = []
         self.truncations: list[dict[str, Any]] = []
         self.session_updates: list[dict[str, Any]] = []
+        self.items_created: list[dict[str, Any]] = []  # e.g. function_call_output
         self._server: Server | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -131,6 +133,8 @@ class OpenAiRealtimeStandIn:
             await self._append(peer, b64decode(message["audio"]))
         elif kind == "conversation.item.truncate":
             await self._truncate(peer, message)
+        elif kind == "conversation.item.create":
+            self.items_created.append(message.get("item") or {})
         elif kind == "response.cancel":
             if peer.response is None or peer.response.done():
                 await self._error(
@@ -242,6 +246,12 @@ class OpenAiRealtimeStandIn:
                 transcript=words,
             )
             await self._send(peer, "response.output_audio.done", response_id=response, item_id=item)
+        if status == "completed" and b.tool_after_reply is not None:
+            name, arguments = b.tool_after_reply
+            await self._send(
+                peer, "response.function_call_arguments.done", response_id=response, call_id=_id("call"),
+                name=name, arguments=json.dumps(arguments),
+            )  # fmt: skip
         details = {"reason": "turn_detected"} if peer.cancelled else None
         await self._send(
             peer, "response.done", response={"id": response, "status": status, "status_details": details}
