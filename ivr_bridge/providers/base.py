@@ -14,9 +14,9 @@ from ivr_bridge.audio import AudioFormat, Pcm, Ulaw
 
 # Close codes of the upstream socket (RFC 6455 and NextEVI's 4xxx), for log lines.
 NORMAL_CLOSE = 1000
-# Closes worth a retry: going away, abnormal closure, server error (RFC 6455) and NextEVI's
-# 4004 rate limit. Bad credentials, config or data (4001-4003, 1002, 1003) are not.
-RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 4004})
+# Closes worth a retry by RFC 6455's meaning: going away, abnormal closure, server error.
+# A provider adds its own (Closed.retry: NextEVI's 4004 rate limit) or refuses them.
+RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011})
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from ivr_bridge.settings import Settings
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
+RATE_LIMITED = 4004  # NextEVI's close for too many requests: back off and retry
 KEEP_ALIVE_AFTER_S = 10.0  # idle time before a keep_alive; the API drops long-idle sessions
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # a 1 MB audio chunk (the API's limit) in base64 JSON, with room
 # Types seen from NextEVI's SDKs that carry nothing a phone call needs.
@@ -278,7 +279,9 @@ class NextEviSession:
                 frame = exc.rcvd or exc.sent
                 code = frame.code if frame is not None else 1006
                 reason = frame.reason if frame is not None else ""
-                self._closed = Closed(code, reason[:120])
+                # 4004 (rate limit) is worth a retry; 4001-4003 (credentials, config, access) not.
+                retry = True if code == RATE_LIMITED else False if code in (4001, 4002, 4003) else None
+                self._closed = Closed(code, reason[:120], retry)
                 return self._closed
             self._events = self.protocol.receive(message)
             self._events.reverse()  # pop() from the end keeps arrival order
