@@ -80,7 +80,6 @@ TOOLS = [
         },
     },
 ]
-_FORMATS = {"audio/pcmu": TWILIO_AUDIO}
 
 
 def _format(spec: object) -> AudioFormat | None:
@@ -88,8 +87,8 @@ def _format(spec: object) -> AudioFormat | None:
     if not isinstance(spec, dict):
         return None
     kind = spec.get("type")
-    if kind in _FORMATS:
-        return _FORMATS[kind]
+    if kind == "audio/pcmu":
+        return TWILIO_AUDIO
     if kind == "audio/pcm":
         rate = spec.get("rate", 24000)
         return AudioFormat(Encoding.PCM16, rate) if isinstance(rate, int) else None
@@ -191,8 +190,9 @@ class OpenAiRealtimeProtocol:
         if kind == "input_audio_buffer.speech_started":
             return [Interruption("caller speech (server VAD)")]
         if kind == "response.output_audio_transcript.done":
-            reply = self._reply(str(message.get("response_id", "")))
-            return [AssistantText(str(message.get("transcript", "")), True, reply_id(message), reply.number)]
+            response = str(message.get("response_id", ""))
+            reply = self._reply(response)
+            return [AssistantText(str(message.get("transcript", "")), True, response, reply.number)]
         if kind == "conversation.item.input_audio_transcription.completed":
             return [UserTranscript(str(message.get("transcript", "")), final=True)]
         if kind == "input_audio_buffer.speech_stopped":
@@ -272,10 +272,6 @@ class OpenAiRealtimeProtocol:
         retried with a new session; the beta shape (4000) and other 4xxx are not
         (base.RETRYABLE_CLOSE_CODES)."""
         return Closed(code, reason[:120])
-
-
-def reply_id(message: dict) -> str:
-    return str(message.get("response_id", ""))
 
 
 def _duration_ms(nbytes: int, audio: AudioFormat) -> int:
