@@ -19,9 +19,7 @@ The facts it is built on are in `shared/reference/providers.md` §1:
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import contextlib
 import json
 import logging
 import re
@@ -31,14 +29,10 @@ from urllib.parse import urlencode
 
 import aiohttp
 import numpy as np
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
 from ivr_bridge.providers.base import (
     END_CALL_TOOL,
-    NORMAL_CLOSE,
     TRANSFER_CALL_TOOL,
     AgentAction,
     AssistantAudio,
@@ -52,12 +46,11 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
+from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings, is_phone_target
 
 log = logging.getLogger(__name__)
 
-METADATA_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RETRY_CODES = frozenset({1002, 1006, 1011})  # operational: a new conversation may work
 NO_RETRY_CODES = frozenset({1008})  # contract or configuration: it would fail again
 _FORMAT = re.compile(r"(pcm|ulaw)_(\d+)")
@@ -208,28 +201,28 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-class ElevenLabsSession:
+class ElevenLabsSession(WebSocketSession):
     """One call's conversation with an ElevenLabs agent (`VoiceSession`)."""
 
     name = "elevenlabs"
+    protocol: ElevenLabsProtocol
 
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
-        self._settings = settings
         # The call's details as dynamic variables: the agent's prompt may use {{caller_number}}.
-        self.protocol = ElevenLabsProtocol((call or CallInfo()).variables())
-        self._ws: ClientConnection | None = None
-        self._pending: list[VoiceEvent] = []
-        self._closed: Closed | None = None
+        super().__init__(ElevenLabsProtocol((call or CallInfo()).variables()))
+        self._settings = settings
 
-    async def _signed_url(self) -> str:
+    async def _url(self) -> str:
         s = self._settings
-        url = f"{s.elevenlabs_api_url}/v1/convai/conversation/get-signed-url"
+        if not s.elevenlabs_api_key:
+            return ElevenLabsProtocol.url(s.elevenlabs_url, s.elevenlabs_agent_id)
+        # A private agent: a signed URL, used exactly as returned.
         timeout = aiohttp.ClientTimeout(total=10)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as http,
                 http.get(
-                    url,
+                    f"{s.elevenlabs_api_url}/v1/convai/conversation/get-signed-url",
                     params={"agent_id": s.elevenlabs_agent_id},
                     headers={"xi-api-key": s.elevenlabs_api_key},
                 ) as answer,
@@ -241,72 +234,12 @@ class ElevenLabsSession:
             raise ConnectionError(f"voice API unreachable for a signed URL: {type(exc).__name__}") from None
         if not isinstance(signed, str) or not signed.startswith(("ws://", "wss://")):
             raise ConnectionError("voice API answered no signed_url")
-        return signed  # used exactly as returned
+        return signed
 
-    async def connect(self) -> AudioFormat:
-        s = self._settings
-        url = (
-            await self._signed_url()
-            if s.elevenlabs_api_key
-            else ElevenLabsProtocol.url(s.elevenlabs_url, s.elevenlabs_agent_id)
-        )
-        try:
-            self._ws = await websockets.connect(
-                url, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=10, ping_interval=20
-            )
-        except InvalidStatus as exc:
-            raise ConnectionError(
-                f"voice API refused the connection: HTTP {exc.response.status_code}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
-        try:
-            await self._ws.send(self.protocol.initiation())
-            async with asyncio.timeout(METADATA_TIMEOUT_S):
-                while self.protocol.send_format is None:
-                    self._pending += await self._take(await self._ws.recv())
-        except ConnectionClosed as exc:
-            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-            raise ConnectionError(
-                f"voice API closed the conversation at its start: {code} {reason[:80]}"
-            ) from None
-        except TimeoutError:
-            raise ConnectionError("voice API sent no conversation_initiation_metadata") from None
-        if self.protocol.receive_format is None:
+    def _opening(self) -> list[str]:
+        return [self.protocol.initiation()]
+
+    def _negotiated(self) -> AudioFormat | None:
+        if self.protocol.send_format is not None and self.protocol.receive_format is None:
             raise ConnectionError("voice API named no agent output audio format")
-        return self.protocol.send_format
-
-    async def _take(self, raw: str | bytes) -> list[VoiceEvent]:
-        events = [e for e in self.protocol.receive(raw) if not isinstance(e, Ready)]
-        while self.protocol.outbox and self._ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(self.protocol.outbox.pop(0))
-        return events
-
-    async def send_audio(self, audio: bytes) -> None:
-        if self._ws is None or self._closed:
-            return
-        with contextlib.suppress(ConnectionClosed):
-            await self._ws.send(ElevenLabsProtocol.audio_message(audio))
-
-    async def receive(self) -> VoiceEvent:
-        while not self._pending and self._closed is None:
-            assert self._ws is not None, "receive() before connect()"
-            try:
-                raw = await self._ws.recv()
-            except ConnectionClosed as exc:
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-                self._closed = ElevenLabsProtocol.classify(code, reason)
-                break
-            self._pending += await self._take(raw)
-        if self._pending:
-            return self._pending.pop(0)
-        assert self._closed is not None
-        return self._closed
-
-    async def close(self, code: int = NORMAL_CLOSE) -> None:
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close(code)
-        if self._closed is None:
-            self._closed = Closed(code)
+        return self.protocol.send_format  # from conversation_initiation_metadata

@@ -19,9 +19,7 @@ what is not:
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import contextlib
 import json
 import logging
 from base64 import b64decode, b64encode
@@ -29,13 +27,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ivr_bridge.audio import PCM16_24K, AudioFormat, Pcm
 from ivr_bridge.providers.base import (
-    NORMAL_CLOSE,
     AssistantAudio,
     AssistantText,
     CallInfo,
@@ -48,12 +42,11 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
+from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 15.0
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 NOT_RETRIED = frozenset({"fail", "insufficient_balance", "connection_limit_exceeded"})
 RETRIED = frozenset({"gpu_full", "backend_error"})
 
@@ -80,6 +73,7 @@ class NavTalkProtocol:
         self._cut_id = ""  # the response the caller talked over, when it had an id
         self._response_id = ""
         self._new_reply = True  # the next audio starts a reply
+        self.outbox: list[str] = []  # nothing is answered on this socket (the interface has it)
 
     @staticmethod
     def url(base: str, license_key: str, character: str, avatar_id: str) -> str:
@@ -167,72 +161,26 @@ class NavTalkProtocol:
         return Closed(code, (reason or self.ending)[:120], retry)
 
 
-class NavTalkSession:
+class NavTalkSession(WebSocketSession):
     """One call's NavTalk session (`VoiceSession`)."""
 
     name = "navtalk"
+    protocol: NavTalkProtocol
 
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
-        self._settings = settings
         details = (call or CallInfo()).sentence()  # into the prompt: the API has no variables
         prompt = "\n\n".join(part for part in (settings.navtalk_prompt, details) if part)
-        self.protocol = NavTalkProtocol(settings.navtalk_voice, prompt)
-        self._ws: ClientConnection | None = None
-        self._pending: list[VoiceEvent] = []
-        self._closed: Closed | None = None
+        super().__init__(NavTalkProtocol(settings.navtalk_voice, prompt))
+        self._settings = settings
 
-    async def connect(self) -> AudioFormat:
+    async def _url(self) -> str:
         s = self._settings
-        url = NavTalkProtocol.url(s.navtalk_url, s.navtalk_license, s.navtalk_character, s.navtalk_avatar_id)
-        try:
-            self._ws = await websockets.connect(
-                url, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=10, ping_interval=20
-            )
-        except InvalidStatus as exc:
-            raise ConnectionError(
-                f"voice API refused the connection: HTTP {exc.response.status_code}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
-        try:
-            await self._ws.send(self.protocol.input_config())
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                while not self.protocol.ready:
-                    events = self.protocol.receive(await self._ws.recv())
-                    if any(isinstance(e, ProviderError) for e in events) and self.protocol.ending:
-                        raise ConnectionError(f"voice API refused the session: {self.protocol.ending}")
-                    self._pending += [e for e in events if not isinstance(e, Ready)]
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else 1006
-            raise ConnectionError(f"voice API closed the session at its start: {code}") from None
-        except TimeoutError:
-            raise ConnectionError("voice API sent no realtime.session.updated") from None
-        return PCM16_24K  # the only format NavTalk documents, both ways
+        return NavTalkProtocol.url(s.navtalk_url, s.navtalk_license, s.navtalk_character, s.navtalk_avatar_id)
 
-    async def send_audio(self, pcm: bytes) -> None:
-        if self._ws is None or self._closed:
-            return
-        with contextlib.suppress(ConnectionClosed):
-            await self._ws.send(NavTalkProtocol.audio_message(pcm))
+    def _opening(self) -> list[str]:
+        return [self.protocol.input_config()]
 
-    async def receive(self) -> VoiceEvent:
-        while not self._pending and self._closed is None:
-            assert self._ws is not None, "receive() before connect()"
-            try:
-                raw = await self._ws.recv()
-            except ConnectionClosed as exc:
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-                self._closed = self.protocol.classify(code, reason)
-                break
-            self._pending += self.protocol.receive(raw)
-        if self._pending:
-            return self._pending.pop(0)
-        assert self._closed is not None
-        return self._closed
-
-    async def close(self, code: int = NORMAL_CLOSE) -> None:
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close(code)
-        if self._closed is None:
-            self._closed = Closed(code)
+    def _negotiated(self) -> AudioFormat | None:
+        if self.protocol.ending:
+            raise ConnectionError(f"voice API refused the session: {self.protocol.ending}")
+        return PCM16_24K if self.protocol.ready else None  # the only format NavTalk documents

@@ -17,9 +17,7 @@ The facts it is built on are in `shared/reference/providers.md` §2:
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import contextlib
 import json
 import logging
 from base64 import b64decode, b64encode
@@ -28,14 +26,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ivr_bridge.audio import PCM16_24K, TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
 from ivr_bridge.providers.base import (
     END_CALL_TOOL,
-    NORMAL_CLOSE,
     TRANSFER_CALL_TOOL,
     AgentAction,
     AssistantAudio,
@@ -50,14 +44,13 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
+from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings, is_phone_target
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-realtime"
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
-SESSION_UPDATED_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a delta is small; the API allows 15 MiB appends
 # Errors that are part of normal barge-in handling, not faults.
 BENIGN_ERRORS = frozenset({"response_cancel_not_active", "conversation_already_has_active_response"})
 SKIP_KINDS = ("binary", "not_json", "not_object", "missing_field", "bad_base64")
@@ -279,90 +272,35 @@ def _duration_ms(nbytes: int, audio: AudioFormat) -> int:
     return nbytes // max(1, per_ms)
 
 
-class OpenAiRealtimeSession:
-    """One call's Realtime session over a WebSocket (`VoiceSession`)."""
+class OpenAiRealtimeSession(WebSocketSession):
+    """One call's Realtime session (`VoiceSession`)."""
 
     name = "openai"
+    protocol: OpenAiRealtimeProtocol
 
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
-        self._settings = settings
         # The call's details go into the instructions: the API has no variables.
         details = (call or CallInfo()).sentence()
         instructions = "\n\n".join(part for part in (settings.openai_instructions, details) if part)
-        self.protocol = OpenAiRealtimeProtocol(settings.openai_voice, instructions)
-        self._ws: ClientConnection | None = None
-        self._early: list[VoiceEvent] = []  # events that came with the handshake
-        self._closed: Closed | None = None
+        super().__init__(OpenAiRealtimeProtocol(settings.openai_voice, instructions))
+        self._settings = settings
 
-    async def connect(self) -> AudioFormat:
-        s = self._settings
-        url = OpenAiRealtimeProtocol.url(s.openai_url, s.openai_model)
-        try:
-            self._ws = await websockets.connect(
-                url,
-                additional_headers={"Authorization": f"Bearer {s.openai_api_key}"},
-                compression=None,
-                max_size=MAX_MESSAGE_BYTES,
-                open_timeout=10,
-                ping_interval=20,
-            )
-        except InvalidStatus as exc:
-            raise ConnectionError(
-                f"voice API refused the connection: HTTP {exc.response.status_code}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
-        try:
-            await self._ws.send(self.protocol.session_update())
-            async with asyncio.timeout(SESSION_UPDATED_TIMEOUT_S):
-                while self.protocol.send_format is None:
-                    events = self.protocol.receive(await self._ws.recv())
-                    self._early += [e for e in events if not isinstance(e, Ready)]
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else 1006
-            raise ConnectionError(f"voice API closed the session at its start: {code}") from None
-        except TimeoutError:
-            raise ConnectionError("voice API sent no session.updated") from None
-        if self.protocol.receive_format is None:
+    async def _url(self) -> str:
+        return OpenAiRealtimeProtocol.url(self._settings.openai_url, self._settings.openai_model)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._settings.openai_api_key}"}
+
+    def _opening(self) -> list[str]:
+        return [self.protocol.session_update()]
+
+    def _negotiated(self) -> AudioFormat | None:
+        if self.protocol.send_format is not None and self.protocol.receive_format is None:
             raise ConnectionError("voice API confirmed no output audio format")
-        return self.protocol.send_format
-
-    async def send_audio(self, audio: bytes) -> None:
-        if self._ws is None or self._closed:
-            return
-        with contextlib.suppress(ConnectionClosed):  # receive() reports the close
-            await self._ws.send(OpenAiRealtimeProtocol.audio_message(audio))
+        return self.protocol.send_format  # as session.updated confirmed it
 
     async def reply_heard(self, reply: int, heard_ms: int) -> None:
         """The caller talked over `reply` after hearing `heard_ms` of it: truncate the item."""
         message = self.protocol.truncate(reply, heard_ms)
-        if message is not None and self._ws is not None and not self._closed:
-            with contextlib.suppress(ConnectionClosed):
-                await self._ws.send(message)
-
-    async def receive(self) -> VoiceEvent:
-        if self._early:
-            return self._early.pop(0)
-        while self._closed is None:
-            assert self._ws is not None, "receive() before connect()"
-            try:
-                raw = await self._ws.recv()
-            except ConnectionClosed as exc:
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-                self._closed = OpenAiRealtimeProtocol.classify(code, reason)
-                break
-            events = self.protocol.receive(raw)
-            while self.protocol.outbox:
-                with contextlib.suppress(ConnectionClosed):
-                    await self._ws.send(self.protocol.outbox.pop(0))
-            if events:
-                self._early = events[1:]
-                return events[0]
-        return self._closed
-
-    async def close(self, code: int = NORMAL_CLOSE) -> None:
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close(code)
-        if self._closed is None:
-            self._closed = Closed(code)
+        if message is not None:
+            await self._send(message)
