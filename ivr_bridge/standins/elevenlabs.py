@@ -22,19 +22,19 @@ import contextlib
 import http
 import json
 import secrets
-import signal
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
 
 PATH = "/v1/convai/conversation"
 SPEECH_RMS = 500.0
@@ -68,35 +68,16 @@ class _Peer:
     pings: dict[int, bool] = field(default_factory=dict)  # ping event_id -> pong received
 
 
-class ElevenLabsStandIn:
+class ElevenLabsStandIn(StandInServer):
+    path = PATH
+
     def __init__(self, behaviour: AgentBehaviour | None = None) -> None:
+        super().__init__()
         self.behaviour = behaviour or AgentBehaviour()
         self.peers: list[_Peer] = []
         self.initiations: list[dict[str, Any]] = []
         self._tokens: set[str] = set()
         self.tool_results: list[dict[str, Any]] = []
-        self._server: Server | None = None
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await serve(self._handle, host, port, process_request=self._route, compression=None)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
-
-    @property
-    def base(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    @property
-    def url(self) -> str:
-        return f"ws://{self.base}{PATH}"
 
     @property
     def api_url(self) -> str:
@@ -239,21 +220,7 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`ivr-bridge stub-voice-api --provider elevenlabs`: serve until SIGINT or SIGTERM."""
+    """`ivr-bridge stub-voice-api --provider elevenlabs` (private with --api-key)."""
     behaviour = AgentBehaviour(api_key=args.api_key or "", reply_ms=args.reply_ms)
-
-    async def serve_forever() -> None:
-        standin = ElevenLabsStandIn(behaviour)
-        await standin.start(args.host, args.port)
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        print(
-            f"ElevenLabs agent stand-in at ws://{args.host}:{args.port}{PATH}?agent_id={behaviour.agent_id}",
-            flush=True,
-        )
-        await stop.wait()
-        await standin.__aexit__(None)
-
-    asyncio.run(serve_forever())
-    return 0
+    banner = f"ElevenLabs agent stand-in at ws://{args.host}:{args.port}{PATH}?agent_id={behaviour.agent_id}"
+    return serve_until_signalled(ElevenLabsStandIn(behaviour), args.host, args.port, banner)

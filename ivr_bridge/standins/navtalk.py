@@ -19,15 +19,16 @@ import asyncio
 import contextlib
 import json
 import secrets
-import signal
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+
+from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
 
 PATH = "/wss/v2/realtime-chat"
 SPEECH_RMS = 500.0
@@ -55,29 +56,14 @@ class _Peer:
     turns: int = 0
 
 
-class NavTalkStandIn:
+class NavTalkStandIn(StandInServer):
+    path = PATH
+
     def __init__(self, behaviour: NavTalkBehaviour | None = None) -> None:
+        super().__init__()
         self.behaviour = behaviour or NavTalkBehaviour()
         self.peers: list[_Peer] = []
         self.configs: list[dict[str, Any]] = []
-        self._server: Server | None = None
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await serve(self._handle, host, port, compression=None)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{PATH}"
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
@@ -192,21 +178,7 @@ def _placed(in_data: bool, **fields: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`ivr-bridge stub-voice-api --provider navtalk`: serve until SIGINT or SIGTERM."""
+    """`ivr-bridge stub-voice-api --provider navtalk` (--api-key is the license)."""
     behaviour = NavTalkBehaviour(license=args.api_key or NavTalkBehaviour().license, reply_ms=args.reply_ms)
-
-    async def serve_forever() -> None:
-        standin = NavTalkStandIn(behaviour)
-        await standin.start(args.host, args.port)
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        print(
-            f"NavTalk stand-in at ws://{args.host}:{args.port}{PATH} (license {behaviour.license})",
-            flush=True,
-        )
-        await stop.wait()
-        await standin.__aexit__(None)
-
-    asyncio.run(serve_forever())
-    return 0
+    banner = f"NavTalk stand-in at ws://{args.host}:{args.port}{PATH} (license {behaviour.license})"
+    return serve_until_signalled(NavTalkStandIn(behaviour), args.host, args.port, banner)

@@ -26,17 +26,17 @@ import contextlib
 import http
 import json
 import secrets
-import signal
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
 
 PATH = "/v1/realtime"
 SPEECH_RMS = 500.0  # on the int16 scale: above is speech
@@ -66,36 +66,19 @@ class _Peer:
     deltas: list[bytes] = field(default_factory=list)  # every output audio delta sent, decoded
 
 
-class OpenAiRealtimeStandIn:
+class OpenAiRealtimeStandIn(StandInServer):
+    path = PATH
+
     def __init__(self, behaviour: RealtimeBehaviour | None = None) -> None:
+        super().__init__()
         self.behaviour = behaviour or RealtimeBehaviour()
         self.peers: list[_Peer] = []
         self.errors_sent: list[str] = []
         self.truncations: list[dict[str, Any]] = []
         self.session_updates: list[dict[str, Any]] = []
         self.items_created: list[dict[str, Any]] = []  # e.g. function_call_output
-        self._server: Server | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await serve(self._handle, host, port, process_request=self._check, compression=None)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{PATH}"
-
-    def _check(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         if not request.path.startswith(PATH + "?model="):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "no such path\n")
         if request.headers.get("Authorization") != f"Bearer {self.behaviour.api_key}":
@@ -290,21 +273,7 @@ def _id(prefix: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`ivr-bridge stub-voice-api --provider openai`: serve until SIGINT or SIGTERM."""
+    """`ivr-bridge stub-voice-api --provider openai`."""
     behaviour = RealtimeBehaviour(api_key=args.api_key or RealtimeBehaviour().api_key, reply_ms=args.reply_ms)
-
-    async def serve_forever() -> None:
-        standin = OpenAiRealtimeStandIn(behaviour)
-        await standin.start(args.host, args.port)
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        print(
-            f"OpenAI Realtime stand-in at ws://{args.host}:{args.port}{PATH} (key {behaviour.api_key})",
-            flush=True,
-        )
-        await stop.wait()
-        await standin.__aexit__(None, None, None)
-
-    asyncio.run(serve_forever())
-    return 0
+    banner = f"OpenAI Realtime stand-in at ws://{args.host}:{args.port}{PATH} (key {behaviour.api_key})"
+    return serve_until_signalled(OpenAiRealtimeStandIn(behaviour), args.host, args.port, banner)
