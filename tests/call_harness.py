@@ -57,7 +57,7 @@ class FakeTwilio:
             if self.instant_playback:
                 self.play()
         elif message["event"] == "clear":
-            self.play(flushed=True)  # Twilio echoes every pending mark at once
+            self.play()  # Twilio echoes every pending mark at once (the bridge knows them flushed)
 
     async def close(self, code: int = NORMAL_CLOSE) -> None:
         if self.closed_with is None:
@@ -102,7 +102,7 @@ class FakeTwilio:
         """The socket closes with no `stop`."""
         self._inbound.put_nowait(None)
 
-    def play(self, count: int | None = None, *, flushed: bool = False) -> None:
+    def play(self, count: int | None = None) -> None:
         """Echo the oldest `count` pending marks (all by default): their audio has played."""
         count = len(self._pending_marks) if count is None else count
         played, self._pending_marks = self._pending_marks[:count], self._pending_marks[count:]
