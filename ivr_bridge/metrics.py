@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ivr_bridge.media_stream import BAD_FRAME_KINDS
-from ivr_bridge.providers.nextevi import SKIP_KINDS
+from ivr_bridge.providers.base import SKIP_KINDS
 
 if TYPE_CHECKING:
     from ivr_bridge.call import Call

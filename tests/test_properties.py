@@ -17,9 +17,9 @@ from ivr_bridge.audio.wav import parse_wav
 from ivr_bridge.media_stream import BAD_FRAME_KINDS, MediaReceived, MediaStream, MediaStreamError
 from ivr_bridge.metrics import BAD_INPUT_KINDS
 from ivr_bridge.playback import Playback
-from ivr_bridge.providers.base import AssistantAudio, Skipped
+from ivr_bridge.providers.base import SKIP_KINDS, AssistantAudio, Skipped
 from ivr_bridge.providers.echo import EchoEngine
-from ivr_bridge.providers.nextevi import SKIP_KINDS, NextEviProtocol
+from ivr_bridge.providers.nextevi import NextEviProtocol
 
 SID = "MZ" + "a" * 32
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -89,6 +89,11 @@ class ProviderError:
     message: str
 
 
+# Why a voice API message was skipped: one fixed set for every provider, so it can label
+# a metric (`ivr_bad_input_total{source="voice_api",kind}`).
+SKIP_KINDS = ("binary", "not_json", "not_object", "unknown_type", "missing_field", "bad_base64", "bad_wav")
+
+
 @dataclass(frozen=True, slots=True)
 class Skipped:
     """A message that was malformed or could not be decoded; logged and counted, call goes on.

@@ -52,7 +52,6 @@ QUIET_TYPES = frozenset({"turn_complete", "idle_warning", "system_message"})
 # types seen is bounded so a peer inventing new ones cannot grow it without end.
 MAX_UNKNOWN_TYPES = 32
 # Why a message was skipped: a fixed set, so it can label a metric.
-SKIP_KINDS = ("binary", "not_json", "not_object", "unknown_type", "missing_field", "bad_base64", "bad_wav")
 
 
 def _envelope(kind: str, data: dict | None = None) -> str:

@@ -53,7 +53,6 @@ DEFAULT_MODEL = "gpt-realtime"
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"
 # Errors that are part of normal barge-in handling, not faults.
 BENIGN_ERRORS = frozenset({"response_cancel_not_active", "conversation_already_has_active_response"})
-SKIP_KINDS = ("binary", "not_json", "not_object", "missing_field", "bad_base64")
 # The agent's ways to end a call, offered with every session (call control carries them out).
 TOOLS = [
     {
