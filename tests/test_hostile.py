@@ -432,7 +432,10 @@ async def test_a_caller_ringing_as_another_hangs_up_gets_the_slot(make_bridge) -
         await eventually(lambda: len(bridge.server.app.state.active_calls) == 1, 15)
         async with httpx.AsyncClient(timeout=15) as client:
             ringing = asyncio.create_task(client.post(webhook, data={"CallSid": "CA2"}))
-            await asyncio.sleep(0)  # the webhook is in flight when the first caller hangs up
+            # The webhook is being handled (at capacity: waiting) when the first caller hangs
+            # up: the server runs a task for it beside the call's own.
+            await eventually(lambda: len(bridge.server.server_state.tasks) >= 2, 15)
+            assert not ringing.done()
             await first.hang_up()
             answer = await ringing
     assert "<Stream" in answer.text  # it waited for the slot (IVR_MAX_CALLS=1), no apology
