@@ -53,7 +53,10 @@ async def test_a_turn(make_bridge, name: str) -> None:
         bridge = make_bridge(settings)
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await caller.say(tone_ulaw(700, hz=500))
-            await caller.wait_for(lambda: len(caller.received) >= 8 * 500 and not caller.playing, 30)
+            # The whole reply heard (the echo engine's is the utterance, the stand-ins' 800 ms),
+            # not just a pause between two of its chunks.
+            whole_ms = 600 if name == "echo" else 780
+            await caller.wait_for(lambda: len(caller.received) >= 8 * whole_ms and not caller.playing, 30)
             await caller.hang_up()
         [call] = await bridge.wait_for_calls(1)
     assert call.outcome == "stream_stopped" and call.provider == name
