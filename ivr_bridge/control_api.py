@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ivr_bridge.call import SHOWN_STATES
 from ivr_bridge.connections import bounded_body
 from ivr_bridge.control import CallControl, ControlError
 from ivr_bridge.media_stream import is_call_sid
@@ -122,7 +123,6 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-CALL_STATES = ("connecting", "active", "reconnecting", "transferring", "hanging_up", "ending")
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _SUMMARY = {"$ref": "#/components/schemas/CallSummary"}
 _SID = {"name": "call_sid", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -165,7 +165,7 @@ OPENAPI: dict[str, Any] = {
                     "to": {"type": "string"},
                     "state": {
                         "type": "string",
-                        "enum": list(CALL_STATES),
+                        "enum": list(SHOWN_STATES),
                     },
                     "outcome": {"type": "string"},
                     "provider": {"type": "string"},

@@ -173,11 +173,15 @@ class Harness:
         self.sessions: list[ScriptedSession] = []
         self.prepared: list[ScriptedSession] = []  # handed out in order before fresh ones
         self.events: list[CallEvent] = []
-        self.call = Call(
-            self.settings, self.twilio, session_factory=self._session, on_event=self.events.append, **call
-        )
         # The test sends seconds of audio at once: no flood guard (it has tests of its own).
-        self.call.stream = MediaStream(clock=None)
+        self.call = Call(
+            self.settings,
+            self.twilio,
+            session_factory=self._session,
+            on_event=self.events.append,
+            stream=MediaStream(clock=None),
+            **call,
+        )
         self._task: asyncio.Task[None] | None = None
 
     def _session(self, settings: Settings, call: CallInfo) -> ScriptedSession:

@@ -127,7 +127,7 @@ async def test_odd_length_media_reaches_the_voice_api(make_bridge, caplog) -> No
     # Every byte reached the voice API (three 24 kHz samples per mu-law byte), except what
     # still waited for a whole upstream chunk when the call ended.
     sent = raw + caller._chunk * 160
-    assert len(session.audio) == 6 * (sent - len(call._caller_ulaw))
+    assert len(session.audio) == 6 * (sent - call.uplink.pending_bytes)
     assert call.stats.bad_frames == 0 and not bad_lines(caplog, "a Twilio frame")
 
 
@@ -322,5 +322,5 @@ async def test_giant_voice_api_chunk_is_reported_as_1009(make_bridge, caplog) ->
             # 1009 is not retried: the bridge ends the call (no fallback configured here).
             await caller.wait_closed(10)
         [call] = await bridge.wait_for_calls(1)
-    assert call.outcome == "voice_api_failed" and call.upstream_close_code == 1009
+    assert call.outcome == "voice_api_failed" and call.keeper.close_code == 1009
     assert len(standin.sessions) == 1

@@ -97,7 +97,7 @@ async def test_a_retryable_drop_reconnects_and_a_non_retryable_one_ends_the_call
     second = await h.session(1)  # reconnected within the budget
     second.emit(Closed(4001, "bad key"))  # credentials: no retry, and no REST for a fallback
     call = await h.ended()
-    assert call.outcome == Outcome.VOICE_API_FAILED and call.upstream_close_code == 4001
+    assert call.outcome == Outcome.VOICE_API_FAILED and call.keeper.close_code == 4001
     assert call.stats.reconnects == 1 and len(h.sessions) == 2
 
 

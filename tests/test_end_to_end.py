@@ -251,7 +251,7 @@ async def test_wrong_api_key_is_logged_with_its_close_code(make_bridge, caplog) 
         async with TwilioCaller(bridge.stream_url) as caller:
             await caller.wait_closed(10)
         [call] = await bridge.wait_for_calls(1)
-    assert (call.outcome, call.upstream_close_code) == ("voice_api_failed", 4001)
+    assert (call.outcome, call.keeper.close_code) == ("voice_api_failed", 4001)
     assert "oak_wrong" not in caplog.text
 
 

@@ -72,7 +72,7 @@ async def test_non_retryable_close_goes_to_the_fallback_number(make_bridge, twil
         [call] = await bridge.wait_for_calls(1)
     assert update.call_sid == caller.call_sid
     assert "<Dial>+15550100</Dial>" in update.params["Twiml"]
-    assert call.outcome == "voice_api_failed" and call.fallback == "redirected"
+    assert call.outcome == "voice_api_failed" and call.keeper.fallback == "redirected"
     assert len(standin.sessions) == 1  # 4003 is not retried
 
 
@@ -104,7 +104,7 @@ async def test_fallback_for_a_call_already_gone_is_not_an_error(make_bridge, twi
             await standin.close_session(session, code=4002)
             await caller.wait_closed(10)
         [call] = await bridge.wait_for_calls(1)
-    assert call.fallback == "call already gone"
+    assert call.keeper.fallback == "call already gone"
 
 
 async def test_caller_audio_from_the_gap_is_not_forwarded(make_bridge) -> None:
