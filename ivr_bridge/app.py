@@ -34,6 +34,7 @@ from ivr_bridge.media_stream import StreamStarted, is_call_sid
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.preflight import preflight
+from ivr_bridge.providers import registry
 from ivr_bridge.records import CallStore
 from ivr_bridge.security import (
     TOKEN_PARAMETER,
@@ -119,6 +120,7 @@ def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None
 
 def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = None) -> Starlette:
     """The ASGI app. `on_call_end` sees each finished call (its transcript, playback, stats)."""
+    registry()  # the provider modules are imported now, not on the first call's audio path
     active: set[Call] = set()
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
     metrics = BridgeMetrics(lambda: active)

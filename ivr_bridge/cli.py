@@ -109,6 +109,13 @@ def version() -> str:
         return "unknown"
 
 
+def run_standin(args: argparse.Namespace) -> int:
+    """`stub-voice-api`: the stand-in module the provider's registry entry names."""
+    from ivr_bridge.providers import registry
+
+    return importlib.import_module(registry()[args.provider].standin).run(args)  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ivr-bridge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"ivr-bridge {version()}")
@@ -143,18 +150,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=check)
 
+    from ivr_bridge.providers import registry
     from ivr_bridge.standins import nextevi as voice_api_standin
 
     p = commands.add_parser(
         "stub-voice-api",
-        help="run a NextEVI-protocol stand-in voice API (for trying and load-testing a bridge)",
-        description="A NextEVI-protocol voice API stand-in: energy turn detection, tone replies "
-        "as tts_chunk WAVs in real time, tts_interruption on barge-in. Point the bridge at it "
-        "with NEXTEVI_URL=ws://HOST:PORT/ws/voice and the same --api-key/--config-id.",
+        help="run a protocol-faithful stand-in of a voice API (for trying and load-testing a bridge)",
+        description="A voice API stand-in: energy turn detection, tone replies in real time, "
+        "barge-in, and the awkward parts of each protocol. NextEVI by default: point the bridge at "
+        "it with NEXTEVI_URL=ws://HOST:PORT/ws/voice and the same --api-key/--config-id; the "
+        "README's 'Voice APIs' section gives the settings for each --provider.",
+    )
+    p.add_argument(
+        "--provider",
+        choices=[name for name, provider in registry().items() if provider.standin],
+        default="nextevi",
+        help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime; "
+        "elevenlabs: an agent at /v1/convai/conversation, private with --api-key; "
+        "navtalk: /wss/v2/realtime-chat, --api-key is the license)",
     )
     voice_api_standin.add_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.set_defaults(func=voice_api_standin.run)
+    p.set_defaults(func=run_standin)
 
     from ivr_bridge.standins import twilio_rest as twilio_rest_standin
 

@@ -7,17 +7,12 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-PROVIDERS = ("nextevi", "elevenlabs", "openai", "navtalk", "echo")
-DEFAULT_NAVTALK_URL = "wss://transfer.navtalk.ai/wss/v2/realtime-chat"
-DEFAULT_ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
-DEFAULT_ELEVENLABS_API_URL = "https://api.elevenlabs.io"
-DEFAULT_OPENAI_URL = "wss://api.openai.com/v1/realtime"
-DEFAULT_NEXTEVI_URL = "wss://api.nextevi.com/ws/voice"
 DEFAULT_PUBLIC_URL = "http://127.0.0.1:8080"
 DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_DATABASE_PATH = "ivr-bridge.db"
@@ -41,25 +36,8 @@ class SettingsError(ValueError):
 class Settings:
     public_url: str = DEFAULT_PUBLIC_URL
     provider: str = "echo"
-    nextevi_url: str = DEFAULT_NEXTEVI_URL
-    nextevi_api_key: str = ""
-    nextevi_config_id: str = ""
-    nextevi_project_id: str = ""
-    elevenlabs_agent_id: str = ""
-    elevenlabs_api_key: str = ""  # set => a private agent, reached through a signed URL
-    elevenlabs_url: str = DEFAULT_ELEVENLABS_URL
-    elevenlabs_api_url: str = DEFAULT_ELEVENLABS_API_URL
-    navtalk_license: str = ""
-    navtalk_character: str = ""
-    navtalk_avatar_id: str = ""
-    navtalk_voice: str = ""
-    navtalk_prompt: str = ""
-    navtalk_url: str = DEFAULT_NAVTALK_URL
-    openai_api_key: str = ""
-    openai_model: str = "gpt-realtime"
-    openai_voice: str = ""
-    openai_instructions: str = ""
-    openai_url: str = DEFAULT_OPENAI_URL
+    # The provider's own settings: the dataclass its module declares (None for echo).
+    voice: Any = None
     upstream_chunk_ms: int = 100
     # Who gets in (security).
     twilio_auth_token: str = ""  # set => every webhook and stream must be signed by Twilio
@@ -123,10 +101,7 @@ class Settings:
         return tuple(
             s
             for s in (
-                self.nextevi_api_key,
-                self.openai_api_key,
-                self.elevenlabs_api_key,
-                self.navtalk_license,
+                *_secrets(self.voice).values(),
                 self.twilio_auth_token,
                 self.hook_secret,
                 self.api_token,
@@ -137,12 +112,11 @@ class Settings:
 
     def __repr__(self) -> str:
         # Keeps the API key out of any log line or traceback that prints the settings.
-        key = "***" if self.nextevi_api_key or self.openai_api_key else "''"
+        # (The provider's settings hide their secrets from repr themselves: `setting()`.)
         token = "***" if self.twilio_auth_token else "''"
         return (
-            f"Settings(public_url={self.public_url!r}, provider={self.provider!r}, "
-            f"nextevi_url={self.nextevi_url!r}, nextevi_api_key={key}, "
-            f"nextevi_config_id={self.nextevi_config_id!r}, upstream_chunk_ms={self.upstream_chunk_ms}, "
+            f"Settings(public_url={self.public_url!r}, provider={self.provider!r}, voice={self.voice!r}, "
+            f"upstream_chunk_ms={self.upstream_chunk_ms}, "
             f"twilio_auth_token={token}, max_calls={self.max_calls}, hooks={len(self.hook_urls)}, "
             f"database={redact_url(self.database)!r})"
         )
@@ -181,66 +155,29 @@ class Settings:
         if parts.query or parts.fragment:
             raise SettingsError("IVR_PUBLIC_URL must not carry a query string or fragment")
 
-        api_key = get("NEXTEVI_API_KEY")
-        openai_key = get("OPENAI_API_KEY")
-        agent_id = get("ELEVENLABS_AGENT_ID")
-        navtalk_license = get("NAVTALK_LICENSE")
-        credentials = {  # a provider is configured when its credential is set
-            "nextevi": ("NEXTEVI_API_KEY", api_key),
-            "elevenlabs": ("ELEVENLABS_AGENT_ID", agent_id),
-            "openai": ("OPENAI_API_KEY", openai_key),
-            "navtalk": ("NAVTALK_LICENSE", navtalk_license),
+        from ivr_bridge.providers import registry  # its modules import this one
+
+        providers = registry()
+        # Every provider's variables are read (and their URLs checked) whichever is in use:
+        # a typo shows now, not when someone switches provider.
+        voices = {
+            name: _read_provider(p.settings, get) for name, p in providers.items() if p.settings is not None
         }
-        configured = [name for name, (_, key) in credentials.items() if key]
+        credentials = {  # a provider is configured when its credential is set
+            name: p.credential
+            for name, p in providers.items()
+            if p.credential and _value_of(voices[name], p.credential)
+        }
         provider = get("IVR_PROVIDER").lower()
-        if not provider and len(configured) > 1:
-            both = " and ".join(credentials[name][0] for name in configured)
+        if not provider and len(credentials) > 1:
+            both = " and ".join(credentials.values())
             raise SettingsError(f"IVR_PROVIDER must say which voice API to use: {both} are all set")
-        provider = provider or (configured[0] if configured else "echo")
-        if provider not in PROVIDERS:
-            raise SettingsError(f"IVR_PROVIDER must be one of {', '.join(PROVIDERS)}, got {provider!r}")
-
-        nextevi_url = get("NEXTEVI_URL", DEFAULT_NEXTEVI_URL).rstrip("/")
-        if urlsplit(nextevi_url).scheme not in ("ws", "wss"):
-            raise SettingsError(f"NEXTEVI_URL must be a ws:// or wss:// URL, got {nextevi_url!r}")
-        config_id = get("NEXTEVI_CONFIG_ID")
-        if provider == "nextevi":
-            if not api_key:
-                raise SettingsError("NEXTEVI_API_KEY is required when IVR_PROVIDER=nextevi")
-            if not config_id:
-                raise SettingsError("NEXTEVI_CONFIG_ID is required when IVR_PROVIDER=nextevi")
-
-        openai_url = get("OPENAI_REALTIME_URL", DEFAULT_OPENAI_URL).rstrip("/")
-        if urlsplit(openai_url).scheme not in ("ws", "wss"):
-            raise SettingsError(f"OPENAI_REALTIME_URL must be a ws:// or wss:// URL, got {openai_url!r}")
-        instructions = get("OPENAI_REALTIME_INSTRUCTIONS")
-        if instructions.startswith("@"):
-            try:
-                instructions = Path(instructions[1:]).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise SettingsError(
-                    f"OPENAI_REALTIME_INSTRUCTIONS: cannot read {instructions[1:]!r}: {exc.strerror}"
-                ) from None
-        if provider == "openai" and not openai_key:
-            raise SettingsError("OPENAI_API_KEY is required when IVR_PROVIDER=openai")
-        if provider == "navtalk" and not navtalk_license:
-            raise SettingsError("NAVTALK_LICENSE is required when IVR_PROVIDER=navtalk")
-        character, avatar_id = get("NAVTALK_CHARACTER"), get("NAVTALK_AVATAR_ID")
-        if provider == "navtalk" and not (character or avatar_id):
-            raise SettingsError(
-                "NAVTALK_CHARACTER or NAVTALK_AVATAR_ID is required when IVR_PROVIDER=navtalk"
-            )
-        navtalk_url = get("NAVTALK_URL", DEFAULT_NAVTALK_URL).rstrip("/")
-        if urlsplit(navtalk_url).scheme not in ("ws", "wss"):
-            raise SettingsError(f"NAVTALK_URL must be a ws:// or wss:// URL, got {navtalk_url!r}")
-        if provider == "elevenlabs" and not agent_id:
-            raise SettingsError("ELEVENLABS_AGENT_ID is required when IVR_PROVIDER=elevenlabs")
-        elevenlabs_url = get("ELEVENLABS_URL", DEFAULT_ELEVENLABS_URL).rstrip("/")
-        if urlsplit(elevenlabs_url).scheme not in ("ws", "wss"):
-            raise SettingsError(f"ELEVENLABS_URL must be a ws:// or wss:// URL, got {elevenlabs_url!r}")
-        elevenlabs_api_url = get("ELEVENLABS_API_URL", DEFAULT_ELEVENLABS_API_URL).rstrip("/")
-        if urlsplit(elevenlabs_api_url).scheme not in ("http", "https"):
-            raise SettingsError(f"ELEVENLABS_API_URL must be an http(s) URL, got {elevenlabs_api_url!r}")
+        provider = provider or next(iter(credentials), "echo")
+        if provider not in providers:
+            raise SettingsError(f"IVR_PROVIDER must be one of {', '.join(providers)}, got {provider!r}")
+        voice = voices.get(provider)
+        if voice is not None:
+            _check_provider(provider, voice)
 
         raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "100")
         try:
@@ -330,25 +267,7 @@ class Settings:
             max_pending_connections=int(number("IVR_MAX_PENDING_CONNECTIONS", 256, 8, 100000)),
             public_url=public_url,
             provider=provider,
-            nextevi_url=nextevi_url,
-            nextevi_api_key=api_key,
-            nextevi_config_id=config_id,
-            nextevi_project_id=get("NEXTEVI_PROJECT_ID"),
-            elevenlabs_agent_id=agent_id,
-            elevenlabs_api_key=get("ELEVENLABS_API_KEY"),
-            elevenlabs_url=elevenlabs_url,
-            elevenlabs_api_url=elevenlabs_api_url,
-            navtalk_license=navtalk_license,
-            navtalk_character=character,
-            navtalk_avatar_id=avatar_id,
-            navtalk_voice=get("NAVTALK_VOICE"),
-            navtalk_prompt=get("NAVTALK_PROMPT"),
-            navtalk_url=navtalk_url,
-            openai_api_key=openai_key,
-            openai_model=get("OPENAI_REALTIME_MODEL", "gpt-realtime"),
-            openai_voice=get("OPENAI_REALTIME_VOICE"),
-            openai_instructions=instructions,
-            openai_url=openai_url,
+            voice=voice,
             upstream_chunk_ms=chunk_ms,
         )
         if unknown is not None:
@@ -368,6 +287,8 @@ class Settings:
 
     def summary(self) -> str:
         """The settings in effect, on one line, secrets shown only as set or not."""
+
+        from ivr_bridge.providers import registry
 
         def secret(value: str) -> str:
             return "set" if value else "unset"
@@ -390,16 +311,8 @@ class Settings:
             f"request {self.request_timeout_s:g}, send {self.twilio_send_timeout_s:g}, "
             f"drain {self.drain_timeout_s:g}",
             "max_pending_connections": self.max_pending_connections,
-            "nextevi_url": self.nextevi_url if self.provider == "nextevi" else "-",
-            "nextevi_api_key": secret(self.nextevi_api_key),
-            "openai": f"{self.openai_model} at {self.openai_url}" if self.provider == "openai" else "-",
-            "openai_api_key": secret(self.openai_api_key),
-            "elevenlabs": f"agent {self.elevenlabs_agent_id}" if self.provider == "elevenlabs" else "-",
-            "elevenlabs_api_key": secret(self.elevenlabs_api_key),
-            "navtalk": self.navtalk_avatar_id or self.navtalk_character
-            if self.provider == "navtalk"
-            else "-",
-            "navtalk_license": secret(self.navtalk_license),
+            "voice_api": registry()[self.provider].describe(self.voice),
+            **{name.lower(): secret(value) for name, value in _secrets(self.voice).items()},
             "log_format": self.log_format,
             "preflight": "on" if self.preflight else "off",
         }
@@ -453,3 +366,55 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+# -- a provider's own settings (declared in its module: providers.base.setting) -----------
+
+
+def _variables(cls: type) -> list[tuple[str, Any]]:
+    """(field name, its `providers.base.Variable`) of a provider's settings dataclass."""
+    return [(f.name, f.metadata["variable"]) for f in fields(cls)]
+
+
+def _read_provider(cls: type, get: Callable[[str, str], str]) -> Any:
+    values: dict[str, str] = {}
+    for f in fields(cls):
+        var = f.metadata["variable"]
+        raw = get(var.env, f.default)
+        if var.kind == "ws_url":
+            raw = raw.rstrip("/")
+            if urlsplit(raw).scheme not in ("ws", "wss"):
+                raise SettingsError(f"{var.env} must be a ws:// or wss:// URL, got {raw!r}")
+        elif var.kind == "http_url":
+            raw = raw.rstrip("/")
+            if urlsplit(raw).scheme not in ("http", "https"):
+                raise SettingsError(f"{var.env} must be an http(s) URL, got {raw!r}")
+        elif var.kind == "text_or_file" and raw.startswith("@"):
+            try:
+                raw = Path(raw[1:]).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"{var.env}: cannot read {raw[1:]!r}: {exc.strerror}") from None
+        values[f.name] = raw
+    return cls(**values)
+
+
+def _check_provider(provider: str, voice: Any) -> None:
+    """What the provider in use needs: its required variables, and its own rules."""
+    for name, var in _variables(type(voice)):
+        if var.required and not getattr(voice, name):
+            raise SettingsError(f"{var.env} is required when IVR_PROVIDER={provider}")
+    check = getattr(voice, "check", None)
+    problem = check() if check is not None else None
+    if problem:
+        raise SettingsError(problem)
+
+
+def _value_of(voice: Any, env: str) -> str:
+    return next((getattr(voice, name) for name, var in _variables(type(voice)) if var.env == env), "")
+
+
+def _secrets(voice: Any) -> dict[str, str]:
+    """The provider's secret settings by variable name."""
+    if voice is None:
+        return {}
+    return {var.env: getattr(voice, name) for name, var in _variables(type(voice)) if var.secret}

@@ -11,7 +11,7 @@ import pytest
 
 from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Ulaw
 from ivr_bridge.providers.base import AssistantAudio, Interruption
-from ivr_bridge.providers.elevenlabs import ElevenLabsProtocol, parse_format
+from ivr_bridge.providers.elevenlabs import ElevenLabsProtocol, ElevenLabsSettings, parse_format
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.elevenlabs import AgentBehaviour, ElevenLabsStandIn
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -49,15 +49,9 @@ def test_formats_pings_and_stale_turns_in_memory() -> None:
     assert ElevenLabsProtocol.classify(1002, "transport_receive_timeout").retryable is True
 
 
-def agent_settings(standin: ElevenLabsStandIn, **more: object) -> Settings:
-    return Settings(
-        provider="elevenlabs",
-        elevenlabs_agent_id=standin.behaviour.agent_id,
-        elevenlabs_url=standin.url,
-        elevenlabs_api_url=standin.api_url,
-        upstream_chunk_ms=20,
-        **more,  # type: ignore[arg-type]
-    )
+def agent_settings(standin: ElevenLabsStandIn, api_key: str = "") -> Settings:
+    agent = ElevenLabsSettings(standin.behaviour.agent_id, api_key, standin.url, standin.api_url)
+    return Settings(provider="elevenlabs", voice=agent, upstream_chunk_ms=20)
 
 
 async def test_greeting_and_a_turn_pass_mulaw_through_untouched(make_bridge) -> None:
@@ -126,11 +120,11 @@ async def test_pcm_formats_are_converted(make_bridge, formats: tuple[str, str]) 
 
 async def test_a_private_agent_is_reached_through_a_signed_url(make_bridge) -> None:
     async with ElevenLabsStandIn(AgentBehaviour(api_key="xi-secret-key")) as standin:
-        bridge = make_bridge(agent_settings(standin, elevenlabs_api_key="xi-secret-key"))
+        bridge = make_bridge(agent_settings(standin, api_key="xi-secret-key"))
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await caller.wait_for(lambda: len(caller.received) >= 8 * 400, 20)
             await caller.hang_up()
-        wrong = make_bridge(agent_settings(standin, elevenlabs_api_key="xi-wrong"))
+        wrong = make_bridge(agent_settings(standin, api_key="xi-wrong"))
         async with TwilioCaller(wrong.stream_url, continuous=True) as refused:
             await refused.wait_closed(30)
         [call] = await bridge.wait_for_calls(1)

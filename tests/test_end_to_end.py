@@ -10,6 +10,7 @@ import logging
 import wave
 from base64 import b64encode
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from ivr_bridge.audio import ulaw_decode, ulaw_encode, wav_bytes
 from ivr_bridge.audio.measure import aligned_snr_db
+from ivr_bridge.providers.nextevi import NextEviSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import NextEviStandIn, Session, VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -69,9 +71,7 @@ async def voice_api(behaviour: VoiceApiBehaviour | None = None) -> AsyncIterator
 def nextevi_settings(standin: NextEviStandIn, **overrides: object) -> Settings:
     return Settings(
         provider="nextevi",
-        nextevi_url=standin.url,
-        nextevi_api_key=API_KEY,
-        nextevi_config_id=CONFIG_ID,
+        voice=NextEviSettings(url=standin.url, api_key=API_KEY, config_id=CONFIG_ID),
         **overrides,  # type: ignore[arg-type]
     )
 
@@ -231,9 +231,7 @@ async def test_upstream_closing_mid_call_ends_the_call(make_bridge, caplog, code
 async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) -> None:
     settings = Settings(
         provider="nextevi",
-        nextevi_url="ws://127.0.0.1:9/ws/voice",
-        nextevi_api_key=API_KEY,
-        nextevi_config_id="c",
+        voice=NextEviSettings(url="ws://127.0.0.1:9/ws/voice", api_key=API_KEY, config_id="c"),
         reconnect_budget_s=0.5,
     )
     bridge = make_bridge(settings)
@@ -247,7 +245,7 @@ async def test_unreachable_voice_api_ends_the_call_cleanly(make_bridge, caplog) 
 async def test_wrong_api_key_is_logged_with_its_close_code(make_bridge, caplog) -> None:
     async with voice_api() as standin:
         settings = nextevi_settings(standin)
-        bridge = make_bridge(Settings(**{**settings.__dict__, "nextevi_api_key": "oak_wrong"}))
+        bridge = make_bridge(replace(settings, voice=replace(settings.voice, api_key="oak_wrong")))
         async with TwilioCaller(bridge.stream_url) as caller:
             await caller.wait_closed(10)
         [call] = await bridge.wait_for_calls(1)

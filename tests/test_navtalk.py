@@ -8,7 +8,7 @@ from base64 import b64encode
 
 from ivr_bridge.audio import Pcm
 from ivr_bridge.providers.base import AssistantAudio, AssistantText, Interruption
-from ivr_bridge.providers.navtalk import NavTalkProtocol
+from ivr_bridge.providers.navtalk import NavTalkProtocol, NavTalkSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.navtalk import NavTalkBehaviour, NavTalkStandIn
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -46,9 +46,9 @@ def test_fields_in_data_or_at_the_top_and_stale_deltas_after_speech() -> None:
     assert busy.classify(1006, "").retryable is True
 
 
-def navtalk_settings(standin: NavTalkStandIn, **more: object) -> Settings:
-    base = {"navtalk_license": standin.behaviour.license, "navtalk_character": "Sophia"}
-    return Settings(provider="navtalk", navtalk_url=standin.url, **(base | more))  # type: ignore[arg-type]
+def navtalk_settings(standin: NavTalkStandIn, **more: str) -> Settings:
+    base = {"license": standin.behaviour.license, "character": "Sophia", "url": standin.url}
+    return Settings(provider="navtalk", voice=NavTalkSettings(**(base | more)))
 
 
 async def test_a_turn_and_a_barge_in_through_navtalk(make_bridge) -> None:
@@ -74,7 +74,7 @@ async def test_a_refused_license_and_an_exhausted_balance_end_calls_without_retr
         async with TwilioCaller(broke.stream_url, continuous=True) as caller:
             await caller.say(tone_ulaw(600, hz=500))
             await caller.wait_closed(30)
-        wrong = make_bridge(navtalk_settings(standin, navtalk_license="nt-wrong"))
+        wrong = make_bridge(navtalk_settings(standin, license="nt-wrong"))
         async with TwilioCaller(wrong.stream_url, continuous=True) as refused:
             await refused.wait_closed(30)
         [ended] = await broke.wait_for_calls(1)

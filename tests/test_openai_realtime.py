@@ -12,7 +12,7 @@ import pytest
 
 from ivr_bridge.audio import TWILIO_AUDIO, Pcm, Ulaw
 from ivr_bridge.providers.base import AssistantAudio, Interruption, ProviderError
-from ivr_bridge.providers.openai_realtime import OpenAiRealtimeProtocol
+from ivr_bridge.providers.openai_realtime import OpenAiRealtimeProtocol, OpenAiSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.openai_realtime import OpenAiRealtimeStandIn, RealtimeBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -91,8 +91,7 @@ def test_pcm_from_a_server_that_ignored_the_request_is_converted_not_played_as_m
 def openai_settings(standin: OpenAiRealtimeStandIn, **more: object) -> Settings:
     return Settings(
         provider="openai",
-        openai_api_key=KEY,
-        openai_url=standin.url,
+        voice=OpenAiSettings(api_key=KEY, url=standin.url),
         upstream_chunk_ms=20,
         **more,  # type: ignore[arg-type]
     )

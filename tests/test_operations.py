@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ async def test_preflight_keeps_readyz_at_503_until_the_voice_api_takes_a_session
 
     async with voice_api() as standin:
         right = nextevi_settings(standin, preflight=True)
-        wrong = Settings(**{**right.__dict__, "nextevi_api_key": "oak_wrong_key"})
+        wrong = replace(right, voice=replace(right.voice, api_key="oak_wrong_key"))
         bridge = make_bridge(wrong)
         async with httpx.AsyncClient(base_url=bridge.base_url, timeout=15) as client:
             for _ in range(300):  # polled: the preflight runs in the background

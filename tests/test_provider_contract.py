@@ -1,50 +1,71 @@
 """One contract, every voice API: over real loopback sockets, each provider (with its
 stand-in) carries a whole turn - the caller speaks, hears a reply in whole frames with its
 marks played, hangs up - and a barge-in that clears the caller and drops the rest of the
-cut reply. Provider-specific awkward parts live in each provider's own test module."""
+cut reply. Each networked provider also survives its API closing: normally (the call ends
+as the API's doing), with a retryable error (a new session, and the call goes on), with an
+error not worth retrying (the call ends, no retry), and a planned renewal before the
+session cap. Provider-specific awkward parts live in each provider's own test module."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from ivr_bridge.providers.elevenlabs import ElevenLabsSettings
+from ivr_bridge.providers.navtalk import NavTalkSettings
+from ivr_bridge.providers.openai_realtime import OpenAiSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.elevenlabs import AgentBehaviour, ElevenLabsStandIn
 from ivr_bridge.standins.navtalk import NavTalkBehaviour, NavTalkStandIn
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.openai_realtime import OpenAiRealtimeStandIn, RealtimeBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
+from tests.call_harness import until
 from tests.test_end_to_end import nextevi_settings, tone_ulaw, voice_api
 
 PROVIDERS = ["echo", "nextevi", "openai", "elevenlabs", "navtalk"]
 
 
+NETWORKED = PROVIDERS[1:]  # echo has no API to close
+
+
 @contextlib.asynccontextmanager
-async def provider(name: str, reply_ms: int) -> AsyncIterator[Settings]:
-    """The provider's settings, its stand-in running behind them."""
+async def upstream(name: str, reply_ms: int) -> AsyncIterator[tuple[Settings, Any]]:
+    """The provider's settings, and its stand-in running behind them (None for echo)."""
     if name == "echo":
-        yield Settings(provider="echo")
+        yield Settings(provider="echo"), None
     elif name == "nextevi":
         async with voice_api(VoiceApiBehaviour(reply_ms=reply_ms)) as standin:
-            yield nextevi_settings(standin)
+            yield nextevi_settings(standin), standin
     elif name == "openai":
         async with OpenAiRealtimeStandIn(RealtimeBehaviour(reply_ms=reply_ms)) as standin:
-            yield Settings(
-                provider="openai", openai_api_key=standin.behaviour.api_key, openai_url=standin.url
-            )
+            voice = OpenAiSettings(api_key=standin.behaviour.api_key, url=standin.url)
+            yield Settings(provider="openai", voice=voice), standin
     elif name == "elevenlabs":
         async with ElevenLabsStandIn(AgentBehaviour(greeting_ms=0, reply_ms=reply_ms)) as standin:
-            yield Settings(
-                provider="elevenlabs", elevenlabs_agent_id="agent_test", elevenlabs_url=standin.url
-            )
+            voice = ElevenLabsSettings(agent_id="agent_test", url=standin.url)
+            yield Settings(provider="elevenlabs", voice=voice), standin
     else:
         async with NavTalkStandIn(NavTalkBehaviour(reply_ms=reply_ms)) as standin:
-            yield Settings(
-                provider="navtalk", navtalk_license=standin.behaviour.license, navtalk_character="Sophia",
-                navtalk_url=standin.url,
-            )  # fmt: skip
+            voice = NavTalkSettings(license=standin.behaviour.license, character="Sophia", url=standin.url)
+            yield Settings(provider="navtalk", voice=voice), standin
+
+
+@contextlib.asynccontextmanager
+async def provider(name: str, reply_ms: int) -> AsyncIterator[Settings]:
+    async with upstream(name, reply_ms) as (settings, _):
+        yield settings
+
+
+async def a_reply_heard(caller: TwilioCaller, whole_ms: int = 780) -> None:
+    """The caller speaks and hears the whole reply played."""
+    before = len(caller.received)
+    await caller.say(tone_ulaw(700, hz=500))
+    await caller.wait_for(lambda: len(caller.received) - before >= 8 * whole_ms and not caller.playing, 30)
 
 
 @pytest.mark.parametrize("name", PROVIDERS)
@@ -80,3 +101,62 @@ async def test_a_barge_in(make_bridge, name: str) -> None:
     [cut] = call.playback.responses[:1]
     assert cut.interrupted and 0 < cut.heard_ms < 4000
     assert call.stats.barge_ins >= 1 and call.outcome == "stream_stopped"
+
+
+@pytest.mark.parametrize("name", NETWORKED)
+async def test_the_api_ending_the_session_normally_ends_the_call(make_bridge, name: str) -> None:
+    async with upstream(name, reply_ms=800) as (settings, standin):
+        bridge = make_bridge(settings)
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await a_reply_heard(caller)
+            await standin.close_sessions(1000, "conversation over")
+            await caller.wait_closed(30)
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "voice_api_ended" and call.stats.reconnects == 0
+    assert call.keeper.close_code is None
+
+
+@pytest.mark.parametrize("name", NETWORKED)
+async def test_a_retryable_close_reconnects_and_the_call_goes_on(make_bridge, name: str) -> None:
+    async with upstream(name, reply_ms=800) as (settings, standin):
+        bridge = make_bridge(settings)
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await a_reply_heard(caller)
+            await standin.close_sessions(1011, "internal error")
+            await until(lambda: standin.opened >= 2, 30)
+            await a_reply_heard(caller)  # the new session answers
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "stream_stopped" and call.keeper.close_code == 1011
+    assert call.stats.reconnects == 1
+    assert [r.interrupted for r in call.playback.responses] == [False, False]
+
+
+@pytest.mark.parametrize("name", NETWORKED)
+async def test_a_close_not_worth_retrying_ends_the_call_without_a_retry(make_bridge, name: str) -> None:
+    # 1008 (policy) for the APIs that classify by close code; NavTalk says why before it closes.
+    async with upstream(name, reply_ms=800) as (settings, standin):
+        bridge = make_bridge(settings)
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await a_reply_heard(caller)
+            if name == "navtalk":
+                await standin.end_sessions("insufficient_balance")
+            else:
+                await standin.close_sessions(4001 if name == "nextevi" else 1008, "not allowed")
+            await caller.wait_closed(30)
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "voice_api_failed" and call.stats.reconnects == 0
+
+
+@pytest.mark.parametrize("name", NETWORKED)
+async def test_the_session_is_renewed_before_its_cap_at_a_quiet_moment(make_bridge, name: str) -> None:
+    async with upstream(name, reply_ms=800) as (settings, standin):
+        bridge = make_bridge(replace(settings, max_session_s=6.0))  # renewed after 4.5 s, when quiet
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await a_reply_heard(caller)
+            await until(lambda: standin.opened >= 2, 30)  # the bridge replaced it
+            await a_reply_heard(caller)  # the new session answers
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "stream_stopped" and call.keeper.close_code is None
+    assert call.stats.renewals >= 1 and call.stats.reconnects == 0

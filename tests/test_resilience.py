@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from ivr_bridge.loadgen.webhook import CallDetails, fetch_stream, stream_headers
+from ivr_bridge.providers.nextevi import NextEviSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -80,9 +81,7 @@ async def test_unreachable_voice_api_apologises_via_rest_after_the_budget(make_b
     rest, url = twilio_rest
     settings = Settings(
         provider="nextevi",
-        nextevi_url="ws://127.0.0.1:9/ws/voice",
-        nextevi_api_key=API_KEY,
-        nextevi_config_id="c",
+        voice=NextEviSettings(url="ws://127.0.0.1:9/ws/voice", api_key=API_KEY, config_id="c"),
         reconnect_budget_s=1.0,
     )
     bridge = make_bridge(with_rest(settings, rest, url))

@@ -22,6 +22,7 @@ from ivr_bridge.loadgen.call_report import media_after_clear, response_number
 from ivr_bridge.loadgen.scenario import parse_scenario
 from ivr_bridge.loadgen.scripted_call import ScriptedCall, heard_wav, place_call
 from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget
+from ivr_bridge.providers.nextevi import NextEviSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import NextEviStandIn, VoiceApiBehaviour
 from ivr_bridge.standins.timeline import CallerTimeline
@@ -64,9 +65,7 @@ async def test_scenario_with_barge_in_and_dtmf_against_the_bridge(make_bridge, t
         bridge = make_bridge(
             Settings(
                 provider="nextevi",
-                nextevi_url=standin.url,
-                nextevi_api_key=API_KEY,
-                nextevi_config_id=CONFIG_ID,
+                voice=NextEviSettings(url=standin.url, api_key=API_KEY, config_id=CONFIG_ID),
             )
         )
         details = CallDetails(from_number="+15550001111", to_number="+15550002222")

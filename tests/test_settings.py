@@ -106,3 +106,53 @@ def test_routing_settings() -> None:
 def test_wrong_routing_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env(env)
+
+
+def _variables(provider) -> dict[str, object]:
+    from dataclasses import fields
+
+    return {f.metadata["variable"].env: f.metadata["variable"] for f in fields(provider.settings)}
+
+
+def test_each_provider_s_own_settings_come_from_its_module() -> None:
+    """The registry is the one place a provider's variables are declared: each is read,
+    its credential alone selects it, its required variables are named when missing, and its
+    secrets stay out of the repr, the summary line and nowhere else."""
+    from ivr_bridge.providers import registry
+
+    names = Settings.variable_names()
+    for name, provider in registry().items():
+        if provider.settings is None:
+            continue
+        variables = _variables(provider)
+        assert set(variables) <= names and provider.credential in variables
+        required = {env: "x" for env, var in variables.items() if var.required}
+        rules = {"NAVTALK_CHARACTER": "Sophia"} if name == "navtalk" else {}  # the module's own rule
+        secrets = {env: f"secret-{env.lower()}" for env, var in variables.items() if var.secret}
+        settings = Settings.from_env(required | rules | secrets)
+        assert settings.provider == name and type(settings.voice) is provider.settings
+        for value in secrets.values():
+            assert value in settings.secret_values()
+            assert value not in repr(settings) and value not in settings.summary()
+        for env in required:
+            if env != provider.credential:
+                with pytest.raises(SettingsError, match=f"{env} is required when IVR_PROVIDER={name}"):
+                    Settings.from_env({k: v for k, v in (required | rules).items() if k != env})
+
+
+def test_two_providers_configured_need_ivr_provider_to_choose() -> None:
+    both = {"OPENAI_API_KEY": "sk", "ELEVENLABS_AGENT_ID": "agent"}
+    with pytest.raises(SettingsError, match=r"IVR_PROVIDER must say .*: ELEVENLABS_AGENT_ID and OPENAI_API"):
+        Settings.from_env(both)
+    assert Settings.from_env(both | {"IVR_PROVIDER": "openai"}).voice.api_key == "sk"
+
+
+def test_navtalk_needs_a_character_or_an_avatar_and_instructions_may_come_from_a_file(tmp_path) -> None:
+    with pytest.raises(SettingsError, match="NAVTALK_CHARACTER or NAVTALK_AVATAR_ID"):
+        Settings.from_env({"NAVTALK_LICENSE": "nt"})
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("You answer for Acme.\n", encoding="utf-8")
+    s = Settings.from_env({"OPENAI_API_KEY": "sk", "OPENAI_REALTIME_INSTRUCTIONS": f"@{prompt}"})
+    assert s.voice.instructions == "You answer for Acme."
+    with pytest.raises(SettingsError, match="OPENAI_REALTIME_INSTRUCTIONS: cannot read"):
+        Settings.from_env({"OPENAI_API_KEY": "sk", "OPENAI_REALTIME_INSTRUCTIONS": "@/nonexistent/x"})

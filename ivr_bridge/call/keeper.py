@@ -73,12 +73,14 @@ class SessionKeeper:
             await self.session.close(NORMAL_CLOSE)
 
     def renewal_due(self, now: float, *, quiet: bool) -> bool:
-        """Renew between sentences, a minute before the cap; forced just before it."""
+        """Renew between sentences, in the last minute before the cap (the last quarter of
+        a short cap); forced mid-reply only in its last seconds."""
         if self._lifecycle.state != CallState.ACTIVE:
             return False
         cap = self.settings.max_session_s
+        margin = min(RENEW_MARGIN_S, cap / 4)
         age = now - self.opened_at
-        return age > cap - min(RENEW_MARGIN_S, cap / 4) and (quiet or age > cap - RENEW_FORCED_S)
+        return age > cap - margin and (quiet or age > cap - min(RENEW_FORCED_S, margin / 4))
 
     async def renew(self, now: float) -> None:
         self._lifecycle.move(CallState.RENEWING)

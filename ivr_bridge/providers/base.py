@@ -7,8 +7,9 @@ only these events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ivr_bridge.audio import AudioFormat, Pcm, Ulaw
 
@@ -178,3 +179,40 @@ class VoiceSession(Protocol):
 
     async def close(self, code: int = NORMAL_CLOSE) -> None:
         """Close the session (idempotent)."""
+
+
+# -- the registry's view of a provider ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One environment variable of a provider's settings (see `setting`)."""
+
+    env: str
+    required: bool = False  # when this provider is the one in use
+    secret: bool = False  # never shown: not in repr, logs or the settings summary
+    kind: str = "text"  # "text", "ws_url", "http_url", or "text_or_file" (`@path` reads a file)
+
+
+def setting(
+    env: str, default: str = "", *, required: bool = False, secret: bool = False, kind: str = "text"
+) -> Any:
+    """A field of a provider's settings dataclass, read from the variable `env`."""
+    return field(
+        default=default, repr=not secret, metadata={"variable": Variable(env, required, secret, kind)}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A voice API as the bridge knows it: its name (`IVR_PROVIDER`), its session class, its
+    settings (a frozen dataclass of `setting` fields, or None), the variable whose being set
+    makes it the provider in use when `IVR_PROVIDER` is unset, and its stand-in's module
+    (with `run(args)`, for `ivr-bridge stub-voice-api --provider NAME`)."""
+
+    name: str
+    session: Callable[..., VoiceSession]
+    settings: type | None = None
+    credential: str = ""
+    standin: str = ""
+    describe: Callable[[Any], str] = lambda settings: "-"  # for the settings summary line

@@ -19,6 +19,7 @@ from ivr_bridge.providers.base import (
     AssistantText,
     Closed,
     Interruption,
+    Provider,
     Ready,
     UserTranscript,
     VoiceEvent,
@@ -129,3 +130,6 @@ class EchoSession:
         if self._closed is None:
             self._closed = Closed(code)
             self._events.put_nowait(self._closed)
+
+
+PROVIDER = Provider("echo", EchoSession, describe=lambda s: "embedded: plays each utterance back")

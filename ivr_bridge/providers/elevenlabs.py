@@ -24,6 +24,7 @@ import json
 import logging
 import re
 from base64 import b64decode, b64encode
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -40,11 +41,13 @@ from ivr_bridge.providers.base import (
     CallInfo,
     Closed,
     Interruption,
+    Provider,
     ProviderError,
     Ready,
     Skipped,
     UserTranscript,
     VoiceEvent,
+    setting,
 )
 from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings, is_phone_target
@@ -210,21 +213,21 @@ class ElevenLabsSession(WebSocketSession):
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         # The call's details as dynamic variables: the agent's prompt may use {{caller_number}}.
         super().__init__(ElevenLabsProtocol((call or CallInfo()).variables()))
-        self._settings = settings
+        self._settings: ElevenLabsSettings = settings.voice
 
     async def _url(self) -> str:
         s = self._settings
-        if not s.elevenlabs_api_key:
-            return ElevenLabsProtocol.url(s.elevenlabs_url, s.elevenlabs_agent_id)
+        if not s.api_key:
+            return ElevenLabsProtocol.url(s.url, s.agent_id)
         # A private agent: a signed URL, used exactly as returned.
         timeout = aiohttp.ClientTimeout(total=10)
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as http,
                 http.get(
-                    f"{s.elevenlabs_api_url}/v1/convai/conversation/get-signed-url",
-                    params={"agent_id": s.elevenlabs_agent_id},
-                    headers={"xi-api-key": s.elevenlabs_api_key},
+                    f"{s.api_url}/v1/convai/conversation/get-signed-url",
+                    params={"agent_id": s.agent_id},
+                    headers={"xi-api-key": s.api_key},
                 ) as answer,
             ):
                 if answer.status != 200:
@@ -243,3 +246,21 @@ class ElevenLabsSession(WebSocketSession):
         if self.protocol.send_format is not None and self.protocol.receive_format is None:
             raise ConnectionError("voice API named no agent output audio format")
         return self.protocol.send_format  # from conversation_initiation_metadata
+
+
+@dataclass(frozen=True)
+class ElevenLabsSettings:
+    agent_id: str = setting("ELEVENLABS_AGENT_ID", required=True)
+    api_key: str = setting("ELEVENLABS_API_KEY", secret=True)  # set => a private agent (signed URL)
+    url: str = setting("ELEVENLABS_URL", "wss://api.elevenlabs.io/v1/convai/conversation", kind="ws_url")
+    api_url: str = setting("ELEVENLABS_API_URL", "https://api.elevenlabs.io", kind="http_url")
+
+
+PROVIDER = Provider(
+    "elevenlabs",
+    ElevenLabsSession,
+    ElevenLabsSettings,
+    credential="ELEVENLABS_AGENT_ID",
+    standin="ivr_bridge.standins.elevenlabs",
+    describe=lambda s: f"agent {s.agent_id} ({'private' if s.api_key else 'public'}) at {s.url}",
+)

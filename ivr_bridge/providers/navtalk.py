@@ -23,6 +23,7 @@ import binascii
 import json
 import logging
 from base64 import b64decode, b64encode
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -35,12 +36,14 @@ from ivr_bridge.providers.base import (
     CallInfo,
     Closed,
     Interruption,
+    Provider,
     ProviderError,
     Ready,
     Skipped,
     TurnEvent,
     UserTranscript,
     VoiceEvent,
+    setting,
 )
 from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings
@@ -169,13 +172,14 @@ class NavTalkSession(WebSocketSession):
 
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         details = (call or CallInfo()).sentence()  # into the prompt: the API has no variables
-        prompt = "\n\n".join(part for part in (settings.navtalk_prompt, details) if part)
-        super().__init__(NavTalkProtocol(settings.navtalk_voice, prompt))
-        self._settings = settings
+        s: NavTalkSettings = settings.voice
+        prompt = "\n\n".join(part for part in (s.prompt, details) if part)
+        super().__init__(NavTalkProtocol(s.voice, prompt))
+        self._settings = s
 
     async def _url(self) -> str:
         s = self._settings
-        return NavTalkProtocol.url(s.navtalk_url, s.navtalk_license, s.navtalk_character, s.navtalk_avatar_id)
+        return NavTalkProtocol.url(s.url, s.license, s.character, s.avatar_id)
 
     def _opening(self) -> list[str]:
         return [self.protocol.input_config()]
@@ -184,3 +188,29 @@ class NavTalkSession(WebSocketSession):
         if self.protocol.ending:
             raise ConnectionError(f"voice API refused the session: {self.protocol.ending}")
         return PCM16_24K if self.protocol.ready else None  # the only format NavTalk documents
+
+
+@dataclass(frozen=True)
+class NavTalkSettings:
+    license: str = setting("NAVTALK_LICENSE", required=True, secret=True)
+    character: str = setting("NAVTALK_CHARACTER")
+    avatar_id: str = setting("NAVTALK_AVATAR_ID")
+    voice: str = setting("NAVTALK_VOICE")
+    prompt: str = setting("NAVTALK_PROMPT")
+    url: str = setting("NAVTALK_URL", "wss://transfer.navtalk.ai/wss/v2/realtime-chat", kind="ws_url")
+
+    def check(self) -> str | None:
+        """Why these settings cannot work, or None."""
+        if not (self.character or self.avatar_id):
+            return "NAVTALK_CHARACTER or NAVTALK_AVATAR_ID is required when IVR_PROVIDER=navtalk"
+        return None
+
+
+PROVIDER = Provider(
+    "navtalk",
+    NavTalkSession,
+    NavTalkSettings,
+    credential="NAVTALK_LICENSE",
+    standin="ivr_bridge.standins.navtalk",
+    describe=lambda s: f"{s.avatar_id or s.character} at {s.url}",
+)

@@ -16,6 +16,7 @@ import math
 import time
 import uuid
 from base64 import b64decode
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import websockets
@@ -31,12 +32,14 @@ from ivr_bridge.providers.base import (
     Closed,
     Emotions,
     Interruption,
+    Provider,
     ProviderError,
     Ready,
     Skipped,
     TurnEvent,
     UserTranscript,
     VoiceEvent,
+    setting,
 )
 from ivr_bridge.settings import Settings
 
@@ -232,10 +235,8 @@ class NextEviSession:
         self._keep_alive: asyncio.Task[None] | None = None
 
     async def connect(self) -> AudioFormat:
-        s = self._settings
-        url = NextEviProtocol.url(
-            s.nextevi_url, self.connection_id, s.nextevi_api_key, s.nextevi_config_id, s.nextevi_project_id
-        )
+        s: NextEviSettings = self._settings.voice
+        url = NextEviProtocol.url(s.url, self.connection_id, s.api_key, s.config_id, s.project_id)
         try:
             # No permessage-deflate: audio does not compress and it costs ~25 % CPU.
             self._ws = await websockets.connect(
@@ -306,3 +307,21 @@ class NextEviSession:
             except ConnectionClosed:
                 return
             self._last_send = time.monotonic()
+
+
+@dataclass(frozen=True)
+class NextEviSettings:
+    api_key: str = setting("NEXTEVI_API_KEY", required=True, secret=True)
+    config_id: str = setting("NEXTEVI_CONFIG_ID", required=True)
+    project_id: str = setting("NEXTEVI_PROJECT_ID")
+    url: str = setting("NEXTEVI_URL", "wss://api.nextevi.com/ws/voice", kind="ws_url")
+
+
+PROVIDER = Provider(
+    "nextevi",
+    NextEviSession,
+    NextEviSettings,
+    credential="NEXTEVI_API_KEY",
+    standin="ivr_bridge.standins.nextevi",
+    describe=lambda s: f"config {s.config_id} at {s.url}",
+)

@@ -37,12 +37,14 @@ from ivr_bridge.providers.base import (
     CallInfo,
     Closed,
     Interruption,
+    Provider,
     ProviderError,
     Ready,
     Skipped,
     TurnEvent,
     UserTranscript,
     VoiceEvent,
+    setting,
 )
 from ivr_bridge.providers.websocket import WebSocketSession
 from ivr_bridge.settings import Settings, is_phone_target
@@ -280,15 +282,16 @@ class OpenAiRealtimeSession(WebSocketSession):
     def __init__(self, settings: Settings, call: CallInfo | None = None) -> None:
         # The call's details go into the instructions: the API has no variables.
         details = (call or CallInfo()).sentence()
-        instructions = "\n\n".join(part for part in (settings.openai_instructions, details) if part)
-        super().__init__(OpenAiRealtimeProtocol(settings.openai_voice, instructions))
-        self._settings = settings
+        s: OpenAiSettings = settings.voice
+        instructions = "\n\n".join(part for part in (s.instructions, details) if part)
+        super().__init__(OpenAiRealtimeProtocol(s.voice, instructions))
+        self._settings = s
 
     async def _url(self) -> str:
-        return OpenAiRealtimeProtocol.url(self._settings.openai_url, self._settings.openai_model)
+        return OpenAiRealtimeProtocol.url(self._settings.url, self._settings.model)
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._settings.openai_api_key}"}
+        return {"Authorization": f"Bearer {self._settings.api_key}"}
 
     def _opening(self) -> list[str]:
         return [self.protocol.session_update()]
@@ -303,3 +306,22 @@ class OpenAiRealtimeSession(WebSocketSession):
         message = self.protocol.truncate(reply, heard_ms)
         if message is not None:
             await self._send(message)
+
+
+@dataclass(frozen=True)
+class OpenAiSettings:
+    api_key: str = setting("OPENAI_API_KEY", required=True, secret=True)
+    model: str = setting("OPENAI_REALTIME_MODEL", DEFAULT_MODEL)
+    voice: str = setting("OPENAI_REALTIME_VOICE")
+    instructions: str = setting("OPENAI_REALTIME_INSTRUCTIONS", kind="text_or_file")
+    url: str = setting("OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", kind="ws_url")
+
+
+PROVIDER = Provider(
+    "openai",
+    OpenAiRealtimeSession,
+    OpenAiSettings,
+    credential="OPENAI_API_KEY",
+    standin="ivr_bridge.standins.openai_realtime",
+    describe=lambda s: f"{s.model} at {s.url}",
+)

@@ -157,10 +157,18 @@ class NavTalkStandIn(StandInServer):
             )
             await self._send(peer.ws, "realtime.response.audio.done", data={})
         if b.ending:
-            await self._send(
-                peer.ws, f"conversation.connected.{b.ending}", top={"message": f"{b.ending} (stand-in)"}
-            )
-            await peer.ws.close(1000, b.ending)
+            await self._end(peer.ws, b.ending)
+
+    async def end_sessions(self, ending: str) -> None:
+        """End every open session as NavTalk does: its event (e.g. `insufficient_balance`),
+        then a normal close."""
+        assert self._server is not None, "stand-in not started"
+        for ws in list(self._server.connections):
+            await self._end(ws, ending)
+
+    async def _end(self, ws: ServerConnection, ending: str) -> None:
+        await self._send(ws, f"conversation.connected.{ending}", top={"message": f"{ending} (stand-in)"})
+        await ws.close(1000, ending)
 
     async def _send(
         self, ws: ServerConnection, kind: str, data: dict | None = None, top: dict | None = None

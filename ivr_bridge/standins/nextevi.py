@@ -227,6 +227,17 @@ class NextEviStandIn:
         await self.stop()
 
     @property
+    def opened(self) -> int:
+        """Sessions accepted so far."""
+        return len(self.sessions)
+
+    async def close_sessions(self, code: int, reason: str = "") -> None:
+        """End every open session the way the API would: a close frame with `code`."""
+        assert self._server is not None, "stand-in not started"
+        for ws in list(self._server.connections):
+            await ws.close(code, reason)
+
+    @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("stand-in not started")
@@ -623,14 +634,6 @@ class NextEviStandIn:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The stand-in's options, shared by `ivr-bridge stub-voice-api` and `python -m`."""
     defaults = VoiceApiBehaviour()
-    parser.add_argument(
-        "--provider",
-        choices=["nextevi", "openai", "elevenlabs", "navtalk"],
-        default="nextevi",
-        help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime; "
-        "elevenlabs: an agent at /v1/convai/conversation, private with --api-key; "
-        "navtalk: /wss/v2/realtime-chat, --api-key is the license)",
-    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument(
@@ -671,18 +674,7 @@ async def _run(host: str, port: int, behaviour: VoiceApiBehaviour, timeline: str
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.provider == "openai":
-        from ivr_bridge.standins import openai_realtime
-
-        return openai_realtime.run(args)
-    if args.provider == "elevenlabs":
-        from ivr_bridge.standins import elevenlabs
-
-        return elevenlabs.run(args)
-    if args.provider == "navtalk":
-        from ivr_bridge.standins import navtalk
-
-        return navtalk.run(args)
+    """`ivr-bridge stub-voice-api` (--provider nextevi)."""
     behaviour = VoiceApiBehaviour(
         api_key=args.api_key or VoiceApiBehaviour().api_key,
         config_id=args.config_id,

@@ -19,6 +19,17 @@ class StandInServer:
 
     def __init__(self) -> None:
         self._server: Server | None = None
+        self.opened = 0  # sessions (connections) served so far
+
+    async def _serve_one(self, ws: ServerConnection) -> None:
+        self.opened += 1
+        await self._handle(ws)
+
+    async def close_sessions(self, code: int, reason: str = "") -> None:
+        """End every open session the way the API would: a close frame with `code`."""
+        assert self._server is not None, "stand-in not started"
+        for ws in list(self._server.connections):
+            await ws.close(code, reason)
 
     async def _handle(self, ws: ServerConnection) -> None:
         raise NotImplementedError
@@ -27,7 +38,7 @@ class StandInServer:
         return None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await serve(self._handle, host, port, process_request=self._route, compression=None)
+        self._server = await serve(self._serve_one, host, port, process_request=self._route, compression=None)
 
     async def stop(self) -> None:
         if self._server is not None:
