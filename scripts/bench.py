@@ -25,6 +25,11 @@ bound on what the bridge adds.
 
     .venv/bin/python scripts/bench.py                          # the default ladder
     .venv/bin/python scripts/bench.py --levels 50,100 --json   # chosen levels, JSON out
+    .venv/bin/python scripts/bench.py --provider openai        # the mu-law pass-through path
+
+`--provider nextevi` (the default) is the converted path: PCM16 24 kHz up, WAV chunks down.
+`--provider openai` is the pass-through path: the caller's mu-law goes up untouched and the
+stand-in's `audio/pcmu` deltas come down only re-framed.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from processes import ROOT, cpu_seconds, free_port, percentiles, spawn, status_k
 SCENARIO = ROOT / "examples" / "scenarios" / "load.json"
 API_KEY = "oak_bench_key"
 CONFIG_ID = "cfg_bench"
-PCM_BYTES_PER_FRAME = 960  # 20 ms of 24 kHz PCM16
+PCM_BYTES_PER_FRAME = 960  # 20 ms of 24 kHz PCM16 (a stand-in's timeline may say otherwise)
 LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level
 HOOK_SECRET = "bench-hook-secret"
 
@@ -129,9 +134,10 @@ def joined(callers: list[dict], sessions: list[dict]) -> Iterator[tuple[dict, di
 
 def inbound_latencies(caller: dict, session: dict) -> list[float]:
     sent_at = caller_frame_times(caller)
+    frame_bytes = session.get("frame_bytes", PCM_BYTES_PER_FRAME)
     out = []
     for arrived, total in zip(session["audio_at"], session["audio_bytes"], strict=True):
-        last_frame = total // PCM_BYTES_PER_FRAME  # frames are numbered from 1
+        last_frame = total // frame_bytes  # frames are numbered from 1
         if 0 < last_frame <= len(sent_at):
             out.append((arrived - sent_at[last_frame - 1]) * 1000)
     return out
@@ -161,7 +167,8 @@ def frames_lost(caller: dict, session: dict, chunk_frames: int) -> tuple[int, in
     """(caller frames that never reached the voice API, bot frames that never reached the
     caller). The bridge holds back at most one upstream chunk when the call ends."""
     sent = len(caller_frame_times(caller))
-    received = (session["audio_bytes"][-1] if session["audio_bytes"] else 0) // PCM_BYTES_PER_FRAME
+    frame_bytes = session.get("frame_bytes", PCM_BYTES_PER_FRAME)
+    received = (session["audio_bytes"][-1] if session["audio_bytes"] else 0) // frame_bytes
     lost_in = max(0, sent - received - (chunk_frames - 1))
     # Every tts_chunk the stand-in sent reached the caller unless the bridge lost it: the
     # stand-in stops a reply at its tts_interruption, and flushed audio was still received.
@@ -231,6 +238,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
     standin = spawn(
         [
             "stub-voice-api",
+            "--provider", args.provider,
             "--port", str(standin_port),
             "--api-key", API_KEY,
             "--config-id", CONFIG_ID,
@@ -240,6 +248,17 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         ],
         log=workdir / f"standin-{concurrency}.log",
     )  # fmt: skip
+    voice_api = {
+        "nextevi": {
+            "NEXTEVI_URL": f"ws://127.0.0.1:{standin_port}/ws/voice",
+            "NEXTEVI_API_KEY": API_KEY,
+            "NEXTEVI_CONFIG_ID": CONFIG_ID,
+        },
+        "openai": {
+            "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
+            "OPENAI_API_KEY": API_KEY,
+        },
+    }[args.provider]
     hooks: dict[str, str] = {}
     receiver = None
     if args.hooks:
@@ -255,10 +274,8 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         env={
             **hooks,
             "IVR_DATABASE_PATH": str(database),
-            "IVR_PROVIDER": "nextevi",
-            "NEXTEVI_URL": f"ws://127.0.0.1:{standin_port}/ws/voice",
-            "NEXTEVI_API_KEY": API_KEY,
-            "NEXTEVI_CONFIG_ID": CONFIG_ID,
+            "IVR_PROVIDER": args.provider,
+            **voice_api,
             "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
             "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
         },
@@ -378,6 +395,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--levels", default="25,50,100,150,200,250,300", help="concurrent calls per level")
+    parser.add_argument(
+        "--provider",
+        choices=["nextevi", "openai"],
+        default="nextevi",
+        help="nextevi: the 24 kHz converted path; openai: mu-law passed through",
+    )
     parser.add_argument("--scenario", type=Path, default=SCENARIO)
     parser.add_argument("--reply-ms", type=int, default=2000, help="stand-in reply length")
     parser.add_argument("--think-ms", type=int, default=300, help="stand-in think time")

@@ -25,9 +25,10 @@ def spawn(
     args: list[str], env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """`python -m ivr_bridge ARGS` in the repository, output to `log` (appended) or nowhere.
-    `env` is laid over this process's environment, less any IVR_ / NEXTEVI_ settings of the
+    `env` is laid over this process's environment, less any of the bridge's own settings in the
     shell, so a run is the same wherever it is started."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("IVR_", "NEXTEVI_"))}
+    own = ("IVR_", "NEXTEVI_", "OPENAI_", "ELEVENLABS_", "NAVTALK_")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(own)}
     cmd = [sys.executable, "-m", "ivr_bridge", *args]
     if log is None:
         return subprocess.Popen(cmd, env={**base, **(env or {})}, stdout=subprocess.DEVNULL,

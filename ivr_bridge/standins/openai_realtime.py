@@ -25,7 +25,9 @@ import asyncio
 import contextlib
 import http
 import json
+import re
 import secrets
+import time
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ from ivr_bridge.standins.socket_server import StandInServer, serve_until_signall
 PATH = "/v1/realtime"
 SPEECH_RMS = 500.0  # on the int16 scale: above is speech
 SILENCE_TO_END_MS = 500
+_CALL_SID = re.compile(r"call sid: (CA[0-9A-Za-z]+)")
 
 
 @dataclass
@@ -51,6 +54,8 @@ class RealtimeBehaviour:
     late_deltas: int = 2  # deltas of a cancelled response still sent after speech_started
     lie_about_format: bool = False
     tool_after_reply: tuple[str, dict[str, Any]] | None = None  # (name, arguments) called after the reply
+    think_ms: int = 0  # between the caller's turn ending and the response
+    pace: bool = False  # deltas in real time (as the service streams them), not faster
 
 
 @dataclass
@@ -64,14 +69,18 @@ class _Peer:
     cancelled: bool = False
     items: dict[str, int] = field(default_factory=dict)  # assistant item id -> audio ms sent
     deltas: list[bytes] = field(default_factory=list)  # every output audio delta sent, decoded
+    timeline: dict[str, Any] | None = None  # send/receive times, when the stand-in records them
 
 
 class OpenAiRealtimeStandIn(StandInServer):
     path = PATH
 
-    def __init__(self, behaviour: RealtimeBehaviour | None = None) -> None:
+    def __init__(self, behaviour: RealtimeBehaviour | None = None, timeline_path: str | None = None) -> None:
+        """`timeline_path`: append each session's timings there as a JSON line when it ends
+        (the format of the NextEVI stand-in's, read by scripts/bench.py)."""
         super().__init__()
         self.behaviour = behaviour or RealtimeBehaviour()
+        self.timeline_path = timeline_path
         self.peers: list[_Peer] = []
         self.errors_sent: list[str] = []
         self.truncations: list[dict[str, Any]] = []
@@ -97,6 +106,11 @@ class OpenAiRealtimeStandIn(StandInServer):
             "audio": {"input": {"format": dict(pcm24)}, "output": {"format": dict(pcm24), "voice": "alloy"}},
         }
         peer = _Peer(ws, session)
+        if self.timeline_path:
+            peer.timeline = {
+                "event": "session", "connection_id": "", "opened_at": time.monotonic(), "audio_at": [],
+                "audio_bytes": [], "frame_bytes": 960, "tts_at": [], "tts_ms": [], "interruptions_at": [],
+            }  # fmt: skip
         self.peers.append(peer)
         await self._send(peer, "session.created", session=session)
         try:
@@ -107,6 +121,9 @@ class OpenAiRealtimeStandIn(StandInServer):
         finally:
             if peer.response is not None:
                 peer.response.cancel()
+            if peer.timeline is not None and self.timeline_path:
+                with open(self.timeline_path, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(peer.timeline) + "\n")
 
     async def _on_message(self, peer: _Peer, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -128,6 +145,10 @@ class OpenAiRealtimeStandIn(StandInServer):
 
     async def _update(self, peer: _Peer, update: dict[str, Any]) -> None:
         self.session_updates.append(update)
+        if peer.timeline is not None:
+            # The bridge puts the call's details in the instructions: its sid names the session.
+            found = _CALL_SID.search(str(update.get("instructions", "")))
+            peer.timeline["connection_id"] = f"{found.group(1) if found else 'unknown'}-{_id('sess')}"
         if update.get("type") != "realtime":
             await self._error(
                 peer, "missing_required_parameter", "Missing required parameter: 'session.type'."
@@ -160,6 +181,10 @@ class OpenAiRealtimeStandIn(StandInServer):
 
     async def _append(self, peer: _Peer, audio: bytes) -> None:
         peer.appended += audio
+        if peer.timeline is not None:
+            peer.timeline["audio_at"].append(time.monotonic())
+            peer.timeline["audio_bytes"].append(len(peer.appended))
+            peer.timeline["frame_bytes"] = 160 if self._format(peer, "input") == "audio/pcmu" else 960
         # Read in the format in force now: early mu-law under the PCM default is misread.
         if self._format(peer, "input") == "audio/pcmu":
             samples, ms = ulaw_decode(audio).astype(np.float64), len(audio) / 8
@@ -174,6 +199,8 @@ class OpenAiRealtimeStandIn(StandInServer):
             await self._send(peer, "input_audio_buffer.speech_started", audio_start_ms=0, item_id=_id("item"))
             if peer.response is not None and not peer.response.done():
                 peer.cancelled = True  # interrupt_response: the server cancels it itself
+                if peer.timeline is not None:
+                    peer.timeline["interruptions_at"].append(time.monotonic())
         elif peer.speaking and not loud:
             peer.silence_ms += ms
             if peer.silence_ms >= SILENCE_TO_END_MS:
@@ -194,6 +221,8 @@ class OpenAiRealtimeStandIn(StandInServer):
 
     async def _respond(self, peer: _Peer) -> None:
         b = self.behaviour
+        if b.think_ms:
+            await asyncio.sleep(b.think_ms / 1000)
         response, item = _id("resp"), _id("item")
         await self._send(peer, "response.created", response={"id": response, "status": "in_progress"})
         await self._send(
@@ -217,7 +246,10 @@ class OpenAiRealtimeStandIn(StandInServer):
                 peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
                 content_index=0, delta=b64encode(audio).decode(),
             )  # fmt: skip
-            await asyncio.sleep(b.delta_ms / 1000 / 5)  # faster than real time
+            if peer.timeline is not None:
+                peer.timeline["tts_at"].append(time.monotonic())
+                peer.timeline["tts_ms"].append(ms)
+            await asyncio.sleep(b.delta_ms / 1000 / (1 if b.pace else 5))  # (faster than real time)
         status = "cancelled" if peer.cancelled else "completed"
         if status == "completed":
             words = "Hello from the stand-in."
@@ -274,6 +306,13 @@ def _id(prefix: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """`ivr-bridge stub-voice-api --provider openai`."""
-    behaviour = RealtimeBehaviour(api_key=args.api_key or RealtimeBehaviour().api_key, reply_ms=args.reply_ms)
+    behaviour = RealtimeBehaviour(
+        api_key=args.api_key or RealtimeBehaviour().api_key,
+        reply_ms=args.reply_ms,
+        delta_ms=args.tts_chunk_ms,
+        think_ms=args.think_ms,
+        pace=not args.no_pace,
+    )
     banner = f"OpenAI Realtime stand-in at ws://{args.host}:{args.port}{PATH} (key {behaviour.api_key})"
-    return serve_until_signalled(OpenAiRealtimeStandIn(behaviour), args.host, args.port, banner)
+    standin = OpenAiRealtimeStandIn(behaviour, timeline_path=args.timeline)
+    return serve_until_signalled(standin, args.host, args.port, banner)
