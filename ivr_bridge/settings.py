@@ -49,7 +49,7 @@ class Settings:
     fallback_twiml_url: str = ""  # ... or to this TwiML
     reconnect_budget_s: float = 10.0  # time allowed to get a dropped voice API session back
     max_calls: int = 10  # concurrent calls (NextEVI: 10 sessions per API key)
-    max_session_s: float = 3600.0  # NextEVI's session cap
+    max_session_s: float = 0.0  # a voice session's cap; 0: the provider's (providers.session_cap)
     idle_timeout_s: float = 10.0  # no media from Twilio this long ends the call
     drain_timeout_s: float = 30.0  # on SIGTERM, how long active calls may finish
     twilio_send_timeout_s: float = 5.0  # a Twilio socket that takes longer to accept a frame ends the call
@@ -200,6 +200,11 @@ class Settings:
                 raise SettingsError(f"{name} must be a number from {low:g} to {high:g}, got {raw!r}")
             return value
 
+        session_cap_s = number("IVR_MAX_SESSION_S", 0, 0, 86400)
+        if 0 < session_cap_s < 60:
+            raise SettingsError(
+                f"IVR_MAX_SESSION_S must be 0 (the provider's cap) or 60 to 86400, got {session_cap_s:g}"
+            )
         twilio_api_url = get("IVR_TWILIO_API_URL", DEFAULT_TWILIO_API_URL).rstrip("/")
         if urlsplit(twilio_api_url).scheme not in ("http", "https"):
             raise SettingsError(f"IVR_TWILIO_API_URL must be an http(s) URL, got {twilio_api_url!r}")
@@ -258,7 +263,7 @@ class Settings:
             fallback_twiml_url=fallback_twiml_url,
             reconnect_budget_s=number("IVR_RECONNECT_BUDGET_S", 10, 0, 300),
             max_calls=int(number("IVR_MAX_CALLS", 10, 1, 100000)),
-            max_session_s=number("IVR_MAX_SESSION_S", 3600, 60, 86400),
+            max_session_s=session_cap_s,
             idle_timeout_s=number("IVR_IDLE_TIMEOUT_S", 10, 1, 3600),
             drain_timeout_s=number("IVR_DRAIN_TIMEOUT_S", 30, 0, 3600),
             twilio_send_timeout_s=number("IVR_TWILIO_SEND_TIMEOUT_S", 5, 0.5, 120),

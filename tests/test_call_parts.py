@@ -62,7 +62,7 @@ def test_uplink_holds_early_audio_up_to_the_cap_then_sends_it_in_chunks() -> Non
     up = Uplink(100, stats)
     frames = MAX_EARLY_AUDIO_MS // 20 + 50  # one second over the cap
     for _ in range(frames):
-        assert up.feed(FRAME) == []
+        assert not up.feed(FRAME)
     assert stats.early_audio_dropped_ms == 1000
     up.open(TWILIO_AUDIO)
     chunks = up.feed(FRAME)
@@ -89,7 +89,7 @@ def test_uplink_drops_the_gap_between_sessions_and_starts_clean() -> None:
     up.feed(FRAME * 2)  # 40 ms waiting for the rest of its chunk
     up.drop()
     for _ in range(10):
-        assert up.feed(FRAME) == []
+        assert not up.feed(FRAME)
     assert stats.gap_audio_dropped_ms == 200  # whole chunks dropped as they fill
     up.feed(FRAME)
     up.open(PCM16_24K)

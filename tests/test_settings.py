@@ -156,3 +156,18 @@ def test_navtalk_needs_a_character_or_an_avatar_and_instructions_may_come_from_a
     assert s.voice.instructions == "You answer for Acme."
     with pytest.raises(SettingsError, match="OPENAI_REALTIME_INSTRUCTIONS: cannot read"):
         Settings.from_env({"OPENAI_API_KEY": "sk", "OPENAI_REALTIME_INSTRUCTIONS": "@/nonexistent/x"})
+
+
+def test_each_provider_has_its_own_session_cap_unless_one_is_set() -> None:
+    """NextEVI and OpenAI cap a session at 60 minutes, so the bridge renews before; an
+    ElevenLabs agent or NavTalk ends a conversation itself, and a renewal would start a new
+    one (a second greeting), so theirs are never renewed unless IVR_MAX_SESSION_S says so."""
+    from ivr_bridge.providers import session_cap
+
+    openai = Settings.from_env({"OPENAI_API_KEY": "sk"})
+    agent = Settings.from_env({"ELEVENLABS_AGENT_ID": "agent"})
+    assert (session_cap(openai), session_cap(agent), session_cap(Settings())) == (3600, None, None)
+    capped = Settings.from_env({"ELEVENLABS_AGENT_ID": "agent", "IVR_MAX_SESSION_S": "1800"})
+    assert session_cap(capped) == 1800
+    with pytest.raises(SettingsError, match="IVR_MAX_SESSION_S"):
+        Settings.from_env({"IVR_MAX_SESSION_S": "30"})

@@ -290,6 +290,7 @@ class Call:
 
     async def _from_twilio(self) -> None:
         loop = asyncio.get_running_loop()
+        stats, feed = self.report.stats, self.uplink.feed  # every 20 ms: no lookups through the call
         while True:
             frame = await self.twilio.receive()
             self._last_frame_at = loop.time()
@@ -312,8 +313,8 @@ class Call:
                     return
                 continue
             if isinstance(event, MediaReceived):
-                self.stats.frames_in += 1
-                for chunk in self.uplink.feed(event.payload):
+                stats.frames_in += 1
+                for chunk in feed(event.payload):
                     await self.keeper.session.send_audio(chunk)  # type: ignore[union-attr]
             elif isinstance(event, MarkEchoed):
                 mark = self.downlink.mark_echoed(event.name)
@@ -479,7 +480,7 @@ class Call:
         loop = asyncio.get_running_loop()
         settings = self.settings
         self._last_frame_at = loop.time()
-        period = min(1.0, settings.idle_timeout_s / 4, settings.max_session_s / 16)
+        period = min(1.0, settings.idle_timeout_s / 4, (self.keeper.cap_s or 16.0) / 16)
         while True:
             await asyncio.sleep(period)
             now = loop.time()

@@ -16,6 +16,7 @@ from enum import Enum, auto
 from ivr_bridge.audio import PCM16_24K, carried
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.hooks import backoff_delay
+from ivr_bridge.providers import session_cap
 from ivr_bridge.providers.base import NORMAL_CLOSE, CallInfo, Closed, VoiceSession
 from ivr_bridge.settings import Settings
 from ivr_bridge.twilio_rest import TwilioRest
@@ -55,6 +56,7 @@ class SessionKeeper:
         self.fallback = ""  # what was done when the voice API could not serve the call
         self.close_code: int | None = None  # the last error close of the voice API
         self.opened_at = 0.0  # loop time the current session opened
+        self.cap_s = session_cap(settings)  # renewed before this age; None: never
         self._factory = factory
         self._lifecycle = lifecycle
         self._report = report
@@ -75,9 +77,9 @@ class SessionKeeper:
     def renewal_due(self, now: float, *, quiet: bool) -> bool:
         """Renew between sentences, in the last minute before the cap (the last quarter of
         a short cap); forced mid-reply only in its last seconds."""
-        if self._lifecycle.state != CallState.ACTIVE:
+        cap = self.cap_s
+        if cap is None or self._lifecycle.state != CallState.ACTIVE:
             return False
-        cap = self.settings.max_session_s
         margin = min(RENEW_MARGIN_S, cap / 4)
         age = now - self.opened_at
         return age > cap - margin and (quiet or age > cap - min(RENEW_FORCED_S, margin / 4))

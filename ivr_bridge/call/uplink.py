@@ -4,11 +4,14 @@ messages to send (usually none or one)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ivr_bridge.audio import PCM16_24K, AudioFormat, CallerAudio
 
 from .report import CallStats
 
 ULAW_BYTES_PER_MS = 8  # Twilio's 8 kHz mu-law
+_NOTHING: tuple[bytes, ...] = ()  # what most frames produce: no list made for them
 MAX_EARLY_AUDIO_MS = 5000  # caller audio kept while the first voice session connects
 
 
@@ -43,10 +46,10 @@ class Uplink:
         new one late and out of context, so it is dropped rather than held."""
         self._mode = "drop"
 
-    def feed(self, ulaw: bytes) -> list[bytes]:
+    def feed(self, ulaw: bytes) -> Sequence[bytes]:
         self._ulaw += ulaw
         if len(self._ulaw) < self._chunk_bytes:
-            return []
+            return _NOTHING
         if self._mode == "open":
             converted = self._audio.process(bytes(self._ulaw))
             self._ulaw.clear()
@@ -62,4 +65,4 @@ class Uplink:
             excess = len(self._ulaw) - MAX_EARLY_AUDIO_MS * ULAW_BYTES_PER_MS
             del self._ulaw[:excess]
             self._stats.early_audio_dropped_ms += excess // ULAW_BYTES_PER_MS
-        return []
+        return _NOTHING

@@ -30,6 +30,13 @@ def registry() -> dict[str, Provider]:
     return {provider.name: provider for provider in providers}
 
 
+def session_cap(settings: Settings) -> float | None:
+    """How long one voice session may last before the bridge renews it: IVR_MAX_SESSION_S,
+    else the provider's own cap; None: never renewed."""
+    provider = registry().get(settings.provider)
+    return settings.max_session_s or (provider.session_cap_s if provider is not None else None)
+
+
 def new_session(settings: Settings, call: CallInfo | None = None) -> VoiceSession:
     """A fresh, unconnected session with the configured provider, for one call."""
     return registry()[settings.provider].session(settings, call or CallInfo())

@@ -208,7 +208,8 @@ class Provider:
     """A voice API as the bridge knows it: its name (`IVR_PROVIDER`), its session class, its
     settings (a frozen dataclass of `setting` fields, or None), the variable whose being set
     makes it the provider in use when `IVR_PROVIDER` is unset, and its stand-in's module
-    (with `run(args)`, for `ivr-bridge stub-voice-api --provider NAME`)."""
+    (with `run(args)`, for `ivr-bridge stub-voice-api --provider NAME`), and the API's
+    limit on one session's length."""
 
     name: str
     session: Callable[..., VoiceSession]
@@ -216,3 +217,6 @@ class Provider:
     credential: str = ""
     standin: str = ""
     describe: Callable[[Any], str] = lambda settings: "-"  # for the settings summary line
+    # The API's own limit on one session, renewed before it is reached; None: none known
+    # (the API ends a conversation itself, and a new session would start a new one).
+    session_cap_s: float | None = None

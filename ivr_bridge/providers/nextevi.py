@@ -324,4 +324,5 @@ PROVIDER = Provider(
     credential="NEXTEVI_API_KEY",
     standin="ivr_bridge.standins.nextevi",
     describe=lambda s: f"config {s.config_id} at {s.url}",
+    session_cap_s=3600.0,  # 60 minutes a session
 )

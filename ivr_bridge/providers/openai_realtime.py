@@ -324,4 +324,5 @@ PROVIDER = Provider(
     credential="OPENAI_API_KEY",
     standin="ivr_bridge.standins.openai_realtime",
     describe=lambda s: f"{s.model} at {s.url}",
+    session_cap_s=3600.0,  # the service closes a session at 60 minutes
 )

@@ -246,7 +246,7 @@ class OpenAiRealtimeStandIn(StandInServer):
                 peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
                 content_index=0, delta=b64encode(audio).decode(),
             )  # fmt: skip
-            if peer.timeline is not None:
+            if peer.timeline is not None and not peer.cancelled:  # stale deltas: the bridge drops them
                 peer.timeline["tts_at"].append(time.monotonic())
                 peer.timeline["tts_ms"].append(ms)
             await asyncio.sleep(b.delta_ms / 1000 / (1 if b.pace else 5))  # (faster than real time)
