@@ -162,6 +162,15 @@ def test_downlink_barge_in_drops_the_cut_reply_and_reports_what_was_heard() -> N
     assert _kinds(down.speak(2, tone, now=0.4)) == ["media", "mark"]  # the next reply plays
 
 
+def test_speech_between_two_chunks_of_a_reply_still_arriving_is_a_barge_in() -> None:
+    down, _, _ = _downlink()
+    [mark] = _marks(down.speak(1, Ulaw(b"\x01" * 160), now=0.0) + down.finish(now=0.0))
+    down.mark_echoed(mark)  # all of it played: nothing queued at Twilio for a moment
+    assert not down.audible
+    assert down.in_reply(now=0.1)  # but the next chunk of the reply is on its way
+    assert not down.in_reply(now=1.0)  # long after: speech is a new turn, not a barge-in
+
+
 def test_a_new_session_numbers_its_replies_from_one_again() -> None:
     down, _, _ = _downlink()
     down.speak(3, Ulaw(b"\x01" * 160), now=0.0)

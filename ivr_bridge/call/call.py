@@ -369,7 +369,7 @@ class Call:
                 report.reply_heard(now)
             self._update_quiet()
         elif isinstance(event, Interruption):
-            if self.downlink.audible:
+            if self.downlink.in_reply(now):
                 await self._barge_in(event.reason, now)
             else:
                 # Speech while the bot is silent is a turn, not a barge-in (OpenAI reports

@@ -52,6 +52,11 @@ class Downlink:
         """Something the bot said may still be playing, or is about to."""
         return self.tail_pending or self.playback.speaking
 
+    def in_reply(self, now: float) -> bool:
+        """The caller may be hearing a reply: audible, or between two chunks of one still
+        arriving (paced in real time, the queue can run dry for a moment mid-reply)."""
+        return self.audible or (self.reply is not None and now - self._last_audio_at < TAIL_IDLE_S)
+
     @property
     def tail_deadline(self) -> float | None:
         """When the held end of the reply must go (`finish`), or None."""
