@@ -196,6 +196,50 @@ def evaluate(cost: dict[str, float], q: dict[str, Any]) -> list[Check]:
     ]
 
 
+# The PCM rates the voice APIs speak (ElevenLabs pcm_16000 ... pcm_48000, NextEVI/OpenAI/NavTalk
+# 24 kHz): each is carried by the same streaming FIR path, to the same targets.
+API_RATES = (16000, 22050, 24000, 44100, 48000)
+
+
+def measure_rates(reps: int) -> list[dict[str, float]]:
+    """Per API rate: the caller's 20 ms frame up to it, a 100 ms reply chunk down from it."""
+    passband = np.arange(300, 3401, 100)
+    rows = []
+    for rate in API_RATES:
+        alias, _ = m.worst_alias_rejection(rate, 8000, np.arange(4100, rate / 2, 100))
+        image, _ = m.worst_image_rejection(8000, rate, passband[::3], image_edge_hz=4600)
+        up, down = Resampler(8000, rate), Resampler(rate, 8000)
+        frame = np.zeros(160, np.int16)
+        chunk = np.zeros(rate // 10, np.int16)
+        rows.append(
+            {
+                "rate": rate,
+                "alias_rejection_db": alias,
+                "image_rejection_db": image,
+                "ripple_down_db": m.passband_ripple_db(rate, 8000, passband),
+                "ripple_up_db": m.passband_ripple_db(8000, rate, passband),
+                "delay_down_ms": down.delay_ms,
+                "delay_up_ms": up.delay_ms,
+                "frame_up_us": median_us(lambda up=up, frame=frame: up.process(frame), reps // 5, 50),
+                "chunk_down_us": median_us(lambda down=down, chunk=chunk: down.process(chunk), reps // 5, 50),
+            }
+        )
+    return rows
+
+
+def print_rates(rows: list[dict[str, float]]) -> None:
+    print()
+    print("  API rates (same FIR path): alias / image rejection dB, ripple down / up dB, delay down / up ms,")
+    print("  cost of a 20 ms caller frame up / a 100 ms reply chunk down (us)")
+    for r in rows:
+        print(
+            f"  {r['rate']:>6} Hz  {r['alias_rejection_db']:6.1f} / {r['image_rejection_db']:5.1f}  "
+            f"{r['ripple_down_db']:.3f} / {r['ripple_up_db']:.3f}  "
+            f"{r['delay_down_ms']:.2f} / {r['delay_up_ms']:.2f}  "
+            f"{r['frame_up_us']:6.1f} / {r['chunk_down_us']:6.1f}"
+        )
+
+
 def print_report(cost: dict[str, float], q: dict[str, Any], checks: list[Check], reps: int) -> None:
     print(f"ivr_bridge.audio  (Python {platform.python_version()}, numpy {np.__version__})")
     print()
@@ -233,17 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cost = measure_cost(args.reps)
     quality = measure_quality()
+    rates = measure_rates(args.reps)
     checks = evaluate(cost, quality)
     if args.json:
         report = {
             "cost_us": cost,
             "quality": quality,
+            "api_rates": rates,
             "checks": [asdict(c) for c in checks],
             "all_pass": all(c.passed for c in checks),
         }
         print(json.dumps(report, indent=2, allow_nan=True))
     else:
         print_report(cost, quality, checks, args.reps)
+        print_rates(rates)
     return 0 if all(c.passed for c in checks) else 1
 
 

@@ -242,13 +242,14 @@ class OpenAiRealtimeStandIn(StandInServer):
             audio = ulaw_encode(tone[::3]) if pcmu else tone.astype("<i2").tobytes()
             peer.items[item] += ms
             peer.deltas.append(audio)
+            if peer.timeline is not None and not peer.cancelled:  # stale deltas: the bridge drops them
+                # Stamped before the send: the bridge may have relayed it before the send returns.
+                peer.timeline["tts_at"].append(time.monotonic())
+                peer.timeline["tts_ms"].append(ms)
             await self._send(
                 peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
                 content_index=0, delta=b64encode(audio).decode(),
             )  # fmt: skip
-            if peer.timeline is not None and not peer.cancelled:  # stale deltas: the bridge drops them
-                peer.timeline["tts_at"].append(time.monotonic())
-                peer.timeline["tts_ms"].append(ms)
             await asyncio.sleep(b.delta_ms / 1000 / (1 if b.pace else 5))  # (faster than real time)
         status = "cancelled" if peer.cancelled else "completed"
         if status == "completed":
