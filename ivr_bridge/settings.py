@@ -38,7 +38,7 @@ class Settings:
     provider: str = "echo"
     # The provider's own settings: the dataclass its module declares (None for echo).
     voice: Any = None
-    upstream_chunk_ms: int = 100
+    upstream_chunk_ms: int = 0  # caller audio per upstream message; 0: the provider's
     # Who gets in (security).
     twilio_auth_token: str = ""  # set => every webhook and stream must be signed by Twilio
     twilio_account_sid: str = ""  # for the REST API (fallback redirects)
@@ -179,15 +179,16 @@ class Settings:
         if voice is not None:
             _check_provider(provider, voice)
 
-        raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "100")
+        raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "0")
         try:
-            chunk_ms = int(raw_chunk)
+            chunk_ms = int(raw_chunk or "0")
         except ValueError:
-            chunk_ms = 0
+            chunk_ms = -1
         # 20 ms is one Twilio frame; above 1000 ms replies lag; the API allows 100 msg/s.
-        if not 20 <= chunk_ms <= 1000 or chunk_ms % 20:
+        if chunk_ms and (not 20 <= chunk_ms <= 1000 or chunk_ms % 20):
             raise SettingsError(
-                f"IVR_UPSTREAM_CHUNK_MS must be a multiple of 20 between 20 and 1000, got {raw_chunk!r}"
+                "IVR_UPSTREAM_CHUNK_MS must be 0 (the provider's) or a multiple of 20 between 20 and "
+                f"1000, got {raw_chunk!r}"
             )
 
         def number(name: str, default: float, low: float, high: float) -> float:
@@ -303,7 +304,7 @@ class Settings:
             "public_url": self.public_url,
             "auth": "twilio-signatures" if self.twilio_auth_token else "DEVELOPMENT (none)",
             "max_calls": self.max_calls,
-            "upstream_chunk_ms": self.upstream_chunk_ms,
+            "upstream_chunk_ms": self.upstream_chunk_ms or "the provider's",
             "records": redact_url(self.database),
             "fabric": redact_url(self.redis_url) if self.redis_url else "off (one instance)",
             "instance": self.instance_id,

@@ -9,7 +9,7 @@ def test_defaults_need_no_credentials() -> None:
     s = Settings.from_env({})
     assert s.provider == "echo"
     assert s.stream_url == "ws://127.0.0.1:8080/media-stream"
-    assert s.upstream_chunk_ms == 100
+    assert s.upstream_chunk_ms == 0  # the provider's own
 
 
 def test_https_public_url_gives_wss_stream() -> None:
@@ -171,3 +171,12 @@ def test_each_provider_has_its_own_session_cap_unless_one_is_set() -> None:
     assert session_cap(capped) == 1800
     with pytest.raises(SettingsError, match="IVR_MAX_SESSION_S"):
         Settings.from_env({"IVR_MAX_SESSION_S": "30"})
+
+
+def test_each_provider_takes_caller_audio_in_its_own_message_size_unless_one_is_set() -> None:
+    from ivr_bridge.providers import upstream_chunk_ms
+
+    assert upstream_chunk_ms(Settings.from_env({"OPENAI_API_KEY": "sk"})) == 20
+    assert upstream_chunk_ms(Settings.from_env({"NEXTEVI_API_KEY": "k", "NEXTEVI_CONFIG_ID": "c"})) == 100
+    chosen = {"OPENAI_API_KEY": "sk", "IVR_UPSTREAM_CHUNK_MS": "200"}
+    assert upstream_chunk_ms(Settings.from_env(chosen)) == 200

@@ -32,7 +32,7 @@ from ivr_bridge.media_stream import (
 )
 from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.playback import Playback
-from ivr_bridge.providers import new_session
+from ivr_bridge.providers import new_session, upstream_chunk_ms
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AgentAction,
@@ -98,7 +98,7 @@ class Call:
         self.report = CallReport(metrics, on_event)
         self.lifecycle = Lifecycle(self.report.log)
         self.words = Transcript(self.report.elapsed)
-        self.uplink = Uplink(settings.upstream_chunk_ms, self.report.stats)
+        self.uplink = Uplink(upstream_chunk_ms(settings), self.report.stats)
         self.downlink = Downlink(self.stream, self.words, self.report.stats)
         self.keeper = SessionKeeper(settings, session_factory, self.lifecycle, self.report, self.uplink)
         self.stream_sid = ""

@@ -37,6 +37,12 @@ def session_cap(settings: Settings) -> float | None:
     return settings.max_session_s or (provider.session_cap_s if provider is not None else None)
 
 
+def upstream_chunk_ms(settings: Settings) -> int:
+    """Caller audio per upstream message: IVR_UPSTREAM_CHUNK_MS, else the provider's."""
+    provider = registry().get(settings.provider)
+    return settings.upstream_chunk_ms or (provider.upstream_chunk_ms if provider is not None else 100)
+
+
 def new_session(settings: Settings, call: CallInfo | None = None) -> VoiceSession:
     """A fresh, unconnected session with the configured provider, for one call."""
     return registry()[settings.provider].session(settings, call or CallInfo())

@@ -263,4 +263,5 @@ PROVIDER = Provider(
     credential="ELEVENLABS_AGENT_ID",
     standin="ivr_bridge.standins.elevenlabs",
     describe=lambda s: f"agent {s.agent_id} ({'private' if s.api_key else 'public'}) at {s.url}",
+    upstream_chunk_ms=20,  # as ElevenLabs' own Twilio example forwards them
 )

@@ -325,4 +325,5 @@ PROVIDER = Provider(
     standin="ivr_bridge.standins.nextevi",
     describe=lambda s: f"config {s.config_id} at {s.url}",
     session_cap_s=3600.0,  # 60 minutes a session
+    upstream_chunk_ms=100,  # its documents advise 100-200 ms messages
 )

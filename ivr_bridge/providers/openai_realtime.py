@@ -325,4 +325,5 @@ PROVIDER = Provider(
     standin="ivr_bridge.standins.openai_realtime",
     describe=lambda s: f"{s.model} at {s.url}",
     session_cap_s=3600.0,  # the service closes a session at 60 minutes
+    upstream_chunk_ms=20,  # Twilio's frames as they come: its VAD hears the caller soonest
 )
