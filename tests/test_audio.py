@@ -153,6 +153,16 @@ def test_general_path_quality(in_rate: int) -> None:
     assert Resampler(in_rate, 8000).delay_ms <= 4.0
 
 
+@pytest.mark.parametrize("out_rate", GENERAL_RATES)
+def test_general_up_path_quality(out_rate: int) -> None:
+    # The caller's audio going up to an API's rate: images of the 8 kHz spectrum rejected.
+    tones = np.array([300.0, 1000.0, 2000.0, 3400.0])
+    worst, freq = worst_image_rejection(8000, out_rate, tones, image_edge_hz=4600)
+    assert worst >= 80.0, f"{worst:.1f} dB for a {freq} Hz tone"
+    assert passband_ripple_db(8000, out_rate, np.arange(300, 3401, 155)) <= 0.1
+    assert Resampler(8000, out_rate).delay_ms <= 4.0
+
+
 def test_odd_rate_with_interpolated_phases_still_meets_targets() -> None:
     # 47999/8000 does not reduce (L = 8000), so the phase table is interpolated.
     worst, freq = worst_alias_rejection(47999, 8000, np.arange(4100, 24000, 1000))
@@ -201,7 +211,11 @@ def _direct_reference(taps: np.ndarray, up: int, down: int, x: np.ndarray) -> np
 
 
 @pytest.mark.parametrize(
-    ("in_rate", "out_rate"), [(8000, 24000), (24000, 8000), (16000, 8000), (44100, 8000)]
+    ("in_rate", "out_rate"),
+    # Every block-kernel ratio: the API rates, both ways. (47999 Hz, whose phases are
+    # interpolated, is held to the quality targets instead.)
+    [(8000, r) for r in (16000, 22050, 24000, 32000, 44100, 48000)]
+    + [(r, 8000) for r in (16000, 22050, 24000, 32000, 44100, 48000)],
 )
 def test_matches_direct_zero_stuff_filter_decimate(in_rate: int, out_rate: int) -> None:
     g = math.gcd(in_rate, out_rate)
@@ -209,6 +223,14 @@ def test_matches_direct_zero_stuff_filter_decimate(in_rate: int, out_rate: int) 
     x = np.random.default_rng(3).uniform(-30000, 30000, 2000)
     expected = _direct_reference(rs.filter_taps, out_rate // g, in_rate // g, x)
     np.testing.assert_allclose(rs.process_float(x), expected, atol=1e-6)
+
+
+def test_every_call_s_resampler_shares_one_filter_design() -> None:
+    # The block kernel's matrix is up to 1.5 MB (44.1 kHz): one per rate pair, not per call.
+    a, b = Resampler(44100, 8000), Resampler(44100, 8000)
+    assert a._kernel is b._kernel
+    a.process(np.ones(4410, dtype=np.int16))
+    assert b._n_in == 0 and not b._hist.any()  # the state stays each call's own
 
 
 def test_every_inbound_frame_gives_480_and_outbound_chunk_800() -> None:

@@ -9,16 +9,17 @@ computable: each is emitted as soon as its newest input arrives, whatever the ch
 
 Two evaluation kernels compute exactly that sum:
 
-* ``_BlockKernel`` (the hot 8k<->24k paths): outputs are grouped into rows of P samples.
+* ``_BlockKernel`` (8 kHz <-> every rate the voice APIs speak): outputs are grouped into rows of P samples.
   Each row depends on one contiguous input window and the windows of consecutive rows are a
   fixed stride apart, so one strided view times a precomputed (window x P) coefficient
   matrix evaluates a whole chunk in a single BLAS call with no Python loop.
-* ``_GatherKernel`` (rare rates such as 44.1k or 16k -> 8k): gathers each output's input
+* ``_GatherKernel`` (any other ratio, e.g. 47999 Hz): gathers each output's input
   window and its polyphase coefficients and contracts them row-wise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,8 +48,17 @@ _DOWN_SPEC = _FilterSpec(cutoff=3710 / 8000, atten_db=74.0, span=146 / 3)
 # content start (97 taps at 24 kHz, 2.0 ms).
 _UP_SPEC = _FilterSpec(cutoff=3920 / 8000, atten_db=86.0, span=97 / 3)
 
-# Outputs per matrix row for the block kernel, keyed by (L, M); picked by benchmarking.
-_BLOCK_ROWS = {(3, 1): 48, (1, 3): 16}
+# Outputs per matrix row for the block kernel, keyed by (L, M); picked by benchmarking
+# (scripts/bench_audio.py): every rate a voice API speaks, 8 kHz <-> 16, 22.05, 24, 32,
+# 44.1 and 48 kHz. A row must hold a whole number of the L output phases.
+_BLOCK_ROWS = {
+    (3, 1): 48, (1, 3): 16,  # 24 kHz
+    (2, 1): 48, (1, 2): 16,  # 16 kHz
+    (4, 1): 48, (1, 4): 16,  # 32 kHz
+    (6, 1): 48, (1, 6): 16,  # 48 kHz
+    (441, 160): 441, (160, 441): 160,  # 22.05 kHz
+    (441, 80): 441, (80, 441): 160,  # 44.1 kHz
+}  # fmt: skip
 # Above this many polyphase branches the general kernel interpolates between this many
 # precomputed phases instead of storing all L (odd rates such as 44099 Hz give L = 8000).
 _MAX_PHASES = 256
@@ -173,6 +183,32 @@ class _GatherKernel:
         return y
 
 
+@functools.lru_cache(maxsize=64)
+def _design(
+    in_rate: int, out_rate: int
+) -> tuple[np.ndarray, _BlockKernel | _GatherKernel | None, int, float]:
+    """(taps, kernel, filter rate, group delay in input samples) for a rate pair. Cached:
+    the kernels are immutable and stateless, so every call's resampler shares one (a block
+    kernel's matrix is up to 1.5 MB for 44.1 kHz)."""
+    g = math.gcd(in_rate, out_rate)
+    up, down = out_rate // g, in_rate // g
+    if up == down:
+        return np.ones(1), None, in_rate, 0.0
+    low = min(in_rate, out_rate)
+    spec = _DOWN_SPEC if out_rate < in_rate else _UP_SPEC
+    block = _BLOCK_ROWS.get((up, down))
+    # Design at L * in_rate (the block kernel needs every phase), or at a capped number of
+    # phases when L is huge and the gather kernel interpolates between them.
+    phases = up if block is not None else min(up, _MAX_PHASES)
+    high_rate = phases * in_rate
+    taps = round(spec.span * high_rate / low)
+    # Gain = phases: zero-stuffing divides the baseband amplitude by the factor.
+    h = _kaiser_lowpass(taps, spec.cutoff * low, high_rate, spec.atten_db) * phases
+    h.flags.writeable = False
+    kernel = _BlockKernel(h, up, down, block) if block is not None else _GatherKernel(h, phases, up, down)
+    return h, kernel, high_rate, (taps - 1) / 2 / phases
+
+
 class Resampler:
     """Streaming rational-ratio resampler: int16 in, int16 out, any chunk sizes.
 
@@ -189,27 +225,7 @@ class Resampler:
         g = math.gcd(self._in_rate, self._out_rate)
         self._up = self._out_rate // g
         self._down = self._in_rate // g
-        self._kernel: _BlockKernel | _GatherKernel | None = None
-        self._taps = np.ones(1)
-        self._filter_rate = self._in_rate
-        self._delay_in = 0.0  # group delay in input samples
-        if self._up != self._down:
-            low = min(self._in_rate, self._out_rate)
-            spec = _DOWN_SPEC if self._out_rate < self._in_rate else _UP_SPEC
-            # Design at L * in_rate, or at a capped number of phases when L is huge.
-            phases = min(self._up, _MAX_PHASES)
-            high_rate = phases * self._in_rate
-            self._filter_rate = high_rate
-            taps = round(spec.span * high_rate / low)
-            # Gain = phases: zero-stuffing divides the baseband amplitude by the factor.
-            self._taps = _kaiser_lowpass(taps, spec.cutoff * low, high_rate, spec.atten_db)
-            self._taps *= phases
-            self._delay_in = (taps - 1) / 2 / phases
-            block = _BLOCK_ROWS.get((self._up, self._down))
-            if block is not None:
-                self._kernel = _BlockKernel(self._taps, self._up, self._down, block)
-            else:
-                self._kernel = _GatherKernel(self._taps, phases, self._up, self._down)
+        self._taps, self._kernel, self._filter_rate, self._delay_in = _design(self._in_rate, self._out_rate)
         self.reset()
 
     @property
