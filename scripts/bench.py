@@ -390,6 +390,19 @@ def table(levels: list[Level]) -> str:
     return "\n".join(rows)
 
 
+def rss_slope(levels: list[Level]) -> float | None:
+    """Memory per call: the least-squares slope of peak RSS over concurrency (MB per call),
+    free of the fixed cost that `rss_per_call_mb` spreads over each level's calls."""
+    if len(levels) < 2:
+        return None
+    xs = [lv.concurrency for lv in levels]
+    ys = [lv.rss_peak_mb for lv in levels]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return round(
+        sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs), 4
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -423,9 +436,14 @@ def main() -> int:
             if not args.json:
                 print(table(levels[-1:]).splitlines()[-1] if len(levels) > 1 else table(levels), flush=True)
     capacity = max((lv.concurrency for lv in levels if lv.within_limits), default=0)
+    slope = rss_slope(levels)
     if args.json:
-        print(json.dumps({"levels": [asdict(lv) for lv in levels], "capacity": capacity}, indent=2))
+        report = {"levels": [asdict(lv) for lv in levels], "capacity": capacity, "rss_mb_per_call": slope}
+        print(json.dumps(report, indent=2))
     else:
+        if slope is not None:
+            print(f"\nmemory per call (peak RSS slope, {levels[0].concurrency} -> {levels[-1].concurrency} "
+                  f"calls): {slope:.3f} MB")  # fmt: skip
         print(f"\nhighest concurrency within limits (all calls complete, p99 added <= {LIMIT_MS:g} ms "
               f"each way, no frame lost): {capacity or 'none'}")  # fmt: skip
     return 0
