@@ -151,7 +151,7 @@ async def test_a_close_not_worth_retrying_ends_the_call_without_a_retry(make_bri
 @pytest.mark.parametrize("name", NETWORKED)
 async def test_the_session_is_renewed_before_its_cap_at_a_quiet_moment(make_bridge, name: str) -> None:
     async with upstream(name, reply_ms=800) as (settings, standin):
-        bridge = make_bridge(replace(settings, max_session_s=6.0))  # renewed after 4.5 s, when quiet
+        bridge = make_bridge(replace(settings, max_session_s=10.0))  # renewed after 7.5 s, when quiet
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await a_reply_heard(caller)
             await until(lambda: standin.opened >= 2, 30)  # the bridge replaced it
