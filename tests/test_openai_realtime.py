@@ -16,6 +16,7 @@ from ivr_bridge.providers.openai_realtime import OpenAiRealtimeProtocol, OpenAiS
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.openai_realtime import OpenAiRealtimeStandIn, RealtimeBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
+from tests.call_harness import until
 from tests.test_end_to_end import tone_ulaw
 
 KEY = "sk-test-realtime"
@@ -114,6 +115,30 @@ async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> N
     assert call.outcome == "stream_stopped" and call.provider == "openai"
     assert standin.session_updates[0]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
     assert "caller number: +15550001111" in standin.session_updates[0]["instructions"]  # the call's details
+
+
+def test_the_sixty_minute_close_is_a_renewal_and_other_closes_are_not() -> None:
+    cap = OpenAiRealtimeProtocol.classify(1001, "Your session hit the maximum duration of 60 minutes.")
+    assert cap.renew and not cap.normal
+    assert not OpenAiRealtimeProtocol.classify(1001, "going away").renew
+    assert not OpenAiRealtimeProtocol.classify(4000, "beta_api_shape_disabled").retryable
+
+
+async def test_a_session_closed_at_the_service_cap_is_renewed_not_reported(make_bridge) -> None:
+    async with OpenAiRealtimeStandIn() as standin:
+        bridge = make_bridge(openai_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.say(tone_ulaw(600, hz=500))
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 900 and not caller.playing, 20)
+            await standin.close_sessions(1001, "Your session hit the maximum duration of 60 minutes.")
+            await until(lambda: standin.opened >= 2, 30)
+            before = len(caller.received)
+            await caller.say(tone_ulaw(600, hz=500))  # the new session answers
+            await caller.wait_for(lambda: len(caller.received) - before >= 8 * 900, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    assert call.outcome == "stream_stopped"
+    assert (call.stats.renewals, call.stats.reconnects, call.keeper.close_code) == (1, 0, None)
 
 
 async def test_barge_in_drops_late_deltas_and_truncates_at_what_was_heard(make_bridge) -> None:

@@ -106,6 +106,7 @@ class SessionKeeper:
             await session.close(NORMAL_CLOSE)
             replacing = True
             if end is SessionEnd.RENEW:
+                self._lifecycle.move(CallState.RENEWING)  # (already, when the bridge asked)
                 self._report.stats.renewals += 1
                 self._uplink.drop()
                 self.session = self._factory(self.settings, self._info)
@@ -166,7 +167,9 @@ class SessionKeeper:
         closed = await relay(session, replacing)
         if closed is None:
             return SessionEnd.OVER
-        if closed.normal and self._lifecycle.state == CallState.RENEWING:
+        if closed.renew or (closed.normal and self._lifecycle.state == CallState.RENEWING):
+            if closed.renew:
+                log.info("voice API ended the session at its cap (%s); renewing it", closed.reason[:80])
             return SessionEnd.RENEW
         if closed.normal:
             self._lifecycle.end(Outcome.VOICE_API_ENDED)

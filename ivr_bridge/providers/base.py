@@ -113,6 +113,7 @@ class Closed:
     code: int
     reason: str = ""
     retry: bool | None = None  # the provider's own verdict; None: RETRYABLE_CLOSE_CODES decide
+    renew: bool = False  # the provider's session cap was reached: a new session, not a failure
 
     @property
     def normal(self) -> bool:

@@ -262,10 +262,10 @@ class OpenAiRealtimeProtocol:
 
     @staticmethod
     def classify(code: int, reason: str) -> Closed:
-        """The 60-minute cap (1001 "... maximum duration ...") and drops (1006, 1011) are
-        retried with a new session; the beta shape (4000) and other 4xxx are not
-        (base.RETRYABLE_CLOSE_CODES)."""
-        return Closed(code, reason[:120])
+        """The 60-minute cap (1001 "Your session hit the maximum duration of 60 minutes.")
+        is a renewal; drops (1006, 1011) are retried with a new session; the beta shape
+        (4000) and other 4xxx are not (base.RETRYABLE_CLOSE_CODES)."""
+        return Closed(code, reason[:120], renew=code == 1001 and "maximum duration" in reason)
 
 
 def _duration_ms(nbytes: int, audio: AudioFormat) -> int:
