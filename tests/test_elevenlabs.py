@@ -47,6 +47,11 @@ def test_formats_pings_and_stale_turns_in_memory() -> None:
     assert json.loads(protocol.outbox.pop()) == {"type": "pong", "event_id": 7}
     assert ElevenLabsProtocol.classify(1008, "override_error").retryable is False
     assert ElevenLabsProtocol.classify(1002, "transport_receive_timeout").retryable is True
+    # The agent's maximum duration ends the conversation, in either era's close: no retry
+    # (a new conversation would greet the caller again).
+    assert ElevenLabsProtocol.classify(1011, "Conversation has exceeded maximum duration").normal
+    assert ElevenLabsProtocol.classify(1000, "max_duration_exceeded").normal
+    assert not ElevenLabsProtocol.classify(1011, "internal error").normal
 
 
 def agent_settings(standin: ElevenLabsStandIn, api_key: str = "") -> Settings:

@@ -114,12 +114,14 @@ class Closed:
     reason: str = ""
     retry: bool | None = None  # the provider's own verdict; None: RETRYABLE_CLOSE_CODES decide
     renew: bool = False  # the provider's session cap was reached: a new session, not a failure
+    ended: bool = False  # the API ended the conversation on purpose, whatever the code says
 
     @property
     def normal(self) -> bool:
         """A normal end of the session: 1000, unless the provider knows it ended in failure
-        (e.g. NavTalk's balance running out before a 1000)."""
-        return self.code == NORMAL_CLOSE and self.retry is None
+        (e.g. NavTalk's balance running out before a 1000), or any close the provider knows
+        for a deliberate end (`ended`)."""
+        return self.ended or (self.code == NORMAL_CLOSE and self.retry is None)
 
     @property
     def retryable(self) -> bool:

@@ -196,6 +196,11 @@ class ElevenLabsProtocol:
 
     @staticmethod
     def classify(code: int, reason: str) -> Closed:
+        # The agent's maximum duration is the end of the conversation, not a fault: 1000
+        # (`max_duration_exceeded`) today, 1011 "Conversation has exceeded maximum duration"
+        # in older sessions. Retrying would start a new conversation and greet the caller again.
+        if "maximum duration" in reason or "max_duration" in reason:
+            return Closed(code, reason[:120], ended=True)
         retry = True if code in RETRY_CODES else False if code in NO_RETRY_CODES else None
         return Closed(code, reason[:120], retry)
 
