@@ -18,9 +18,10 @@ DEFAULT_TWILIO_API_URL = "https://api.twilio.com"
 DEFAULT_DATABASE_PATH = "ivr-bridge.db"
 DTMF_KEYS = "0123456789*#"
 LOG_FORMATS = ("text", "json")
-# Variables under these prefixes are the bridge's: one it does not know is a typo, warned
-# about at start-up. (TWILIO_ is Twilio's own namespace, shared with its other tools.)
-OWN_PREFIXES = ("IVR_", "NEXTEVI_", "OPENAI_REALTIME_", "ELEVENLABS_", "NAVTALK_")
+# Variables under this prefix, or a provider's (`Provider.prefix`), are the bridge's: one it
+# does not know is a typo, warned about at start-up. (TWILIO_ is Twilio's own namespace,
+# shared with its other tools.)
+OWN_PREFIX = "IVR_"
 # What <Dial> may be given: E.164 in ASCII digits (str.isdigit() would take "٣"), or a SIP
 # URI of RFC 3261's characters (unreserved, escaped, and the reserved ones a URI uses);
 # no spaces, quotes, angle brackets or controls, so the TwiML around it stays what it says.
@@ -277,8 +278,9 @@ class Settings:
             upstream_chunk_ms=chunk_ms,
         )
         if unknown is not None:
+            own = (OWN_PREFIX, *(p.prefix for p in providers.values() if p.prefix))
             for name in sorted(env):
-                if name.startswith(OWN_PREFIXES) and name not in read:
+                if name.startswith(own) and name not in read:
                     close = difflib.get_close_matches(name, read, n=1)
                     hint = f"; did you mean {close[0]}?" if close else ""
                     unknown.append(f"{name} is not a setting of ivr-bridge and is ignored{hint}")

@@ -27,8 +27,10 @@ def spawn(
     """`python -m ivr_bridge ARGS` in the repository, output to `log` (appended) or nowhere.
     `env` is laid over this process's environment, less any of the bridge's own settings in the
     shell, so a run is the same wherever it is started."""
-    own = ("IVR_", "NEXTEVI_", "OPENAI_", "ELEVENLABS_", "NAVTALK_")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+    from ivr_bridge.settings import OWN_PREFIX, Settings
+
+    own = Settings.variable_names()
+    base = {k: v for k, v in os.environ.items() if not (k.startswith(OWN_PREFIX) or k in own)}
     cmd = [sys.executable, "-m", "ivr_bridge", *args]
     if log is None:
         return subprocess.Popen(cmd, env={**base, **(env or {})}, stdout=subprocess.DEVNULL,

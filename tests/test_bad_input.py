@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from ivr_bridge.audio import wav_bytes
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
+from tests.call_harness import until
 from tests.test_end_to_end import nextevi_settings, sine, tone_ulaw, voice_api
 from tests.test_metrics import scrape, value
 
@@ -193,10 +194,7 @@ async def test_five_megabyte_frame_ends_only_that_call(make_bridge, caplog) -> N
         await big.connect()
         assert big._ws is not None
         # Its `start` taken (its voice session opening), then the frame too big for any call.
-        for _ in range(1000):
-            if any(s.connection_id.startswith(big.call_sid) for s in standin.sessions):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: any(s.connection_id.startswith(big.call_sid) for s in standin.sessions), 10)
         with contextlib.suppress(ConnectionClosed):  # closed while sending
             await big._ws.send(media(big.stream_sid, b64encode(bytes(5 * 2**20 * 3 // 4)).decode()))
         await big.wait_closed(10)

@@ -20,14 +20,23 @@ from tests.test_hostile_state import free_port, serve_env, serving
 def test_a_misspelt_variable_is_named_with_the_closest_setting() -> None:
     unknown: list[str] = []
     Settings.from_env(
-        {"IVR_MAX_CALL": "5", "NEXTEVI_APIKEY": "x", "IVR_MAX_CALLS": "7", "TWILIO_REGION": "ie1"},
+        {
+            "IVR_MAX_CALL": "5",
+            "NEXTEVI_APIKEY": "x",
+            "IVR_MAX_CALLS": "7",
+            "TWILIO_REGION": "ie1",
+            "OPENAI_REALTIME_VOICES": "alloy",
+            "OPENAI_ORG_ID": "org",
+        },
         dotenv=False,
         unknown=unknown,
     )
     assert unknown == [
         "IVR_MAX_CALL is not a setting of ivr-bridge and is ignored; did you mean IVR_MAX_CALLS?",
         "NEXTEVI_APIKEY is not a setting of ivr-bridge and is ignored; did you mean NEXTEVI_API_KEY?",
-    ]  # TWILIO_ is Twilio's namespace, shared with its other tools: not ours to judge
+        "OPENAI_REALTIME_VOICES is not a setting of ivr-bridge and is ignored; "
+        "did you mean OPENAI_REALTIME_VOICE?",
+    ]  # TWILIO_ and OPENAI_ are shared with the vendors' other tools: not ours to judge
 
 
 def test_the_settings_summary_shows_no_secret() -> None:

@@ -55,12 +55,6 @@ async def upstream(name: str, reply_ms: int) -> AsyncIterator[tuple[Settings, An
             yield Settings(provider="navtalk", voice=voice), standin
 
 
-@contextlib.asynccontextmanager
-async def provider(name: str, reply_ms: int) -> AsyncIterator[Settings]:
-    async with upstream(name, reply_ms) as (settings, _):
-        yield settings
-
-
 async def a_reply_heard(caller: TwilioCaller, whole_ms: int = 780) -> None:
     """The caller speaks and hears the whole reply played."""
     before = len(caller.received)
@@ -70,7 +64,7 @@ async def a_reply_heard(caller: TwilioCaller, whole_ms: int = 780) -> None:
 
 @pytest.mark.parametrize("name", PROVIDERS)
 async def test_a_turn(make_bridge, name: str) -> None:
-    async with provider(name, reply_ms=800) as settings:
+    async with upstream(name, reply_ms=800) as (settings, _):
         bridge = make_bridge(settings)
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await caller.say(tone_ulaw(700, hz=500))
@@ -89,7 +83,7 @@ async def test_a_turn(make_bridge, name: str) -> None:
 
 @pytest.mark.parametrize("name", PROVIDERS)
 async def test_a_barge_in(make_bridge, name: str) -> None:
-    async with provider(name, reply_ms=4000) as settings:
+    async with upstream(name, reply_ms=4000) as (settings, _):
         bridge = make_bridge(settings)
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await caller.say(tone_ulaw(700, hz=500))

@@ -266,7 +266,6 @@ class Call:
                 continue
             if isinstance(event, StreamStarted):
                 self.report.known_as(event.call_sid)
-                self.lifecycle.log = self.report.log
                 refusal = self._admit(event) if self._admit else None
                 if inspect.isawaitable(refusal):  # e.g. checked across instances (fabric.py)
                     refusal = await refusal
@@ -464,8 +463,9 @@ class Call:
             raise ConnectionError("Twilio socket stalled") from None
 
     def _report_lines(self) -> None:
-        for line in self.downlink.take_lines():
-            self.report.line(line)
+        if self.downlink.lines:  # (most mark echoes settle nothing)
+            for line in self.downlink.take_lines():
+                self.report.line(line)
 
     def _update_quiet(self) -> None:
         if self.downlink.audible:

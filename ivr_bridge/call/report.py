@@ -78,7 +78,9 @@ class CallReport:
         self.stats = CallStats()
         self.metrics = metrics
         self.call_sid = ""  # events go out once the call is known
-        self.log: logging.LoggerAdapter = CallLog(log, {"call": "-"})
+        # One adapter for the whole call, named once its sid is known (every part logs with it).
+        self._log_names = {"call": "-"}
+        self.log: logging.LoggerAdapter = CallLog(log, self._log_names)
         self.started_at = time.time()
         self._started = time.monotonic()
         self._on_event = on_event
@@ -87,7 +89,7 @@ class CallReport:
 
     def known_as(self, call_sid: str) -> None:
         self.call_sid = call_sid
-        self.log = CallLog(log, {"call": call_sid})
+        self._log_names["call"] = call_sid
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self._started, 2)

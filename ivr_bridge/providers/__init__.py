@@ -33,14 +33,12 @@ def registry() -> dict[str, Provider]:
 def session_cap(settings: Settings) -> float | None:
     """How long one voice session may last before the bridge renews it: IVR_MAX_SESSION_S,
     else the provider's own cap; None: never renewed."""
-    provider = registry().get(settings.provider)
-    return settings.max_session_s or (provider.session_cap_s if provider is not None else None)
+    return settings.max_session_s or registry()[settings.provider].session_cap_s
 
 
 def upstream_chunk_ms(settings: Settings) -> int:
     """Caller audio per upstream message: IVR_UPSTREAM_CHUNK_MS, else the provider's."""
-    provider = registry().get(settings.provider)
-    return settings.upstream_chunk_ms or (provider.upstream_chunk_ms if provider is not None else 100)
+    return settings.upstream_chunk_ms or registry()[settings.provider].upstream_chunk_ms
 
 
 def new_session(settings: Settings, call: CallInfo | None = None) -> VoiceSession:

@@ -223,6 +223,8 @@ class Provider:
     # The API's own limit on one session, renewed before it is reached; None: none known
     # (the API ends a conversation itself, and a new session would start a new one).
     session_cap_s: float | None = None
+    # Its variables' own prefix: a misspelt one under it is warned about at start-up.
+    prefix: str = ""
     # How much caller audio goes in one upstream message: small is sooner at the API, large
     # is fewer messages (less CPU). IVR_UPSTREAM_CHUNK_MS overrides.
     upstream_chunk_ms: int = 100

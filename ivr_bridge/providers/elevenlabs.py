@@ -266,6 +266,7 @@ PROVIDER = Provider(
     ElevenLabsSession,
     ElevenLabsSettings,
     credential="ELEVENLABS_AGENT_ID",
+    prefix="ELEVENLABS_",
     standin="ivr_bridge.standins.elevenlabs",
     describe=lambda s: f"agent {s.agent_id} ({'private' if s.api_key else 'public'}) at {s.url}",
     upstream_chunk_ms=20,  # as ElevenLabs' own Twilio example forwards them

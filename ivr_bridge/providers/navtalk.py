@@ -211,6 +211,7 @@ PROVIDER = Provider(
     NavTalkSession,
     NavTalkSettings,
     credential="NAVTALK_LICENSE",
+    prefix="NAVTALK_",
     standin="ivr_bridge.standins.navtalk",
     describe=lambda s: f"{s.avatar_id or s.character} at {s.url}",
 )

@@ -322,6 +322,7 @@ PROVIDER = Provider(
     NextEviSession,
     NextEviSettings,
     credential="NEXTEVI_API_KEY",
+    prefix="NEXTEVI_",
     standin="ivr_bridge.standins.nextevi",
     describe=lambda s: f"config {s.config_id} at {s.url}",
     session_cap_s=3600.0,  # 60 minutes a session

@@ -322,6 +322,7 @@ PROVIDER = Provider(
     OpenAiRealtimeSession,
     OpenAiSettings,
     credential="OPENAI_API_KEY",
+    prefix="OPENAI_REALTIME_",  # (OPENAI_ is shared with OpenAI's own tools)
     standin="ivr_bridge.standins.openai_realtime",
     describe=lambda s: f"{s.model} at {s.url}",
     session_cap_s=3600.0,  # the service closes a session at 60 minutes

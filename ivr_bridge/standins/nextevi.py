@@ -48,6 +48,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ivr_bridge.audio import wav_bytes
+from ivr_bridge.standins.socket_server import close_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -232,10 +233,8 @@ class NextEviStandIn:
         return len(self.sessions)
 
     async def close_sessions(self, code: int, reason: str = "") -> None:
-        """End every open session the way the API would: a close frame with `code`."""
         assert self._server is not None, "stand-in not started"
-        for ws in list(self._server.connections):
-            await ws.close(code, reason)
+        await close_sessions(self._server, code, reason)
 
     @property
     def port(self) -> int:

@@ -26,10 +26,8 @@ class StandInServer:
         await self._handle(ws)
 
     async def close_sessions(self, code: int, reason: str = "") -> None:
-        """End every open session the way the API would: a close frame with `code`."""
         assert self._server is not None, "stand-in not started"
-        for ws in list(self._server.connections):
-            await ws.close(code, reason)
+        await close_sessions(self._server, code, reason)
 
     async def _handle(self, ws: ServerConnection) -> None:
         raise NotImplementedError
@@ -61,6 +59,12 @@ class StandInServer:
     @property
     def url(self) -> str:
         return f"ws://{self.base}{self.path}"
+
+
+async def close_sessions(server: Server, code: int, reason: str = "") -> None:
+    """End every open session the way the API would: a close frame with `code`."""
+    for ws in list(server.connections):
+        await ws.close(code, reason)
 
 
 def serve_until_signalled(standin: StandInServer, host: str, port: int, banner: str) -> int:
