@@ -10,9 +10,10 @@ computable: each is emitted as soon as its newest input arrives, whatever the ch
 Two evaluation kernels compute exactly that sum:
 
 * ``_BlockKernel`` (8 kHz <-> every rate the voice APIs speak): outputs are grouped into
-  rows of P samples. Each row depends on one contiguous input window and the windows of consecutive rows are a
-  fixed stride apart, so one strided view times a precomputed (window x P) coefficient
-  matrix evaluates a whole chunk in a single BLAS call with no Python loop.
+  rows of P samples. Each row depends on one contiguous input window and the windows of
+  consecutive rows are a fixed stride apart, so one strided view times a precomputed
+  (window x P) coefficient matrix evaluates a whole chunk in a single BLAS call with no
+  Python loop.
 * ``_GatherKernel`` (any other ratio, e.g. 47999 Hz): gathers each output's input
   window and its polyphase coefficients and contracts them row-wise.
 """
