@@ -30,6 +30,7 @@ from ivr_bridge.events import CallEvent
 from ivr_bridge.fabric import Fabric, FabricError
 from ivr_bridge.fallback import fallback_twiml
 from ivr_bridge.hooks import HookAction, HookDispatcher
+from ivr_bridge.live import LiveFeed
 from ivr_bridge.media_stream import StreamStarted, is_call_sid
 from ivr_bridge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ivr_bridge.metrics import BridgeMetrics
@@ -44,6 +45,7 @@ from ivr_bridge.security import (
     stream_token_secret,
 )
 from ivr_bridge.settings import Settings
+from ivr_bridge.web import Softphone, page_routes
 
 log = logging.getLogger("ivr_bridge")
 
@@ -124,6 +126,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     active: set[Call] = set()
     by_sid: dict[str, Call] = {}  # active calls that have started, for call control
     metrics = BridgeMetrics(lambda: active)
+    feed = LiveFeed()  # call events to the pages watching live
     unproven = Unproven(settings.max_pending_connections)
     capacity = Capacity(settings.max_calls)
     slot_freed = asyncio.Event()  # set (and replaced) whenever a call releases its slot
@@ -227,6 +230,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         """A call's event: on record, to the hooks, and a mapped key carried out."""
         store.record(event)
         hooks.publish(event)
+        feed.publish(event)
         if event.type == "dtmf" and event.data["action"]:
             run_in_background(apply(event.call_sid, event.data["action"], "dtmf"), f"dtmf-{event.call_sid}")
         elif event.type == "agent.action":
@@ -317,12 +321,16 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         """Whether a stream's `start` may become a call: its token (when checked), one live
         stream per call sid (across the fleet with a fabric), and capacity. Only an
         admitted call takes a capacity slot, so sockets that never send a valid `start`
-        cannot crowd out real callers."""
+        cannot crowd out real callers. A softphone's token came with its URL, for the call
+        sid it named (`phone_stream`), so its `start` must be for that call."""
         sid = start.call_sid
         # Popped: the token is spent here and stays out of call records and logs.
         token = start.custom_parameters.pop(TOKEN_PARAMETER, None)
         token_key, token_ttl_ms = None, 0
-        if tokens is not None:
+        if call.softphone:
+            if sid != call.softphone:
+                return "the start is not for the call the softphone's stream was opened for"
+        elif tokens is not None:
             refusal = tokens.check(token, sid)
             if refusal is not None:
                 return refusal
@@ -360,6 +368,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                 return False
         return True
 
+    async def softphone_slot(call_sid: str) -> bool:
+        return not app.state.draining and await slot_for(call_sid)
+
     def release(call: Call) -> None:
         """A call's conversation is over: its slot is free for the next caller before its
         sockets are closed and its record written (a load at capacity never sees a call
@@ -377,17 +388,37 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     async def media_stream(websocket: WebSocket) -> None:
         # Refusals happen before accept(): uvicorn then answers the upgrade with HTTP 403,
         # and no voice API session is ever opened.
-        client = websocket.client.host if websocket.client else "?"
         if tokens is not None:
             signature = websocket.headers.get("x-twilio-signature")
             if not signature_valid(auth_token, settings.stream_url, (), signature):
                 log.warning(
                     "media stream refused: %s x-twilio-signature from %s",
                     "invalid" if signature else "missing",
-                    client,
+                    _peer(websocket),
                 )
                 await websocket.close(code=POLICY_VIOLATION)
                 return
+        await serve_stream(websocket)
+
+    async def phone_stream(websocket: WebSocket) -> None:
+        """The softphone's Media Stream: a browser cannot sign the upgrade as Twilio does,
+        so it brings the per-call token `POST /phone/calls` gave it (when protected)."""
+        call_sid = websocket.query_params.get("call", "")
+        refusal = None
+        if not settings.phone:
+            refusal = "the softphone is off (IVR_PHONE=0)"
+        elif not is_call_sid(call_sid):
+            refusal = "no valid call sid"
+        elif tokens is not None:
+            refusal = tokens.check(websocket.query_params.get("token"), call_sid)
+        if refusal is not None:
+            log.warning("softphone stream refused: %s, from %s", refusal, _peer(websocket))
+            await websocket.close(code=POLICY_VIOLATION)
+            return
+        await serve_stream(websocket, softphone=call_sid)
+
+    async def serve_stream(websocket: WebSocket, softphone: str = "") -> None:
+        client = _peer(websocket)
         if websocket.app.state.draining:  # DRAINING (shutdown): refuse before accept, no call
             await websocket.close(code=TRY_AGAIN_LATER)
             return
@@ -403,6 +434,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             on_event=lambda event: publish(call, event),
             on_over=release,
         )
+        call.softphone = softphone
 
         evicted = False
 
@@ -486,11 +518,20 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         routes=[
             Route("/twiml", twiml, methods=["GET", "POST"]),
             WebSocketRoute("/media-stream", media_stream),
+            WebSocketRoute("/phone/stream", phone_stream),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/stream-status", stream_status, methods=["POST"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
             *control_routes(settings.api_token, live_calls, live_call, control, store.get),
+            *page_routes(
+                settings,
+                feed,
+                metrics,
+                store,
+                live_calls,
+                Softphone(reserve=softphone_slot, mint=tokens.mint if tokens is not None else None),
+            ),
         ],
         lifespan=lifespan,
     )
@@ -503,6 +544,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.metrics = metrics
     app.state.unproven = unproven
     app.state.fabric = fabric
+    app.state.feed = feed
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     app.state.not_ready = "preflight pending" if settings.preflight else None  # why /readyz is 503
     app.state.drain_deadline = None  # loop time the drain must be done by, once it began
@@ -517,6 +559,10 @@ def _printable(value: str) -> str:
 def _refusal(status: int, text: str) -> Response:
     # Connection: close: the rest of a refused body is not worth reading.
     return Response(f"{text}\n", status_code=status, media_type="text/plain", headers={"connection": "close"})
+
+
+def _peer(websocket: WebSocket) -> str:
+    return websocket.client.host if websocket.client else "?"
 
 
 def _client(request: Request) -> str:

@@ -138,7 +138,8 @@ class CallControl:
 
     async def _carry_out(self, call_sid: str, handoff: Handoff) -> ControlResult:
         call = self._calls.get(call_sid)
-        if not self._rest.available and not (call is not None and handoff.action == "hangup"):
+        local = call is not None and (call.softphone or handoff.action == "hangup")
+        if not self._rest.available and not local:
             raise ControlError(503, "transfers need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (Twilio REST)")
         if call is None and self._remote is not None:
             # Carried elsewhere: that instance waits for the bot's sentence and records the
@@ -211,10 +212,12 @@ class CallControl:
                 )
         waited_ms = round((time.monotonic() - started) * 1000)
         try:
-            if not self._rest.available:
-                # No REST credentials (development): ending the stream ends a <Connect> call.
-                assert call is not None
-                await call.end(Outcome.HUNG_UP, 1000)
+            if call is not None and (call.softphone or not self._rest.available):
+                # A softphone's stream is its whole call, and without REST credentials
+                # (development) ending the stream ends a <Connect> call. A softphone cannot
+                # dial out: its page says where a phone caller would have gone.
+                transferred = handoff.action == "transfer"
+                await call.end(Outcome.TRANSFERRED if transferred else Outcome.HUNG_UP, 1000)
                 found = True
             elif handoff.action == "transfer":
                 found = await self._rest.redirect(call_sid, transfer_twiml(handoff.to))

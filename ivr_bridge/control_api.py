@@ -37,25 +37,13 @@ def control_routes(
     """`live_calls` lists the live calls (short snapshots) of every instance, `live_call`
     finds one (full snapshot) wherever it is carried; `record` reads a call's stored record."""
 
-    def refused(request: Request) -> Response | None:
-        if not token:
-            return _error(403, "the control API is off: set IVR_API_TOKEN to use it")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            client = request.client.host if request.client else "?"
-            log.warning("control API: %s bearer token from %s", "wrong" if given else "no", client)
-            response = _error(401, "a valid bearer token is required")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="ivr-bridge"'
-            return response
-        return None
-
     async def list_calls(request: Request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := bearer_refusal(token, request)) is not None:
             return denied
         return JSONResponse({"calls": await live_calls()})
 
     async def show_call(request: Request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := bearer_refusal(token, request)) is not None:
             return denied
         call_sid = request.path_params["call_sid"]
         if not is_call_sid(call_sid):
@@ -69,7 +57,7 @@ def control_routes(
         return Response(record_json({"active": False, **stored}), media_type="application/json")
 
     async def transfer(request: Request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := bearer_refusal(token, request)) is not None:
             return denied
         body = await _json_body(request)
         if isinstance(body, Response):
@@ -80,7 +68,7 @@ def control_routes(
         return await _carry_out(control.transfer(request.path_params["call_sid"], to.strip(), "api"))
 
     async def hangup(request: Request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := bearer_refusal(token, request)) is not None:
             return denied
         return await _carry_out(control.hangup(request.path_params["call_sid"], "api"))
 
@@ -94,6 +82,22 @@ def control_routes(
         Route("/calls/{call_sid}/hangup", hangup, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
+
+
+def bearer_refusal(token: str, request: Request) -> Response | None:
+    """Why `request` may not use the API (403 when it is off, 401 without the right
+    `Authorization: Bearer` token), or None. Compared in constant time; never logged."""
+    if not token:
+        return _error(403, "the control API is off: set IVR_API_TOKEN to use it")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        client = request.client.host if request.client else "?"
+        path = request.url.path
+        log.warning("API: %s bearer token on %s from %s", "wrong" if given else "no", path, client)
+        response = _error(401, "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ivr-bridge"'
+        return response
+    return None
 
 
 async def _carry_out(action: Awaitable[Any]) -> Response:

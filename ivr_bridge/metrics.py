@@ -294,6 +294,12 @@ class BridgeMetrics:
     def reply_started(self, latency: float) -> None:
         self._reply.observe(latency)
 
+    def reply_buckets(self) -> list[tuple[float, float]]:
+        """The reply-latency histogram as (upper bound, cumulative count) pairs, for the
+        dashboard's chart: the same data a scrape of /metrics gives."""
+        samples = self._reply.collect()[0].samples
+        return [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+
     def barged_in(self, stop_seconds: float) -> None:
         self._barge_in.observe(stop_seconds)
 
@@ -303,3 +309,25 @@ class BridgeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def histogram_quantile(
+    q: float, now: list[tuple[float, float]], before: list[tuple[float, float]] | None = None
+) -> float | None:
+    """The q-quantile of what a cumulative histogram observed between two readings (or in
+    all), interpolated within its bucket as Prometheus' histogram_quantile() does; None
+    when nothing was observed."""
+    counts = [(le, n - (before[i][1] if before else 0.0)) for i, (le, n) in enumerate(now)]
+    total = counts[-1][1] if counts else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le, cumulative in counts:
+        if cumulative >= rank:
+            if le == float("inf"):
+                return lower  # beyond the last finite bucket: its bound is all that is known
+            inside = cumulative - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, cumulative
+    return lower

@@ -37,6 +37,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     PrimaryKeyConstraint,
+    Select,
     String,
     Table,
     Text,
@@ -45,6 +46,7 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    or_,
     select,
     text,
     update,
@@ -810,21 +812,38 @@ class CallStore:
             return _full_record(row, [_event_dict(r) for r in rows])
 
     async def list_calls(
-        self, since: datetime | None = None, limit: int | None = 50, outcome: str | None = None
+        self,
+        since: datetime | None = None,
+        limit: int | None = 50,
+        outcome: str | None = None,
+        *,
+        until: datetime | None = None,
+        number: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Calls started at or after `since`, newest first, without their events."""
-        stmt = select(calls).order_by(calls.c.started_at.desc(), calls.c.call_sid.desc())
-        if since is not None:
-            stmt = stmt.where(calls.c.started_at >= since)
-        if outcome:
-            stmt = stmt.where(calls.c.outcome == outcome)
+        """Calls started in [`since`, `until`), newest first, without their events;
+        `number` finds calls from or to a number containing it."""
+        stmt = _where(
+            select(calls).order_by(calls.c.started_at.desc(), calls.c.call_sid.desc()),
+            since=since,
+            until=until,
+            outcome=outcome,
+            number=number,
+        )
         if limit is not None:
             stmt = stmt.limit(limit)
         async with self._reader().connect() as conn:
             return [dict(row) for row in (await conn.execute(stmt)).mappings()]
 
-    async def export(self, since: datetime | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Full records (as `get` returns them), oldest first, streamed from the database."""
+    async def export(
+        self,
+        since: datetime | None = None,
+        *,
+        until: datetime | None = None,
+        outcome: str | None = None,
+        number: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Full records (as `get` returns them), oldest first, streamed from the database;
+        filtered as `list_calls` is."""
         ev = [c.label(f"ev_{c.name}") for c in events.c if c.name != "call_sid"]
         stmt = (
             select(calls, *ev)
@@ -832,8 +851,7 @@ class CallStore:
             .order_by(calls.c.started_at, calls.c.call_sid, events.c.seq)
             .execution_options(yield_per=500)
         )
-        if since is not None:
-            stmt = stmt.where(calls.c.started_at >= since)
+        stmt = _where(stmt, since=since, until=until, outcome=outcome, number=number)
         call_columns = [c.name for c in calls.c]
         async with self._reader().connect() as conn:
             result = await conn.stream(stmt)
@@ -854,6 +872,29 @@ class CallStore:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _where(
+    stmt: Select[Any],
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    outcome: str | None,
+    number: str | None,
+) -> Select[Any]:
+    if since is not None:
+        stmt = stmt.where(calls.c.started_at >= since)
+    if until is not None:
+        stmt = stmt.where(calls.c.started_at < until)
+    if outcome:
+        stmt = stmt.where(calls.c.outcome == outcome)
+    if number:
+        # A plain substring: the pattern characters a caller might type are taken literally.
+        pattern = "%" + number.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = stmt.where(
+            or_(calls.c.from_number.like(pattern, escape="\\"), calls.c.to_number.like(pattern, escape="\\"))
+        )
+    return stmt
 
 
 def _writer_stopped(task: asyncio.Task[None]) -> None:

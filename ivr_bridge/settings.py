@@ -73,6 +73,7 @@ class Settings:
     preflight: bool = False  # open one voice API session at start-up; /readyz 503 until it works
     redis_url: str = ""  # set => the instances sharing it act as one service (fabric.py)
     heartbeat_s: float = 10.0  # instances beat in the records; silent for 6 beats => dead
+    phone: bool = True  # the browser softphone (/phone); its calls are refused when off
 
     @property
     def database(self) -> str:
@@ -231,9 +232,11 @@ class Settings:
         if log_format not in LOG_FORMATS:
             raise SettingsError(f"IVR_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
 
-        raw_preflight = get("IVR_PREFLIGHT", "0").lower()
-        if raw_preflight not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
-            raise SettingsError(f"IVR_PREFLIGHT must be 1 or 0, got {raw_preflight!r}")
+        def flag(name: str, default: str) -> bool:
+            raw = get(name, default).lower()
+            if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
+                raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
+            return raw in ("1", "true", "yes", "on")
 
         redis_url = get("IVR_REDIS_URL")
         if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
@@ -245,7 +248,8 @@ class Settings:
             redis_url=redis_url,
             heartbeat_s=number("IVR_HEARTBEAT_S", 10, 0.5, 300),
             log_format=log_format,
-            preflight=raw_preflight in ("1", "true", "yes", "on"),
+            preflight=flag("IVR_PREFLIGHT", "0"),
+            phone=flag("IVR_PHONE", "1"),
             hook_urls=hook_urls,
             hook_secret=hook_secret,
             hook_timeout_s=number("IVR_HOOK_TIMEOUT_S", 5, 0.1, 120),
@@ -323,6 +327,7 @@ class Settings:
             **{name.lower(): secret(value) for name, value in _secrets(self.voice).items()},
             "log_format": self.log_format,
             "preflight": "on" if self.preflight else "off",
+            "phone": "on" if self.phone else "off",
         }
         return "settings: " + "; ".join(f"{k}={v}" for k, v in fields.items())
 

@@ -106,6 +106,9 @@ class Call:
         self.caller = ""  # the caller's number (Twilio's From)
         self.called = ""  # the number called (To)
         self.custom_parameters: dict[str, str] = {}
+        # The call sid of a browser softphone's call (its stream is the whole call: control
+        # acts on the stream, there is no phone call to redirect); "" for Twilio's.
+        self.softphone = ""
         self._admit = admit
         self._on_over = on_over
         # Set while nothing the bot said is still playing: a transfer or hang-up waits for it.
@@ -164,6 +167,11 @@ class Call:
     def provider(self) -> str:
         return self.keeper.session.name if self.keeper.session is not None else ""
 
+    @property
+    def line(self) -> str:
+        """Where the caller is: "phone" (through Twilio) or "softphone" (a browser)."""
+        return "softphone" if self.softphone else "phone"
+
     def snapshot(self, *, full: bool = True) -> dict[str, Any]:
         """The call's live state, for the control API; `full` adds its transcript, emotions
         and keys."""
@@ -211,6 +219,7 @@ class Call:
                 "custom_parameters": self.custom_parameters,
                 "provider": session.name,
                 "instance": self.settings.instance_id,
+                "line": self.line,
             },
         )
         from_twilio = asyncio.create_task(self._from_twilio(), name="from-twilio")

@@ -167,6 +167,7 @@ class CallReport:
             "state": call.lifecycle.shown,
             "outcome": str(call.outcome),
             "provider": call.provider,
+            "line": call.line,
             "instance": call.settings.instance_id,
             "started_at": self.started_at,
             "duration_s": self.elapsed(),
