@@ -127,7 +127,8 @@ async def test_softphone_talks_to_the_echo_engine_with_marks_after_playback_and_
     # cleared audio still queued in the page.
     await until(
         page,
-        "softphone.clears.some(c => c.droppedMs > 0) && softphone.marks.filter(m => !m.cleared && m.echoedAt).length >= 3",
+        "softphone.clears.some(c => c.droppedMs > 0)"
+        " && softphone.marks.filter(m => !m.cleared && m.echoedAt).length >= 3",
         "a reply played out and a barge-in",
     )
     state = await page.evaluate("softphone")
@@ -295,7 +296,7 @@ async def test_without_the_token_the_dashboard_and_the_protected_softphone_refus
     await phone.locator("#token-form").wait_for()
     assert await phone.evaluate("softphone.state") == "idle"
     await sign_in(phone, API_TOKEN)
-    await until(phone, "softphone.state === 'live' && softphone.audioReceivedMs > 0", "a protected call answered")
+    await until(phone, "softphone.state === 'live' && softphone.audioReceivedMs > 0", "a protected call")
     await phone.click("#hangup")
     await bridge_until(lambda: len(bridge.finished) == 1, "the call ended")
     assert bridge.finished[0].outcome == Outcome.STREAM_STOPPED
@@ -305,9 +306,7 @@ async def test_the_pages_audio_code_filters_aliases_and_codes_mu_law_as_the_brid
     echo_bridge: RunningBridge, browser: Browser
 ) -> None:
     page = await open_page(browser, f"{echo_bridge.base_url}/phone")
-    table = await page.evaluate(
-        "async () => Array.from((await import('/ui/g711.js')).MULAW_TO_PCM)"
-    )
+    table = await page.evaluate("async () => Array.from((await import('/ui/g711.js')).MULAW_TO_PCM)")
     assert table == [int(v) for v in ULAW_TO_PCM]
     codes = await page.evaluate(
         """async () => {
@@ -327,7 +326,9 @@ async def test_the_pages_audio_code_filters_aliases_and_codes_mu_law_as_the_brid
             const out = [];
             for (let block = 0; block < inRate / 128; block++) {
               const x = new Float32Array(128);
-              for (let i = 0; i < 128; i++) x[i] = 0.5 * Math.sin(2 * Math.PI * hz * (block * 128 + i) / inRate);
+              for (let i = 0; i < 128; i++) {
+                x[i] = 0.5 * Math.sin(2 * Math.PI * hz * (block * 128 + i) / inRate);
+              }
               out.push(...r.process(x));
             }
             const tail = out.slice(out.length / 4);

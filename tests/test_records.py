@@ -389,6 +389,38 @@ async def test_listing_and_export_filter_and_order(backend: Backend) -> None:
     assert [r["call_sid"] async for r in store.export(since=since)] == ["CA2", "CA3", "CA4"]
 
 
+async def test_search_by_number_and_time_window(backend: Backend) -> None:
+    """What the dashboard's history asks: part of a number (from or to, taken literally:
+    `%` and `_` are not patterns), a time window, an outcome; export filters alike."""
+    store = backend.store()
+    await store.open()
+    numbers = ["+15557770123", "+44207946000", "Alice_%", "+15557770999"]
+    for n, number in enumerate(numbers):
+        events = short_call(f"CA{n}", T0 + 3600 * n)
+        started = {"from": number, "to": "+15550001"}
+        events[0] = CallEvent("call.started", f"CA{n}", 1, T0 + 3600 * n, 0.0, started)
+        record_all(store, events)
+    assert await store.flush(10)
+
+    async def sids(**query: Any) -> list[str]:
+        return [c["call_sid"] for c in await store.list_calls(**query)]
+
+    assert await sids(number="777") == ["CA3", "CA0"]
+    assert await sids(number="_%") == ["CA2"]  # literally, not "any character"
+    assert await sids(number="%") == ["CA2"]
+    assert await sids(number="0001") == ["CA3", "CA2", "CA1", "CA0"]  # the number called
+    assert await sids(number="999999") == []
+    window = {
+        "since": datetime.fromtimestamp(T0 + 3600, UTC),
+        "until": datetime.fromtimestamp(T0 + 3 * 3600, UTC),
+    }
+    assert await sids(**window) == ["CA2", "CA1"]
+    assert await sids(number="777", **window) == []
+    assert await sids(number="777", outcome="completed") == ["CA3", "CA0"]
+    assert [r["call_sid"] async for r in store.export(number="777")] == ["CA0", "CA3"]
+    assert [r["call_sid"] async for r in store.export(**window)] == ["CA1", "CA2"]
+
+
 async def test_odd_event_data_is_stored_not_choked_on(backend: Backend) -> None:
     store = backend.store()
     await store.open()
