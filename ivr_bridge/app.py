@@ -231,6 +231,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         store.record(event)
         hooks.publish(event)
         feed.publish(event)
+        if fabric is not None:
+            fabric.share(event.as_dict())
         if event.type == "dtmf" and event.data["action"]:
             run_in_background(apply(event.call_sid, event.data["action"], "dtmf"), f"dtmf-{event.call_sid}")
         elif event.type == "agent.action":
@@ -496,7 +498,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         # Migrates the records and marks calls a crash of this instance cut as interrupted.
         await store.open()
         if fabric is not None:
-            await fabric.start(serve_request)
+            await fabric.start(serve_request, on_event=feed.relay)
         watchers = [asyncio.create_task(metrics.watch_event_loop(), name="event-loop-lag")]
         if settings.preflight:
             watchers.append(asyncio.create_task(run_preflight(app), name="preflight"))

@@ -11,11 +11,15 @@ What the instances share:
 - **requests to an instance**: a list `ivr:inbox:<instance>` it pops, answering on
   `ivr:reply:<id>`, so call control asked of any instance is carried out by the one that
   carries the call (after the bot's sentence, with its `control` event on record), and
-  `GET /calls` on any instance lists the calls of all.
+  `GET /calls` on any instance lists the calls of all;
+- **call events, live**: each instance publishes its calls' events on `ivr:events`, so a
+  dashboard or softphone page served by any instance sees every call as it happens.
 
-Lists rather than pub/sub: a request waits in the inbox while its instance is briefly busy
-instead of being lost. The dead are noticed by their lease; their calls are marked
-`interrupted` through the records (`CallStore.sweep`), which need no Redis.
+Lists rather than pub/sub for requests: a request waits in the inbox while its instance
+is briefly busy instead of being lost. The live events are pub/sub: a page that misses
+one while Redis is away catches up from the call list it reloads. The dead are noticed by
+their lease; their calls are marked `interrupted` through the records (`CallStore.sweep`),
+which need no Redis.
 
 Redis is never on the audio path. If it fails, each operation falls back to what one
 instance knows on its own (a warning once per outage, `ivr_fabric_up` 0, errors counted);
@@ -29,6 +33,7 @@ import contextlib
 import json
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -40,6 +45,9 @@ log = logging.getLogger("ivr_bridge.fabric")
 LEASE_S = 15.0
 CALL_KEY_TTL_S = 6 * 3600  # a safety net only: a call's key is removed when the call is over
 INBOX_POLL_S = 5  # BLPOP's wait; the loop re-arms at once
+EVENTS_CHANNEL = "ivr:events"
+EVENTS_QUEUE = 2000  # call events waiting to be published; beyond, the newest are dropped
+RESUBSCRIBE_S = 2.0  # after losing the events subscription
 REPLY_TTL_S = 60
 OP_TIMEOUT_S = 2.0  # one Redis command; longer means Redis is in trouble: act alone
 # Deleted only if still ours: a call re-admitted elsewhere keeps its new owner's key.
@@ -72,21 +80,33 @@ class Fabric:
             socket_connect_timeout=OP_TIMEOUT_S,
             decode_responses=True,
         )
+        # The events subscription waits without end for the next event: no read timeout,
+        # and a ping now and then to notice a dead connection.
+        self._subscriber = aioredis.Redis.from_url(
+            url, socket_connect_timeout=OP_TIMEOUT_S, health_check_interval=30, decode_responses=True
+        )
         self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: deque[str] = deque()  # call events to publish
+        self._outbox_ready = asyncio.Event()
+        self.events_dropped = 0  # call events not shared: the outbox was full
         self._handler: Handler | None = None
         self._handling: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, handler: Handler) -> None:
-        """Take a lease and serve requests from other instances with `handler`."""
+    async def start(self, handler: Handler, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Take a lease, serve requests from other instances with `handler`, share this
+        instance's call events and hand those of the others to `on_event`."""
         self._handler = handler
         await self._safe(self._renew_lease(), None)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._keep_lease(), name="fabric-lease"),
             loop.create_task(self._serve_inbox(), name="fabric-inbox"),
+            loop.create_task(self._publish_events(), name="fabric-events-out"),
         ]
+        if on_event is not None:
+            self._tasks.append(loop.create_task(self._receive_events(on_event), name="fabric-events-in"))
 
     async def close(self) -> None:
         for task in [*self._tasks, *self._handling]:
@@ -95,6 +115,7 @@ class Fabric:
         await self._safe(self._redis.delete(self._key("lease", self.instance_id)), None)
         await self._redis.aclose()
         await self._blocking.aclose()
+        await self._subscriber.aclose()
 
     # -- admission --------------------------------------------------------------------------
 
@@ -222,6 +243,47 @@ class Fabric:
         while True:
             await asyncio.sleep(self._lease_s / 3)
             await self._safe(self._renew_lease(), None)
+
+    # -- live call events ---------------------------------------------------------------------
+
+    def share(self, event: dict[str, Any]) -> None:
+        """Publish a call event of this instance (on the audio path: it only queues)."""
+        if len(self._outbox) >= EVENTS_QUEUE:
+            self.events_dropped += 1
+            return
+        self._outbox.append(json.dumps({"instance": self.instance_id, "event": event}, default=str))
+        self._outbox_ready.set()
+
+    async def _publish_events(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                pipe = self._redis.pipeline(transaction=False)
+                while self._outbox:
+                    pipe.publish(EVENTS_CHANNEL, self._outbox.popleft())
+                await self._safe(pipe.execute(), None)
+
+    async def _receive_events(self, on_event: Callable[[dict[str, Any]], None]) -> None:
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                self._worked()
+                async for message in pubsub.listen():
+                    try:
+                        shared = json.loads(message["data"])
+                        event = shared["event"]
+                        if shared["instance"] != self.instance_id and isinstance(event, dict):
+                            on_event(event)
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("fabric: a call event on %s that is not ours: skipped", EVENTS_CHANNEL)
+            except (RedisError, OSError, TimeoutError) as e:
+                self._failed(e)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(RESUBSCRIBE_S)
 
     # -- keeping going without Redis ------------------------------------------------------------
 

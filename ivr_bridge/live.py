@@ -64,12 +64,15 @@ class LiveFeed:
         return len(self._watchers)
 
     def publish(self, event: CallEvent) -> None:
-        if not self._watchers:
-            return
-        data = event.as_dict()
+        if self._watchers:
+            self.relay(event.as_dict())
+
+    def relay(self, event: dict[str, Any]) -> None:
+        """An event as a dict: one of this instance's, or one another instance shared."""
+        call_sid = event.get("call_sid")
         for watcher in self._watchers:
-            if watcher.call_sid is None or watcher.call_sid == event.call_sid:
-                watcher.put("event", data)
+            if watcher.call_sid is None or watcher.call_sid == call_sid:
+                watcher.put("event", event)
 
     @contextlib.contextmanager
     def watch(self, call_sid: str | None = None) -> Iterator[Watcher | None]:

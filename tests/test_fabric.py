@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ivr_bridge.fabric import Fabric
+from ivr_bridge.fabric import EVENTS_QUEUE, Fabric
 from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget, fetch_stream, stream_headers
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
@@ -20,6 +20,7 @@ from ivr_bridge.standins.twilio import TwilioCaller
 from tests.support import eventually, stream_caller
 from tests.test_end_to_end import nextevi_settings, tone_ulaw, voice_api
 from tests.test_hostile_state import free_port
+from tests.test_pages import TOKEN, read_events
 from tests.test_resilience import with_rest
 from tests.test_routing import AGENT, api, first_reply_playing, record_of, routed
 
@@ -131,6 +132,49 @@ async def test_control_through_another_instance_is_carried_out_by_the_owner(
     [control] = [e for e in record["events"] if e["type"] == "control"]
     assert control["data"]["to"] == AGENT and control["data"]["played_out"] is True
     assert len(rest.updates) == 1
+
+
+async def test_every_instance_sees_every_calls_events_live(make_bridge, tmp_path: Path) -> None:
+    """A dashboard on B, and a softphone page whose event stream landed on B, follow a
+    call carried by A as it happens."""
+    base = Settings(provider="echo", api_token=TOKEN)
+    a, b = (make_bridge(s) for s in fleet(base, tmp_path / "r.db", 2))
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with (
+        httpx.AsyncClient(base_url=a.base_url, headers=headers, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.base_url, headers=headers, timeout=30) as on_b,
+        on_b.stream("GET", "/dashboard/feed") as dashboard,
+    ):
+        feed = read_events(dashboard)
+        assert (await anext(feed))[0] == "stats"
+        placed = (await on_a.post("/phone/calls", json={"from": "+15550177"})).json()
+        async with on_b.stream("GET", f"/phone/calls/{placed['call_sid']}/events") as one_call:
+            caller = TwilioCaller(
+                a.base_url.replace("http", "ws", 1) + placed["stream_path"],
+                call_sid=placed["call_sid"],
+                custom_parameters=placed["parameters"],
+                continuous=True,
+            )
+            async with caller:
+                kind, first = await anext(read_events(one_call))
+                assert (kind, first["type"], first["data"]["from"]) == ("event", "call.started", "+15550177")
+                await caller.hang_up()
+        seen: list[tuple[int, str]] = []
+        async for kind, data in feed:
+            if kind == "event":
+                assert data["call_sid"] == placed["call_sid"]
+                seen.append((data["seq"], data["type"]))
+                if data["type"] == "call.ended":
+                    break
+        assert seen[0] == (1, "call.started")
+        assert [seq for seq, _ in seen] == list(range(1, len(seen) + 1))  # all of them, in order
+
+
+def test_sharing_call_events_never_blocks_and_is_bounded() -> None:
+    fabric = Fabric(REDIS_URL, "unstarted")  # nothing publishes: the outbox only fills
+    for seq in range(EVENTS_QUEUE + 5):
+        fabric.share({"type": "dtmf", "call_sid": "CA1", "seq": seq})
+    assert fabric.events_dropped == 5
 
 
 async def test_a_redis_outage_drops_no_call(make_bridge, caplog: pytest.LogCaptureFixture) -> None:
