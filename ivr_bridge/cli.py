@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
+import secrets
 import sys
 import time
 
@@ -24,6 +26,12 @@ def serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"ivr-bridge: {logs.escape(str(exc))}", file=sys.stderr)
         return 2
+    run_token = ""
+    if settings.development_mode and not settings.api_token:
+        # Trying it out: the dashboard works at once, with a token for this run only
+        # (printed below, never logged; the redactor knows it).
+        run_token = secrets.token_urlsafe(18)
+        settings = dataclasses.replace(settings, api_token=run_token)
     logs.configure(args.log_level, settings.secret_values(), settings.log_format)
     log.info("ivr-bridge %s; %s", version(), settings.summary())
     for warning in unknown:
@@ -61,6 +69,15 @@ def serve(args: argparse.Namespace) -> int:
             "IVR_PUBLIC_URL is %s: Twilio needs a public https:// URL to reach the bridge",
             settings.public_url,
         )
+    local = f"http://{host}:{args.port}"
+    pages = f"ivr-bridge: talk to it at {local}/phone" if settings.phone else "ivr-bridge:"
+    if run_token:
+        # In the URL's #fragment: the browser keeps it, it is never sent in a request.
+        pages += f"; watch calls at {local}/dashboard#token={run_token}"
+        pages += " (a token for this run; IVR_API_TOKEN sets one)"
+    elif settings.api_token:
+        pages += f"; watch calls at {local}/dashboard (with IVR_API_TOKEN)"
+    print(pages, file=sys.stderr)
     app = create_app(settings)
     server = BridgeServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level), app)
     # SIGTERM/SIGINT drain the calls (up to IVR_DRAIN_TIMEOUT_S) before the server exits.

@@ -94,6 +94,15 @@ def test_serve_starts_with_the_echo_default_and_answers() -> None:
         assert any(f"stream: ws://127.0.0.1:{port}/media-stream" in line for line in seen), seen
         response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert response.status_code == 200
+        # The softphone and the dashboard, the latter with a token made for this run: it
+        # works, and it is printed once, in the link's fragment, and logged nowhere.
+        [pages] = [line for line in seen if "/phone" in line]
+        assert f"http://127.0.0.1:{port}/phone" in pages
+        token = pages.split("/dashboard#token=")[1].split()[0]
+        assert len(token) >= 24 and sum(token in line for line in seen) == 1
+        calls = f"http://127.0.0.1:{port}/calls"
+        assert httpx.get(calls, headers={"authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+        assert httpx.get(calls, timeout=10).status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=15)

@@ -9,6 +9,13 @@ export const token = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
+// `ivr-bridge serve` in development mode prints a link with a token for that run in the
+// URL's fragment (never sent to the server): keep it for the tab, and out of the address bar.
+if (location.hash.startsWith("#token=")) {
+  token.set(decodeURIComponent(location.hash.slice("#token=".length)));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 export class ApiError extends Error {
   constructor(status, message) {
     super(message);
