@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from ivr_bridge.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 STATS_EVERY_S = 2.0  # the dashboard's chart and call list refresh
+LATENCY_WINDOW = 30  # ticks: reply latency is shown over the last minute
 KEEPALIVE_S = 15.0  # a comment line keeps proxies from closing a quiet event stream
 MAX_CALLER_ID = 40
 MAX_RECORDS = 500  # one history page
@@ -128,13 +130,12 @@ def page_routes(
         every instance) with the chart's figures."""
         if (denied := bearer_refusal(token, request)) is not None:
             return denied
-        previous = metrics.reply_buckets()
+        readings = deque([metrics.reply_buckets()], maxlen=LATENCY_WINDOW)
 
         async def tick() -> dict[str, Any]:
-            nonlocal previous
             now = metrics.reply_buckets()
-            p50, p95 = (histogram_quantile(q, now, previous) for q in (0.5, 0.95))
-            previous = now
+            p50, p95 = (histogram_quantile(q, now, readings[0]) for q in (0.5, 0.95))
+            readings.append(now)
             calls = await live_calls()
             return {
                 "at": datetime.now(UTC).timestamp(),

@@ -66,7 +66,7 @@ function showEvent(event) {
   } else if (event.type === "barge_in") {
     line("event", `You cut in: the bot was stopped after ${data.heard_ms} ms of its reply`);
   } else if (event.type === "dtmf") {
-    line("event", `Key ${data.digit}${data.action ? ` → ${data.action}` : ""}`);
+    line("key", `You pressed ${data.digit}${data.action ? ` → ${data.action}` : ""}`);
   } else if (event.type === "control") {
     const where =
       data.action === "transfer"
@@ -218,8 +218,7 @@ function hangUp() {
 
 function press(digit) {
   if (!call || call.ws.readyState !== WebSocket.OPEN) return;
-  call.ws.send(call.line.dtmf(digit));
-  line("key", `You pressed ${digit}`);
+  call.ws.send(call.line.dtmf(digit)); // the transcript shows it once the bridge has it
 }
 
 $("call").onclick = async () => {
