@@ -26,6 +26,7 @@ from ivr_bridge.audio.g711 import ULAW_TO_PCM, ulaw_encode
 from ivr_bridge.call import Outcome
 from ivr_bridge.settings import Settings
 from tests.conftest import RunningBridge
+from tests.test_provider_contract import NETWORKED, upstream
 
 CALLER_WAV = Path(__file__).parent / "audio" / "softphone-caller.wav"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -171,6 +172,32 @@ async def test_softphone_talks_to_the_echo_engine_with_marks_after_playback_and_
     # The page showed it: caller lines, bot lines and the cut-off one.
     assert await page.locator("#transcript li.user").count() >= 1
     assert await page.locator("#transcript li.assistant del").count() >= 1
+    assert not page.errors, page.errors  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", NETWORKED)
+async def test_the_softphone_works_with_every_voice_api(
+    make_bridge: Callable[[Settings], RunningBridge], browser: Browser, name: str
+) -> None:
+    """Through each provider's stand-in: mu-law passed through (OpenAI, ElevenLabs) or
+    converted (NextEVI, NavTalk), the page hears a whole reply and its marks go back."""
+    async with upstream(name, reply_ms=800) as (settings, _):
+        bridge = make_bridge(Settings(**{**settings.__dict__, "api_token": API_TOKEN}))
+        page = await open_page(browser, f"{bridge.base_url}/phone")
+        await page.click("#call")
+        await until(
+            page,
+            "softphone.audioReceivedMs >= 780 && softphone.marks.some(m => m.echoedAt && !m.cleared)",
+            "a reply heard",
+        )
+        call_sid = await page.evaluate("softphone.callSid")
+        await page.click("#hangup")
+        stored = await record(bridge, call_sid)
+    assert stored["provider"] == name
+    replies = [
+        e["data"] for e in stored["events"] if e["type"] == "transcript" and e["data"]["role"] == "assistant"
+    ]
+    assert any(reply["heard_ms"] > 0 for reply in replies), replies
     assert not page.errors, page.errors  # type: ignore[attr-defined]
 
 
