@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from playwright.async_api import async_playwright
-
 from processes import ROOT, free_port, spawn, stop
 
+sys.path.insert(0, str(ROOT))  # the browser tests hold the one set of Chromium launch options
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+
 TOKEN = "screenshot-token"
-CALLER_WAV = ROOT / "tests" / "audio" / "softphone-caller.wav"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    f"--use-file-for-fake-audio-capture={CALLER_WAV}",
-]
 
 
 async def shoot(base: str, out: Path) -> None:
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         viewport = {"width": 1280, "height": 800}
         dashboard = await browser.new_page(viewport=viewport)
         await dashboard.goto(f"{base}/dashboard")
@@ -49,7 +39,8 @@ async def shoot(base: str, out: Path) -> None:
         await phone.goto(f"{base}/phone")
         await phone.fill("#caller", "+15557770123")
         await phone.click("#call")
-        sid = await (await phone.wait_for_function("() => softphone.state === 'live' && softphone.callSid")).json_value()
+        live = await phone.wait_for_function("() => softphone.state === 'live' && softphone.callSid")
+        sid = await live.json_value()
         # Through two barge-ins: replies heard and cut off are both on the page.
         await phone.wait_for_function("() => softphone.clears.length >= 2", timeout=60_000)
         await phone.click("#keypad button[data-digit='1']")

@@ -10,9 +10,8 @@ and a barge-in.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ivr_bridge.audio.g711 import ULAW_TO_PCM, ulaw_encode
 from ivr_bridge.call import Outcome
 from ivr_bridge.settings import Settings
 from tests.conftest import RunningBridge
+from tests.support import eventually
 from tests.test_provider_contract import NETWORKED, upstream
 
 CALLER_WAV = Path(__file__).parent / "audio" / "softphone-caller.wav"
@@ -75,20 +75,6 @@ async def until(page: Page, script: str, what: str, timeout: float = WAIT_S) -> 
     return await handle.json_value()
 
 
-async def bridge_until(check: Callable[[], bool | Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"not within {WAIT_S} s: {what}")
-        await asyncio.sleep(0.05)
-
-
 async def record(bridge: RunningBridge, call_sid: str) -> dict[str, Any]:
     """The call's stored record, once its call.ended is on it."""
     headers = {"authorization": f"Bearer {API_TOKEN}"}
@@ -101,7 +87,7 @@ async def record(bridge: RunningBridge, call_sid: str) -> dict[str, Any]:
             body = answer.json()
             return answer.status_code == 200 and not body["active"] and body.get("outcome") != "in_progress"
 
-        await bridge_until(stored, f"{call_sid} on record")
+        await eventually(stored, WAIT_S, f"{call_sid} on record")
         return body
 
 
@@ -326,7 +312,7 @@ async def test_without_the_token_the_dashboard_and_the_protected_softphone_refus
     await sign_in(phone, API_TOKEN)
     await until(phone, "softphone.state === 'live' && softphone.audioReceivedMs > 0", "a protected call")
     await phone.click("#hangup")
-    await bridge_until(lambda: len(bridge.finished) == 1, "the call ended")
+    await eventually(lambda: len(bridge.finished) == 1, WAIT_S, "the call ended")
     assert bridge.finished[0].outcome == Outcome.STREAM_STOPPED
 
 

@@ -20,7 +20,7 @@ from ivr_bridge.standins.twilio import TwilioCaller
 from tests.support import eventually, stream_caller
 from tests.test_end_to_end import nextevi_settings, tone_ulaw, voice_api
 from tests.test_hostile_state import free_port
-from tests.test_pages import TOKEN, read_events
+from tests.test_pages import TOKEN, read_events, softphone_caller
 from tests.test_resilience import with_rest
 from tests.test_routing import AGENT, api, first_reply_playing, record_of, routed
 
@@ -148,17 +148,13 @@ async def test_every_instance_sees_every_calls_events_live(make_bridge, tmp_path
         feed = read_events(dashboard)
         assert (await anext(feed))[0] == "stats"
         placed = (await on_a.post("/phone/calls", json={"from": "+15550177"})).json()
-        async with on_b.stream("GET", f"/phone/calls/{placed['call_sid']}/events") as one_call:
-            caller = TwilioCaller(
-                a.base_url.replace("http", "ws", 1) + placed["stream_path"],
-                call_sid=placed["call_sid"],
-                custom_parameters=placed["parameters"],
-                continuous=True,
-            )
-            async with caller:
-                kind, first = await anext(read_events(one_call))
-                assert (kind, first["type"], first["data"]["from"]) == ("event", "call.started", "+15550177")
-                await caller.hang_up()
+        async with (
+            on_b.stream("GET", f"/phone/calls/{placed['call_sid']}/events") as one_call,
+            softphone_caller(a, placed) as caller,
+        ):
+            kind, first = await anext(read_events(one_call))
+            assert (kind, first["type"], first["data"]["from"]) == ("event", "call.started", "+15550177")
+            await caller.hang_up()
         seen: list[tuple[int, str]] = []
         async for kind, data in feed:
             if kind == "event":

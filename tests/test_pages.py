@@ -134,6 +134,16 @@ async def place(client: httpx.AsyncClient, caller: str = "Bob") -> dict[str, Any
     return answer.json()
 
 
+def softphone_caller(bridge: RunningBridge, placed: dict[str, Any]) -> TwilioCaller:
+    """A caller on the stream `POST /phone/calls` set up, as the page opens it."""
+    return TwilioCaller(
+        stream_url(bridge, placed["stream_path"]),
+        call_sid=placed["call_sid"],
+        custom_parameters=placed["parameters"],
+        continuous=True,
+    )
+
+
 async def test_a_softphone_call_is_a_call_like_any_other_and_its_start_must_match_its_token(
     make_bridge: Callable[[Settings], RunningBridge], client_for: Callable[[RunningBridge], httpx.AsyncClient]
 ) -> None:
@@ -148,22 +158,12 @@ async def test_a_softphone_call_is_a_call_like_any_other_and_its_start_must_matc
     assert intruder.close_code == 1008
     assert (await bridge.wait_for_calls(1))[0].outcome == Outcome.REFUSED
     # ... and is spent by that attempt.
-    again = TwilioCaller(
-        stream_url(bridge, placed["stream_path"]),
-        call_sid=placed["call_sid"],
-        custom_parameters=placed["parameters"],
-        continuous=True,
-    )
+    again = softphone_caller(bridge, placed)
     with pytest.raises(websockets.InvalidStatus):
         await again.connect()
 
     placed = await place(client)
-    caller = TwilioCaller(
-        stream_url(bridge, placed["stream_path"]),
-        call_sid=placed["call_sid"],
-        custom_parameters=placed["parameters"],
-        continuous=True,
-    )
+    caller = softphone_caller(bridge, placed)
     async with caller:
         await caller.say(SPEECH)
         await caller.wait_for(lambda: caller.received_total > 0, WAIT)  # the echo answered
@@ -182,12 +182,7 @@ async def test_softphone_calls_respect_capacity(
     bridge = make_bridge(Settings(api_token=TOKEN, max_calls=1))
     client = client_for(bridge)
     placed = await place(client)
-    async with TwilioCaller(
-        stream_url(bridge, placed["stream_path"]),
-        call_sid=placed["call_sid"],
-        custom_parameters=placed["parameters"],
-        continuous=True,
-    ) as caller:
+    async with softphone_caller(bridge, placed) as caller:
         await caller.say(SPEECH[:1600])
         refused = await client.post("/phone/calls", json={}, headers=AUTH)
         assert refused.status_code == 503 and "capacity" in refused.json()["error"]
@@ -215,12 +210,7 @@ async def test_the_dashboard_feed_brings_live_calls_then_their_events(
         assert kind == "stats" and hello["active"] == 0 and hello["calls"] == []
 
         placed = await place(client, "+15550142")
-        async with TwilioCaller(
-            stream_url(bridge, placed["stream_path"]),
-            call_sid=placed["call_sid"],
-            custom_parameters=placed["parameters"],
-            continuous=True,
-        ) as caller:
+        async with softphone_caller(bridge, placed) as caller:
             await caller.say(SPEECH)
             seen: list[str] = []
             stats: list[dict[str, Any]] = []
@@ -243,12 +233,7 @@ async def test_the_dashboard_feed_brings_live_calls_then_their_events(
     placed = await place(client)
     async with client.stream("GET", f"/phone/calls/{placed['call_sid']}/events") as response:
         messages = read_events(response)
-        async with TwilioCaller(
-            stream_url(bridge, placed["stream_path"]),
-            call_sid=placed["call_sid"],
-            custom_parameters=placed["parameters"],
-            continuous=True,
-        ) as caller:
+        async with softphone_caller(bridge, placed) as caller:
             kind, data = await anext(messages)
             assert (kind, data["type"], data["call_sid"]) == ("event", "call.started", placed["call_sid"])
             await caller.hang_up()
@@ -261,12 +246,7 @@ async def test_records_search_and_export_over_http(
     client = client_for(bridge)
     for caller_id in ("+15557770001", "+15558880002"):
         placed = await place(client, caller_id)
-        async with TwilioCaller(
-            stream_url(bridge, placed["stream_path"]),
-            call_sid=placed["call_sid"],
-            custom_parameters=placed["parameters"],
-            continuous=True,
-        ) as caller:
+        async with softphone_caller(bridge, placed) as caller:
             await caller.say(SPEECH[:1600])
             await caller.hang_up()
     await bridge.wait_for_calls(2)

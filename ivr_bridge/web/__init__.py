@@ -94,8 +94,10 @@ def page_routes(
         if (denied := phone_refusal(request)) is not None:
             return denied
         raw = await bounded_body(request, 1024)
+        if raw is None:
+            return _error(413, "the body is over 1 KB")
         try:
-            body = json.loads(raw or b"{}") if raw is not None else None
+            body = json.loads(raw or b"{}")
         except (ValueError, RecursionError):
             body = None
         if not isinstance(body, dict):

@@ -32,31 +32,25 @@ export async function api(path, { method = "GET", body } = {}) {
   const init = { method, headers: headers(body ? { "content-type": "application/json" } : {}) };
   if (body) init.body = JSON.stringify(body);
   const response = await fetch(path, init);
-  if (!response.ok) {
-    let message = response.statusText;
-    try {
-      message = (await response.json()).error || message;
-    } catch {
-      // not JSON: keep the status text
-    }
-    throw new ApiError(response.status, message);
-  }
+  if (!response.ok) throw await refusal(response);
   return response;
+}
+
+async function refusal(response) {
+  let message = response.statusText;
+  try {
+    message = (await response.json()).error || message;
+  } catch {
+    // not JSON: keep the status text
+  }
+  return new ApiError(response.status, message);
 }
 
 /** Read `path` as an event stream, calling onEvent(kind, data) per event, until it
  * ends or `signal` aborts. Rejects with ApiError when refused. */
 export async function events(path, onEvent, signal) {
   const response = await fetch(path, { headers: headers(), signal });
-  if (!response.ok) {
-    let message = response.statusText;
-    try {
-      message = (await response.json()).error || message;
-    } catch {
-      // not JSON
-    }
-    throw new ApiError(response.status, message);
-  }
+  if (!response.ok) throw await refusal(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let text = "";
   for (;;) {
