@@ -319,12 +319,13 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         token = tokens.mint(call_sid) if tokens is not None else None
         return Response(twiml_for_call(settings, params, token), media_type="application/xml")
 
-    async def admit(call: Call, start: StreamStarted) -> str | None:
+    async def admit(call: Call, start: StreamStarted, spent: tuple[str | None, int]) -> str | None:
         """Whether a stream's `start` may become a call: its token (when checked), one live
         stream per call sid (across the fleet with a fabric), and capacity. Only an
         admitted call takes a capacity slot, so sockets that never send a valid `start`
         cannot crowd out real callers. A softphone's token came with its URL, for the call
-        sid it named (`phone_stream`), so its `start` must be for that call."""
+        sid it named, and was checked there (`phone_stream`, which passes its key as
+        `spent`): its `start` must be for that call."""
         sid = start.call_sid
         # Popped: the token is spent here and stays out of call records and logs.
         token = start.custom_parameters.pop(TOKEN_PARAMETER, None)
@@ -332,6 +333,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         if call.softphone:
             if sid != call.softphone:
                 return "the start is not for the call the softphone's stream was opened for"
+            token_key, token_ttl_ms = spent
         elif tokens is not None:
             refusal = tokens.check(token, sid)
             if refusal is not None:
@@ -406,20 +408,25 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         """The softphone's Media Stream: a browser cannot sign the upgrade as Twilio does,
         so it brings the per-call token `POST /phone/calls` gave it (when protected)."""
         call_sid = websocket.query_params.get("call", "")
+        token = websocket.query_params.get("token")
         refusal = None
         if not settings.phone:
             refusal = "the softphone is off (IVR_PHONE=0)"
         elif not is_call_sid(call_sid):
             refusal = "no valid call sid"
         elif tokens is not None:
-            refusal = tokens.check(websocket.query_params.get("token"), call_sid)
+            refusal = tokens.check(token, call_sid)
         if refusal is not None:
             log.warning("softphone stream refused: %s, from %s", refusal, _peer(websocket))
             await websocket.close(code=POLICY_VIOLATION)
             return
-        await serve_stream(websocket, softphone=call_sid)
+        # Spent here; with a fabric, spent for the fleet too when its `start` is admitted.
+        spent = tokens.spent_key(token) if tokens is not None and token else (None, 0)
+        await serve_stream(websocket, softphone=call_sid, spent=spent)
 
-    async def serve_stream(websocket: WebSocket, softphone: str = "") -> None:
+    async def serve_stream(
+        websocket: WebSocket, softphone: str = "", spent: tuple[str | None, int] = (None, 0)
+    ) -> None:
         client = _peer(websocket)
         if websocket.app.state.draining:  # DRAINING (shutdown): refuse before accept, no call
             await websocket.close(code=TRY_AGAIN_LATER)
@@ -432,7 +439,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             settings,
             StarletteTwilioSocket(websocket),
             metrics=metrics,
-            admit=lambda start: admit(call, start),
+            admit=lambda start: admit(call, start, spent),
             on_event=lambda event: publish(call, event),
             on_over=release,
         )

@@ -27,9 +27,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ivr-bridge: {logs.escape(str(exc))}", file=sys.stderr)
         return 2
     run_token = ""
-    if settings.development_mode and not settings.api_token:
-        # Trying it out: the dashboard works at once, with a token for this run only
-        # (printed below, never logged; the redactor knows it).
+    if settings.development_mode and not settings.api_token and settings.log_format == "text":
+        # Trying it out on a console: the dashboard works at once, with a token for this
+        # run only (printed below, never logged; the redactor knows it).
         run_token = secrets.token_urlsafe(18)
         settings = dataclasses.replace(settings, api_token=run_token)
     logs.configure(args.log_level, settings.secret_values(), settings.log_format)
@@ -70,14 +70,17 @@ def serve(args: argparse.Namespace) -> int:
             settings.public_url,
         )
     local = f"http://{host}:{args.port}"
-    pages = f"ivr-bridge: talk to it at {local}/phone" if settings.phone else "ivr-bridge:"
+    pages = [f"talk to it at {local}/phone"] if settings.phone else []
     if run_token:
         # In the URL's #fragment: the browser keeps it, it is never sent in a request.
-        pages += f"; watch calls at {local}/dashboard#token={run_token}"
-        pages += " (a token for this run; IVR_API_TOKEN sets one)"
+        dashboard = f"{local}/dashboard#token={run_token}"
+        pages.append(f"watch calls at {dashboard} (a token for this run; IVR_API_TOKEN sets one)")
     elif settings.api_token:
-        pages += f"; watch calls at {local}/dashboard (with IVR_API_TOKEN)"
-    print(pages, file=sys.stderr)
+        pages.append(f"watch calls at {local}/dashboard (with IVR_API_TOKEN)")
+    if pages and settings.log_format == "text":
+        print(f"ivr-bridge: {'; '.join(pages)}", file=sys.stderr)
+    elif pages:  # every line of a JSON log is an object
+        log.info("%s", "; ".join(pages))
     app = create_app(settings)
     server = BridgeServer(server_config(app, host=args.host, port=args.port, log_level=args.log_level), app)
     # SIGTERM/SIGINT drain the calls (up to IVR_DRAIN_TIMEOUT_S) before the server exits.

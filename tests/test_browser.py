@@ -10,6 +10,7 @@ and a barge-in.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -260,10 +261,34 @@ async def test_dashboard_shows_a_live_call_its_transcript_hangs_it_up_and_finds_
     found = dashboard.locator(f"#history tr[data-sid='{call_sid}']")
     await found.wait_for()
     assert "hung up" in await found.inner_text()
+    await found.click()  # the full record, from the records
+    await dashboard.locator("#detail-transcript li", has_text="Ended: hung up").wait_for()
+    assert await dashboard.locator("#detail-transcript li.user").count() >= 1
+    async with dashboard.expect_download() as download:
+        await dashboard.click("#export")
+    exported = Path(await (await download.value).path()).read_text().splitlines()
+    assert [json.loads(line)["call_sid"] for line in exported] == [call_sid]
     await dashboard.select_option("#outcomes", "transferred")
     await dashboard.click("#search button[type=submit]")
     await dashboard.get_by_text("No calls match").wait_for()
     assert not dashboard.errors, dashboard.errors  # type: ignore[attr-defined]
+
+
+async def test_the_dashboards_transfer_button_transfers_a_call(
+    make_bridge: Callable[[Settings], RunningBridge], browser: Browser
+) -> None:
+    bridge = make_bridge(Settings(provider="echo", api_token=API_TOKEN))
+    dashboard = await open_page(browser, f"{bridge.base_url}/dashboard#token={API_TOKEN}")
+    phone = await open_page(browser, f"{bridge.base_url}/phone")
+    await phone.click("#call")
+    call_sid = await until(phone, "softphone.state === 'live' && softphone.callSid", "the call is up")
+    await dashboard.locator(f"#live-calls tr[data-sid='{call_sid}']").click()
+    await dashboard.fill("#transfer-to", "+15550199")
+    await dashboard.click("#transfer")
+    await dashboard.get_by_text("transfer: done").wait_for()
+    await phone.get_by_text("Transferred to +15550199").wait_for()
+    stored = await record(bridge, call_sid)
+    assert (stored["outcome"], stored["transfer_to"]) == (Outcome.TRANSFERRED, "+15550199")
 
 
 async def test_without_the_token_the_dashboard_and_the_protected_softphone_refuse(

@@ -166,6 +166,28 @@ async def test_every_instance_sees_every_calls_events_live(make_bridge, tmp_path
         assert [seq for seq, _ in seen] == list(range(1, len(seen) + 1))  # all of them, in order
 
 
+async def test_a_softphone_stream_token_opens_one_stream_across_the_fleet(
+    make_bridge, tmp_path: Path
+) -> None:
+    base = Settings(provider="echo", api_token=TOKEN, twilio_auth_token="twilio-auth-token-for-tests")
+    a, b = (make_bridge(s) for s in fleet(base, tmp_path / "r.db", 2))
+    async with httpx.AsyncClient(base_url=a.base_url, headers={"authorization": f"Bearer {TOKEN}"}) as on_a:
+        placed = (await on_a.post("/phone/calls", json={})).json()
+    async with softphone_caller(a, placed) as first:
+        await first.say(tone_ulaw(200))
+        await first.hang_up()
+    [ended] = await a.wait_for_calls(1)
+    assert ended.outcome == "stream_stopped"
+    # The same URL again, on another instance, once the call is over: its token is spent
+    # for the whole fleet (B never saw it itself).
+    replay = softphone_caller(b, placed)
+    await replay.connect()
+    await replay.wait_closed(15)
+    assert replay.close_code == 1008
+    [refused] = await b.wait_for_calls(1)
+    assert refused.outcome == "refused"
+
+
 def test_sharing_call_events_never_blocks_and_is_bounded() -> None:
     fabric = Fabric(REDIS_URL, "unstarted")  # nothing publishes: the outbox only fills
     for seq in range(EVENTS_QUEUE + 5):
