@@ -27,6 +27,14 @@ bound on what the bridge adds.
     .venv/bin/python scripts/bench.py --levels 50,100 --json   # chosen levels, JSON out
     .venv/bin/python scripts/bench.py --provider openai        # the mu-law pass-through path
 
+`--peer pipecat` runs every level three times, one bridge after another on the same callers
+and stand-in: ivr-bridge, a Pipecat 1.14 pipeline doing the same job
+(`scripts/peers/pipecat_bridge.py`, in a virtual environment of its own under `.bench/`,
+made on first use), and the bare relay (`scripts/peers/relay.py`: asyncio, uvloop and
+websockets, no filtering), and prints them side by side with the CPU ratios:
+
+    .venv/bin/python scripts/bench.py --peer pipecat --levels 100 --chunk-ms 20
+
 `--provider nextevi` (the default) is the converted path: PCM16 24 kHz up, WAV chunks down.
 `--provider openai` is the pass-through path: the caller's mu-law goes up untouched and the
 stand-in's `audio/pcmu` deltas come down only re-framed.
@@ -58,9 +66,15 @@ LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level
 HOOK_SECRET = "bench-hook-secret"
 
 
+PEERS = ("pipecat", "relay")  # --peer pipecat runs both beside ivr-bridge
+PIPECAT = "pipecat-ai[websocket]==1.14.0"  # the version the figures in BENCHMARKS.md were taken with
+PEER_VENV = ROOT / ".bench" / "pipecat-venv"  # made on first use (about 530 MB)
+
+
 @dataclass
 class Level:
     concurrency: int
+    bridge: str = "ivr-bridge"  # or one of PEERS
     calls_ok: int = 0
     calls_failed: int = 0
     call_minutes: float = 0.0
@@ -80,6 +94,7 @@ class Level:
     clear_in_bridge_within_5ms: float | None = None
     frames_lost_in: int = 0
     frames_lost_out: int = 0
+    reply_audio_pct: float = 0.0  # bot audio the callers received, of what the voice API sent
     violations: int = 0
     generator_lateness_ms: dict[str, float] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
@@ -230,11 +245,58 @@ def count_events(database: Path) -> int:
 # -- one level ---------------------------------------------------------------------------
 
 
-def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Level:
-    level = Level(concurrency)
+def peer_venv() -> Path:
+    """The Pipecat peer's own virtual environment (its dependencies are not ours)."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"bench: installing {PIPECAT} into {PEER_VENV} (once)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                PIPECAT,
+                "uvloop",
+            ],
+            check=True,
+        )
+    return python
+
+
+def spawn_peer(name: str, port: int, standin_port: int, log: Path) -> subprocess.Popen[bytes]:
+    python = peer_venv() if name == "pipecat" else Path(sys.executable)
+    script = ROOT / "scripts" / "peers" / ("pipecat_bridge.py" if name == "pipecat" else "relay.py")
+    command = [
+        str(python), str(script),
+        "--port", str(port),
+        "--voice-url", f"ws://127.0.0.1:{standin_port}/ws/voice",
+        "--api-key", API_KEY,
+        "--config-id", CONFIG_ID,
+    ]  # fmt: skip
+    with open(log, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def run_level(
+    concurrency: int, args: argparse.Namespace, workdir: Path, bridge_name: str = "ivr-bridge"
+) -> Level:
+    level = Level(concurrency, bridge_name)
     standin_port, bridge_port = free_port(), free_port()
-    standin_timeline = workdir / f"standin-{concurrency}.jsonl"
-    caller_timeline = workdir / f"callers-{concurrency}.jsonl"
+    if bridge_name == "relay":
+        while True:  # the relay serves its streams on the next port
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", bridge_port + 1))
+                    break
+                except OSError:
+                    bridge_port = free_port()
+    tag = f"{bridge_name}-{concurrency}"
+    standin_timeline = workdir / f"standin-{tag}.jsonl"
+    caller_timeline = workdir / f"callers-{tag}.jsonl"
     standin = spawn(
         [
             "stub-voice-api",
@@ -246,7 +308,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
             "--think-ms", str(args.think_ms),
             "--timeline", str(standin_timeline),
         ],
-        log=workdir / f"standin-{concurrency}.log",
+        log=workdir / f"standin-{tag}.log",
     )  # fmt: skip
     voice_api = {
         "nextevi": {
@@ -268,22 +330,30 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
             log=workdir / f"hooks-{concurrency}.log",
         )
         hooks = {"IVR_HOOK_URL": f"http://127.0.0.1:{hook_port}/", "IVR_HOOK_SECRET": HOOK_SECRET}
-    database = workdir / f"calls-{concurrency}.db"
-    bridge = spawn(
-        ["serve", "--port", str(bridge_port), "--log-level", "WARNING"],
-        env={
-            **hooks,
-            "IVR_DATABASE_PATH": str(database),
-            "IVR_PROVIDER": args.provider,
-            **voice_api,
-            "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
-            "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
-        },
-        log=workdir / f"bridge-{concurrency}.log",
-    )
+    database = workdir / f"calls-{tag}.db"
+    if bridge_name == "ivr-bridge":
+        bridge = spawn(
+            ["serve", "--port", str(bridge_port), "--log-level", "WARNING"],
+            env={
+                **hooks,
+                "IVR_DATABASE_PATH": str(database),
+                "IVR_PROVIDER": args.provider,
+                **voice_api,
+                "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
+                "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
+            },
+            log=workdir / f"bridge-{tag}.log",
+        )
+    else:
+        bridge = spawn_peer(bridge_name, bridge_port, standin_port, workdir / f"bridge-{tag}.log")
     base = f"http://127.0.0.1:{bridge_port}"
     try:
-        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, 30, "bridge start")
+        if bridge_name == "ivr-bridge":
+            wait_until(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, 30, "bridge start")
+        else:
+            wait_until(
+                lambda: socket.create_connection(("127.0.0.1", bridge_port), timeout=1), 60, "peer start"
+            )
         wait_until(
             lambda: socket.create_connection(("127.0.0.1", standin_port), timeout=1), 30, "stand-in start"
         )
@@ -304,9 +374,10 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
         level.rss_peak_mb = status_kib(bridge.pid, "VmHWM") / 1024
-        metrics = httpx.get(f"{base}/metrics", timeout=10).text
-        bridge_clear_times(level, metrics)
-        level.hooks_failed = int(metric(metrics, 'ivr_hook_deliveries_total{result="failed"}'))
+        if bridge_name == "ivr-bridge":
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            bridge_clear_times(level, metrics)
+            level.hooks_failed = int(metric(metrics, 'ivr_hook_deliveries_total{result="failed"}'))
         report = json.loads(result.stdout) if result.stdout.strip().startswith("{") else {}
         if not report:
             raise SystemExit(
@@ -323,7 +394,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         stop(standin)
         if receiver is not None:
             stop(receiver)
-    level.events_on_record = count_events(database)
+    level.events_on_record = count_events(database) if database.exists() else 0
     if args.hooks:
         log_lines = (workdir / f"hooks-{concurrency}.log").read_text().splitlines()
         level.hooks_delivered = sum(line.startswith("{") for line in log_lines)
@@ -332,7 +403,7 @@ def run_level(concurrency: int, args: argparse.Namespace, workdir: Path) -> Leve
         report,
         read_lines(caller_timeline),
         read_lines(standin_timeline, "session"),
-        args.chunk_ms // 20,
+        args.chunk_ms // 20 if bridge_name == "ivr-bridge" else 1,  # the peers send every frame
     )
     return level
 
@@ -351,6 +422,7 @@ def summarise(
     level.cpu_per_call_minute = round(level.cpu_seconds / max(level.call_minutes, 1e-9), 4)
     level.rss_per_call_mb = round((level.rss_peak_mb - level.rss_idle_mb) / level.concurrency, 3)
     inbound, outbound, clears = [], [], []
+    sent_ms = heard_ms = 0.0
     for caller, session in joined(callers, sessions):
         inbound += inbound_latencies(caller, session)
         outbound += outbound_latencies(caller, session)
@@ -358,6 +430,9 @@ def summarise(
         lost_in, lost_out = frames_lost(caller, session, chunk_frames)
         level.frames_lost_in += lost_in
         level.frames_lost_out += lost_out
+        sent_ms += sum(session["tts_ms"])
+        heard_ms += sum(size for _, size in caller_media(caller)) / 8
+    level.reply_audio_pct = round(100 * heard_ms / sent_ms, 1) if sent_ms else 0.0
     level.inbound_ms = percentiles(inbound)
     level.outbound_ms = percentiles(outbound)
     level.clear_ms = percentiles(clears)
@@ -386,6 +461,36 @@ def table(levels: list[Level]) -> str:
             f"{in_bridge(lv):>19}  "
             f"{lv.frames_lost_in:5d}/{lv.frames_lost_out:<5d}  {p(lv.generator_lateness_ms):>15}  "
             f"{lv.events_on_record:8d}  {lv.hooks_delivered:5d}  {'yes' if lv.within_limits else 'no'}"
+        )
+    return "\n".join(rows)
+
+
+def side_by_side(levels: list[Level]) -> str:
+    """One concurrency level, ivr-bridge beside the peers (PEERS)."""
+    by_name = {lv.bridge: lv for lv in levels}
+    pipecat, floor = by_name.get("pipecat"), by_name.get("relay")
+
+    def ratio(lv: Level, to: Level | None) -> str:
+        return (
+            f"{lv.cpu_per_call_minute / to.cpu_per_call_minute:.2f}x"
+            if to and to.cpu_per_call_minute
+            else "-"
+        )
+
+    def p(d: dict[str, float], key: str) -> str:
+        return f"{d[key]:.1f}" if key in d else "-"
+
+    rows = [
+        f"{levels[0].concurrency} calls: bridge   ok/fail  CPU s/call-min  vs Pipecat  vs floor  "
+        "in p50/p99 ms  out p50/p99 ms  reply audio  peak RSS MB",
+    ]
+    for lv in levels:
+        rows.append(
+            f"  {lv.bridge:>18}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
+            f"{ratio(lv, pipecat):>10}  {ratio(lv, floor):>8}  "
+            f"{p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms, 'p99'):<6}  "
+            f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms, 'p99'):<6}  {lv.reply_audio_pct:10.1f}%  "
+            f"{lv.rss_peak_mb:11.1f}"
         )
     return "\n".join(rows)
 
@@ -424,21 +529,43 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="per level")
     parser.add_argument("--keep", type=Path, help="keep logs and timelines in this folder")
     parser.add_argument("--hooks", action="store_true", help="send every call event to a hook receiver")
+    parser.add_argument(
+        "--peer",
+        choices=["pipecat"],
+        help="run each level through a Pipecat peer bridge and the bare relay too, side by side "
+        "(scripts/peers; the NextEVI path)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.peer and args.provider != "nextevi":
+        parser.error("--peer compares the NextEVI path: leave --provider at nextevi")
 
     levels: list[Level] = []
+    peers: list[Level] = []
     with tempfile.TemporaryDirectory(prefix="ivr-bench-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for concurrency in (int(x) for x in args.levels.split(",")):
+            if args.peer:
+                # The same callers and stand-in, one bridge after another.
+                group = [run_level(concurrency, args, workdir, name) for name in ("ivr-bridge", *PEERS)]
+                peers.extend(group[1:])
+                levels.append(group[0])
+                if not args.json:
+                    print(side_by_side(group), flush=True)
+                continue
             levels.append(run_level(concurrency, args, workdir))
             if not args.json:
                 print(table(levels[-1:]).splitlines()[-1] if len(levels) > 1 else table(levels), flush=True)
     capacity = max((lv.concurrency for lv in levels if lv.within_limits), default=0)
     slope = rss_slope(levels)
     if args.json:
-        report = {"levels": [asdict(lv) for lv in levels], "capacity": capacity, "rss_mb_per_call": slope}
+        report = {
+            "levels": [asdict(lv) for lv in levels],
+            "peers": [asdict(lv) for lv in peers],
+            "capacity": capacity,
+            "rss_mb_per_call": slope,
+        }
         print(json.dumps(report, indent=2))
     else:
         if slope is not None:
