@@ -267,13 +267,15 @@ def peer_venv() -> Path:
     return python
 
 
-def spawn_peer(name: str, port: int, standin_port: int, log: Path) -> subprocess.Popen[bytes]:
+def spawn_peer(name: str, provider: str, port: int, standin_port: int, log: Path) -> subprocess.Popen[bytes]:
     python = peer_venv() if name == "pipecat" else Path(sys.executable)
     script = ROOT / "scripts" / "peers" / ("pipecat_bridge.py" if name == "pipecat" else "relay.py")
+    path = "/v1/realtime" if provider == "openai" else "/ws/voice"
     command = [
         str(python), str(script),
+        "--provider", provider,
         "--port", str(port),
-        "--voice-url", f"ws://127.0.0.1:{standin_port}/ws/voice",
+        "--voice-url", f"ws://127.0.0.1:{standin_port}{path}",
         "--api-key", API_KEY,
         "--config-id", CONFIG_ID,
     ]  # fmt: skip
@@ -345,7 +347,9 @@ def run_level(
             log=workdir / f"bridge-{tag}.log",
         )
     else:
-        bridge = spawn_peer(bridge_name, bridge_port, standin_port, workdir / f"bridge-{tag}.log")
+        bridge = spawn_peer(
+            bridge_name, args.provider, bridge_port, standin_port, workdir / f"bridge-{tag}.log"
+        )
     base = f"http://127.0.0.1:{bridge_port}"
     try:
         if bridge_name == "ivr-bridge":
@@ -533,12 +537,10 @@ def main() -> int:
         "--peer",
         choices=["pipecat"],
         help="run each level through a Pipecat peer bridge and the bare relay too, side by side "
-        "(scripts/peers; the NextEVI path)",
+        "(scripts/peers), on the --provider's path",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.peer and args.provider != "nextevi":
-        parser.error("--peer compares the NextEVI path: leave --provider at nextevi")
 
     levels: list[Level] = []
     peers: list[Level] = []

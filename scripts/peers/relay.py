@@ -1,8 +1,12 @@
 """The bare relay, for `scripts/bench.py --peer`: the physical floor of the job. asyncio,
-uvloop and websockets, nothing else between a Twilio stream and a NextEVI-protocol voice
-API, and no audio work worth the name: G.711 by table lookup, 8 -> 24 kHz by repeating
-each sample three times, 24 -> 8 kHz by keeping every third (no filters: it aliases, and
-only a benchmark may do that). No marks, no records, no checks.
+uvloop and websockets, nothing else between a Twilio stream and the voice API, and no
+audio work worth the name. No marks, no records, no checks.
+
+- `--provider nextevi`: G.711 by table lookup, 8 -> 24 kHz by repeating each sample three
+  times, 24 -> 8 kHz by keeping every third (no filters: it aliases, and only a benchmark
+  may do that);
+- `--provider openai`: `audio/pcmu` both ways; the caller's base64 payload goes up as it
+  came, the deltas come down cut into 160-byte frames.
 
     python relay.py --port 8090 --voice-url ws://127.0.0.1:9000/ws/voice \
         --api-key oak_bench_key --config-id cfg_bench
@@ -40,7 +44,52 @@ def session_settings() -> str:
     )
 
 
-async def relay(ws: ServerConnection, voice_url: str, query: str) -> None:
+async def relay_realtime(ws: ServerConnection, start: dict, voice_url: str, api_key: str) -> None:
+    stream_sid = start["streamSid"]
+    pcmu = {"type": "audio/pcmu"}
+    session = {
+        "type": "realtime",
+        "output_modalities": ["audio"],
+        "instructions": f"call sid: {start['callSid']}",  # how the bench pairs the session
+        "audio": {
+            "input": {"format": pcmu, "turn_detection": {"type": "server_vad"}},
+            "output": {"format": pcmu},
+        },
+    }
+    headers = {"Authorization": f"Bearer {api_key}"}
+    url = f"{voice_url}?model=gpt-realtime"
+    async with websockets.connect(url, additional_headers=headers, compression=None, max_size=2**22) as up:
+        await up.send(json.dumps({"type": "session.update", "session": session}))
+
+        async def downlink() -> None:
+            head = f'{{"event":"media","streamSid":"{stream_sid}","media":{{"payload":"'
+            clear = json.dumps({"event": "clear", "streamSid": stream_sid})
+            async for raw in up:
+                message = json.loads(raw)
+                if message.get("type") == "response.output_audio.delta":
+                    ulaw = base64.b64decode(message["delta"])
+                    for i in range(0, len(ulaw) - len(ulaw) % FRAME, FRAME):
+                        await ws.send(head + base64.b64encode(ulaw[i : i + FRAME]).decode() + '"}}')
+                elif message.get("type") == "input_audio_buffer.speech_started":
+                    await ws.send(clear)
+
+        down = asyncio.create_task(downlink())
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                if message.get("event") == "media":
+                    await up.send(
+                        f'{{"type":"input_audio_buffer.append","audio":"{message["media"]["payload"]}"}}'
+                    )
+                elif message.get("event") == "stop":
+                    break
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            down.cancel()
+
+
+async def relay(ws: ServerConnection, provider: str, voice_url: str, query: str, api_key: str) -> None:
     start: dict = {}
     async for raw in ws:  # `connected`, then `start`
         message = json.loads(raw)
@@ -48,6 +97,9 @@ async def relay(ws: ServerConnection, voice_url: str, query: str) -> None:
             start = message["start"]
             break
     if not start:
+        return
+    if provider == "openai":
+        await relay_realtime(ws, start, voice_url, api_key)
         return
     stream_sid = start["streamSid"]
     url = f"{voice_url.rstrip('/')}/{start['callSid']}-{uuid.uuid4()}?{query}"
@@ -111,6 +163,7 @@ async def webhook(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, st
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--provider", choices=["nextevi", "openai"], default="nextevi")
     parser.add_argument("--voice-url", required=True)
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--config-id", required=True)
@@ -118,7 +171,12 @@ async def main() -> None:
     query = urlencode({"api_key": args.api_key, "config_id": args.config_id})
     stream_url = f"ws://127.0.0.1:{args.port + 1}/media-stream"
     http = await asyncio.start_server(lambda r, w: webhook(r, w, stream_url), "127.0.0.1", args.port)
-    streams = serve(lambda ws: relay(ws, args.voice_url, query), "127.0.0.1", args.port + 1, compression=None)
+    streams = serve(
+        lambda ws: relay(ws, args.provider, args.voice_url, query, args.api_key),
+        "127.0.0.1",
+        args.port + 1,
+        compression=None,
+    )
     async with http, streams:
         await asyncio.Future()
 
