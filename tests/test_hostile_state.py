@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
 from ivr_bridge import records_cli
 from ivr_bridge.connections import check_descriptor_limit, descriptors_needed
@@ -328,6 +329,13 @@ async def test_debug_logs_keep_every_secret_and_cannot_be_forged(tmp_path: Path)
                 )
                 signature = stream_headers(target, auth_token)["x-twilio-signature"]
                 webhook_signature = sign(auth_token, base + "/twiml", call.form())
+                # The softphone's stream token travels in its URL, which uvicorn logs.
+                placed = await client.post(
+                    "/phone/calls", json={}, headers={"Authorization": f"Bearer {API_TOKEN}"}
+                )
+                stream_token = placed.json()["stream_path"].split("token=")[1]
+                async with websockets.connect(base.replace("http", "ws", 1) + placed.json()["stream_path"]):
+                    pass
         finally:
             server.send_signal(signal.SIGTERM)
             await asyncio.to_thread(server.wait, 60)
@@ -343,8 +351,10 @@ async def test_debug_logs_keep_every_secret_and_cannot_be_forged(tmp_path: Path)
         "hook-signing-secret",
         signature,
         webhook_signature,
+        stream_token,
     ):
         assert secret not in text, secret
+    assert "/phone/stream?call=" in text  # the upgrade was logged, its token masked
     assert "\x1b" not in text
     assert not [line for line in text.splitlines() if line.startswith("FORGED")]
 
