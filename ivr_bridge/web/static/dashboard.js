@@ -8,7 +8,7 @@ const CHART_POINTS = 150; // 5 minutes of 2 s ticks
 
 const live = new Map(); // call_sid -> short snapshot
 const chart = [];
-let selected = null; // {sid, active}
+let selected = null; // {sid}
 let feed = null; // AbortController of the event stream
 
 function cell(row, text, className) {
@@ -53,7 +53,7 @@ function renderLive() {
       cell(row, c.turns ?? 0);
       cell(row, c.barge_ins ?? 0);
       cell(row, replyP50(c.latency));
-      row.onclick = () => select(c.call_sid, true);
+      row.onclick = () => select(c.call_sid);
       return row;
     }),
   );
@@ -89,11 +89,10 @@ function onStats(stats) {
   renderChart();
 }
 
-function transcriptLine(kind, text, extra) {
+function transcriptLine(kind, text) {
   const item = document.createElement("li");
   item.className = kind;
   item.textContent = text;
-  if (extra) item.append(extra);
   $("detail-transcript").append(item);
   return item;
 }
@@ -177,8 +176,8 @@ function showActions(active) {
   $("detail-actions").hidden = !active;
 }
 
-async function select(sid, active) {
-  selected = { sid, active };
+async function select(sid) {
+  selected = { sid };
   renderLive();
   $("detail-title").textContent = sid;
   $("detail-result").textContent = "";
@@ -265,7 +264,7 @@ async function search(e) {
       cell(row, (c.outcome || "").replaceAll("_", " "), `outcome ${c.outcome}`);
       cell(row, c.turns ?? "");
       cell(row, c.barge_ins ?? "");
-      row.onclick = () => select(c.call_sid, false);
+      row.onclick = () => select(c.call_sid);
       return row;
     }),
   );

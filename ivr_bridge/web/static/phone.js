@@ -37,13 +37,12 @@ function setState(state, text) {
   $("caller").disabled = live;
 }
 
-function line(kind, text, extra) {
+function line(kind, text) {
   const list = $("transcript");
   if (list.firstElementChild?.classList.contains("note")) list.replaceChildren();
   const item = document.createElement("li");
   item.className = kind;
   item.textContent = text;
-  if (extra) item.append(extra);
   list.append(item);
   item.scrollIntoView({ block: "nearest" });
   return item;
