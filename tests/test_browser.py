@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import websockets
 from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from ivr_bridge.audio.g711 import ULAW_TO_PCM, ulaw_encode
 from ivr_bridge.call import Outcome
@@ -72,7 +73,11 @@ async def open_page(browser: Browser, url: str) -> Page:
 
 async def until(page: Page, script: str, what: str, timeout: float = WAIT_S) -> Any:
     """Wait for `script` (a JS expression over the page's state) to be truthy; its value."""
-    handle = await page.wait_for_function(f"() => {script}", timeout=timeout * 1000)
+    try:
+        handle = await page.wait_for_function(f"() => {script}", timeout=timeout * 1000)
+    except PlaywrightTimeout:
+        state = await page.evaluate("JSON.stringify(window.softphone ?? {}).slice(0, 2000)")
+        raise AssertionError(f"not within {timeout:g} s: {what}; page state {state}") from None
     return await handle.json_value()
 
 
