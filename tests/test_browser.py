@@ -296,6 +296,23 @@ async def test_the_dashboards_transfer_button_transfers_a_call(
     assert (stored["outcome"], stored["transfer_to"]) == (Outcome.TRANSFERRED, "+15550199")
 
 
+async def test_the_dashboard_shows_emotions_where_the_provider_gives_them(
+    make_bridge: Callable[[Settings], RunningBridge], browser: Browser
+) -> None:
+    async with upstream("nextevi", reply_ms=800) as (settings, _):
+        bridge = make_bridge(Settings(**{**settings.__dict__, "api_token": API_TOKEN}))
+        dashboard = await open_page(browser, f"{bridge.base_url}/dashboard#token={API_TOKEN}")
+        phone = await open_page(browser, f"{bridge.base_url}/phone")
+        await phone.click("#call")
+        call_sid = await until(phone, "softphone.state === 'live' && softphone.callSid", "the call is up")
+        await dashboard.locator(f"#live-calls tr[data-sid='{call_sid}']").click()
+        emotion = dashboard.locator("#detail-transcript li.emotion").first
+        await emotion.wait_for(timeout=WAIT_S * 1000)
+        assert "%" in await emotion.inner_text()  # names with their scores
+        await phone.click("#hangup")
+        await record(bridge, call_sid)
+
+
 async def test_without_the_token_the_dashboard_and_the_protected_softphone_refuse(
     make_bridge: Callable[[Settings], RunningBridge], browser: Browser
 ) -> None:
