@@ -5,7 +5,11 @@ chart's latency figures. (tests/test_browser.py drives the pages themselves.)"""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import zipfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +23,7 @@ from ivr_bridge.live import LiveFeed
 from ivr_bridge.metrics import LATENCY_BUCKETS, histogram_quantile
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.twilio import TwilioCaller
+from ivr_bridge.web import STATIC
 from tests.conftest import RunningBridge
 from tests.support import eventually
 
@@ -72,6 +77,32 @@ def test_latency_quantiles_come_from_the_histogram_between_two_readings() -> Non
     # All of them: most were 0.08 s, in (0.05, 0.1].
     assert 0.05 < histogram_quantile(0.5, now) <= 0.1  # type: ignore[operator]
     assert histogram_quantile(0.99, cumulative([30.0])) == LATENCY_BUCKETS[-1]  # beyond the last bound
+
+
+def test_the_pages_ship_in_the_package(tmp_path: Path) -> None:
+    """A non-editable install (the Docker image's) carries every page file."""
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("ivr_bridge-*.whl")
+    shipped = {
+        name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("ivr_bridge/web/static/")
+    }
+    expected = {f"ivr_bridge/web/static/{f.name}" for f in STATIC.iterdir() if f.is_file()}
+    assert expected and shipped == expected
 
 
 # -- over the wire --------------------------------------------------------------------------
