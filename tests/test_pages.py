@@ -5,6 +5,7 @@ chart's latency figures. (tests/test_browser.py drives the pages themselves.)"""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -80,20 +81,14 @@ def test_latency_quantiles_come_from_the_histogram_between_two_readings() -> Non
 
 
 def test_the_pages_ship_in_the_package(tmp_path: Path) -> None:
-    """A non-editable install (the Docker image's) carries every page file."""
+    """A wheel built from a clean copy (as the Docker image's is) carries every page file."""
     repo = Path(__file__).resolve().parent.parent
+    # No build leftovers: an egg-info from an editable install would list the files itself.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns(".*", "*.egg-info", "build", "__pycache__", "tests", "docs")
+    shutil.copytree(repo, source, ignore=ignore)
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "-w",
-            str(tmp_path),
-            str(repo),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )
