@@ -553,7 +553,6 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app.state.metrics = metrics
     app.state.unproven = unproven
     app.state.fabric = fabric
-    app.state.feed = feed
     app.state.draining = False  # set by the server (ivr_bridge.server) on SIGTERM
     app.state.not_ready = "preflight pending" if settings.preflight else None  # why /readyz is 503
     app.state.drain_deadline = None  # loop time the drain must be done by, once it began
