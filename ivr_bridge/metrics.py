@@ -197,6 +197,12 @@ class _Fabric(Collector):
             "Redis operations that failed (the instance acted alone)",
             value=self._fabric.errors,
         )
+        yield CounterMetricFamily(
+            "ivr_fabric_events_dropped",
+            "Call events not shared with the other instances' live pages: the outbox was full "
+            "(Redis slow or away). Hooks and records are not affected.",
+            value=self._fabric.events_dropped,
+        )
 
 
 class BridgeMetrics:

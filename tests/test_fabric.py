@@ -14,6 +14,7 @@ import pytest
 
 from ivr_bridge.fabric import EVENTS_QUEUE, Fabric
 from ivr_bridge.loadgen.webhook import CallDetails, StreamTarget, fetch_stream, stream_headers
+from ivr_bridge.metrics import BridgeMetrics
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.nextevi import VoiceApiBehaviour
 from ivr_bridge.standins.twilio import TwilioCaller
@@ -193,6 +194,9 @@ def test_sharing_call_events_never_blocks_and_is_bounded() -> None:
     for seq in range(EVENTS_QUEUE + 5):
         fabric.share({"type": "dtmf", "call_sid": "CA1", "seq": seq})
     assert fabric.events_dropped == 5
+    metrics = BridgeMetrics(lambda: ())
+    metrics.watch_fabric(fabric)
+    assert "ivr_fabric_events_dropped_total 5.0" in metrics.render().decode()
 
 
 async def test_a_redis_outage_drops_no_call(make_bridge, caplog: pytest.LogCaptureFixture) -> None:
