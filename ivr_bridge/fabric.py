@@ -86,7 +86,7 @@ class Fabric:
             url, socket_connect_timeout=OP_TIMEOUT_S, health_check_interval=30, decode_responses=True
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._outbox: deque[str] = deque()  # call events to publish
+        self._outbox: deque[dict[str, Any]] = deque()  # call events to publish
         self._outbox_ready = asyncio.Event()
         self.events_dropped = 0  # call events not shared: the outbox was full
         self._handler: Handler | None = None
@@ -251,7 +251,7 @@ class Fabric:
         if len(self._outbox) >= EVENTS_QUEUE:
             self.events_dropped += 1
             return
-        self._outbox.append(json.dumps({"instance": self.instance_id, "event": event}, default=str))
+        self._outbox.append(event)
         self._outbox_ready.set()
 
     async def _publish_events(self) -> None:
@@ -261,7 +261,8 @@ class Fabric:
             while self._outbox:
                 pipe = self._redis.pipeline(transaction=False)
                 while self._outbox:
-                    pipe.publish(EVENTS_CHANNEL, self._outbox.popleft())
+                    shared = {"instance": self.instance_id, "event": self._outbox.popleft()}
+                    pipe.publish(EVENTS_CHANNEL, json.dumps(shared, default=str))
                 await self._safe(pipe.execute(), None)
 
     async def _receive_events(self, on_event: Callable[[dict[str, Any]], None]) -> None:

@@ -57,6 +57,8 @@ class Uplink:
             # voice API's message size limit. A mu-law byte becomes 1 byte (passed
             # through) to 12 (PCM16 at 48 kHz).
             step = int(self._chunk_bytes * self._audio.bytes_per_ulaw_byte)
+            if len(converted) <= step:
+                return [converted]
             return [converted[start : start + step] for start in range(0, len(converted), step)]
         if self._mode == "drop":
             self._stats.gap_audio_dropped_ms += len(self._ulaw) // ULAW_BYTES_PER_MS

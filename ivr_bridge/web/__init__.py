@@ -81,13 +81,16 @@ def page_routes(
             return _error(403, "the softphone needs IVR_API_TOKEN when TWILIO_AUTH_TOKEN is set")
         return bearer_refusal(token, request)
 
+    phone_html = _page("phone.html", protected=not settings.development_mode)
+    dashboard_html = _page("dashboard.html", protected=True)
+
     async def phone_page(request: Request) -> Response:
         if not settings.phone:
             return _error(404, "the softphone is off (IVR_PHONE=0)")
-        return _page("phone.html", protected=not settings.development_mode)
+        return Response(phone_html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     async def dashboard_page(request: Request) -> Response:
-        return _page("dashboard.html", protected=True)
+        return Response(dashboard_html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     async def place_call(request: Request) -> Response:
         """A new softphone call: its sid, the stream URL to open and its parameters."""
@@ -188,12 +191,13 @@ def page_routes(
     ]
 
 
-def _page(name: str, *, protected: bool) -> Response:
-    # The page learns what it needs from data attributes: no inline script to allow.
+def _page(name: str, *, protected: bool) -> bytes:
+    """A page as served: rendered once, when the routes are made (no file I/O per request).
+    It learns what it needs from data attributes: no inline script to allow."""
     html = (STATIC / name).read_text(encoding="utf-8")
     html = html.replace('data-protected=""', f'data-protected="{"yes" if protected else "no"}"', 1)
     html = html.replace('data-outcomes=""', f'data-outcomes="{",".join(sorted(OUTCOMES))}"', 1)
-    return Response(html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+    return html.encode()
 
 
 def _event_stream(

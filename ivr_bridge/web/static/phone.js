@@ -128,10 +128,12 @@ async function placeCall() {
   const send = (text) => {
     if (ws.readyState === WebSocket.OPEN) ws.send(text);
   };
+  const awaiting = new Map(); // mark name -> its entry in softphone.marks, until echoed
   const echo = (names) => {
     for (const name of names) {
       send(lineProtocol.mark(name));
-      const mark = softphone.marks.find((m) => m.name === name && m.echoedAt === null);
+      const mark = awaiting.get(name);
+      awaiting.delete(name);
       if (mark) mark.echoedAt = performance.now();
     }
   };
@@ -150,7 +152,7 @@ async function placeCall() {
       setTimeout(() => echo(data.names), outputMs);
     } else if (data.type === "cleared") {
       for (const name of data.names) {
-        const mark = softphone.marks.find((m) => m.name === name && m.echoedAt === null);
+        const mark = awaiting.get(name);
         if (mark) mark.cleared = true;
       }
       softphone.clears.push({ at: performance.now(), droppedMs: data.droppedSamples / 8, marks: data.names });
@@ -173,7 +175,9 @@ async function placeCall() {
       softphone.audioReceivedMs += samples.length / 8;
       playback.port.postMessage({ type: "audio", samples }, [samples.buffer]);
     } else if (message.event === "mark") {
-      softphone.marks.push({ name: message.name, receivedAt: performance.now(), echoedAt: null, cleared: false });
+      const mark = { name: message.name, receivedAt: performance.now(), echoedAt: null, cleared: false };
+      softphone.marks.push(mark);
+      awaiting.set(message.name, mark);
       playback.port.postMessage({ type: "mark", name: message.name });
     } else {
       playback.port.postMessage({ type: "clear" });
