@@ -2,4 +2,5 @@ import sys
 
 from ivr_bridge.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the recogniser worker processes (spawned) import this module too
+    sys.exit(main())

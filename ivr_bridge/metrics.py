@@ -242,6 +242,14 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._turn = Histogram(
+            "ivr_turn_stage_seconds",
+            "A cascade's turn, by stage: caller stopped -> final transcript (recognised), -> "
+            "first text of the dialogue step (answered), -> first bot audio (spoken); total",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._barge_in = Histogram(
             "ivr_barge_in_stop_seconds",
             "Voice API interruption received to Twilio clear sent",
@@ -305,6 +313,11 @@ class BridgeMetrics:
         dashboard's chart: the same data a scrape of /metrics gives."""
         samples = self._reply.collect()[0].samples
         return [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+
+    def turn_timed(self, stages: dict[str, float]) -> None:
+        """A cascade turn's stages, in ms (`TurnTiming`)."""
+        for stage, ms in stages.items():
+            self._turn.labels(stage).observe(ms / 1000)
 
     def barged_in(self, stop_seconds: float) -> None:
         self._barge_in.observe(stop_seconds)

@@ -36,9 +36,11 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     public_url: str = DEFAULT_PUBLIC_URL
-    provider: str = "echo"
+    provider: str = "echo"  # Settings() is the echo engine (tests, library use); from_env defaults to local
     # The provider's own settings: the dataclass its module declares (None for echo).
     voice: Any = None
+    # The dialogue step and turn-taking of a cascade engine (cascade.settings.DialogueSettings).
+    dialogue: Any = None
     upstream_chunk_ms: int = 0  # caller audio per upstream message; 0: the provider's
     # Who gets in (security).
     twilio_auth_token: str = ""  # set => every webhook and stream must be signed by Twilio
@@ -104,6 +106,7 @@ class Settings:
             s
             for s in (
                 *_secrets(self.voice).values(),
+                *_secrets(self.dialogue).values(),
                 self.twilio_auth_token,
                 self.hook_secret,
                 self.api_token,
@@ -174,12 +177,17 @@ class Settings:
         if not provider and len(credentials) > 1:
             both = " and ".join(credentials.values())
             raise SettingsError(f"IVR_PROVIDER must say which voice API to use: {both} are all set")
-        provider = provider or next(iter(credentials), "echo")
+        provider = provider or next(iter(credentials), "local")
         if provider not in providers:
             raise SettingsError(f"IVR_PROVIDER must be one of {', '.join(providers)}, got {provider!r}")
         voice = voices.get(provider)
         if voice is not None:
             _check_provider(provider, voice)
+        from ivr_bridge.cascade.settings import DialogueSettings
+
+        dialogue = _read_provider(DialogueSettings, get)
+        if providers[provider].cascade and (problem := dialogue.check()):
+            raise SettingsError(problem)
 
         raw_chunk = get("IVR_UPSTREAM_CHUNK_MS", "0")
         try:
@@ -279,6 +287,7 @@ class Settings:
             public_url=public_url,
             provider=provider,
             voice=voice,
+            dialogue=dialogue,
             upstream_chunk_ms=chunk_ms,
         )
         if unknown is not None:

@@ -112,7 +112,7 @@ async def test_json_logs_one_object_a_line_with_the_call_sid(tmp_path: Path) -> 
     assert not any(name.startswith(("alembic", "twilio")) for name in loggers)  # quiet at INFO
     about_the_call = [e for e in entries if e.get("call_sid") == call.call_sid]
     assert any("call started" in e["message"] for e in about_the_call)
-    assert any("settings: provider=echo" in e["message"] for e in entries)
+    assert any("settings: provider=local" in e["message"] for e in entries)
     assert any(
         "IVR_MAX_CALL is not a setting" in e["message"] and "IVR_MAX_CALLS" in e["message"] for e in entries
     )

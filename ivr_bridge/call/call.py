@@ -46,6 +46,7 @@ from ivr_bridge.providers.base import (
     Ready,
     Skipped,
     TurnEvent,
+    TurnTiming,
     UserTranscript,
     VoiceEvent,
     VoiceSession,
@@ -115,6 +116,7 @@ class Call:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._twilio_gone = False  # a send found the Twilio socket closed
+        self._dtmf_sends: set[asyncio.Future[None]] = set()
         self._last_frame_at = 0.0
 
     # -- what others read ----------------------------------------------------------------
@@ -340,6 +342,12 @@ class Call:
     def _dtmf(self, digit: str) -> None:
         self.log.info("caller pressed %s", digit)
         self.words.dtmf(digit)
+        # A cascade's dialogue takes keys as input (a flow's menu); realtime APIs have no
+        # `send_dtmf`.
+        send_dtmf = getattr(self.keeper.session, "send_dtmf", None)
+        if send_dtmf is not None:
+            self._dtmf_sends.add(task := asyncio.ensure_future(send_dtmf(digit)))
+            task.add_done_callback(self._dtmf_sends.discard)
         # A mapped key's action is applied by whoever handles the event (the app's control).
         self.report.emit("dtmf", {"digit": digit, "action": self.settings.dtmf_actions.get(digit, "")})
 
@@ -415,6 +423,15 @@ class Call:
             )
         elif isinstance(event, Ready):
             self.log.debug("voice API %s", event.detail)
+        elif isinstance(event, TurnTiming):
+            report.turn_timed(
+                {
+                    "recognised_ms": event.recognised_ms,
+                    "answered_ms": event.answered_ms,
+                    "spoken_ms": event.spoken_ms,
+                    "total_ms": event.total_ms,
+                }
+            )
         elif isinstance(event, AgentAction):
             # Carried out by whoever handles the event (the app's call control), after the
             # bot's sentence has played, like a mapped key.

@@ -49,6 +49,8 @@ class CallStats:
     emotions: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)
     reply_ms: list[float] = field(default_factory=list)  # end of the caller's turn -> bot speech
     clear_ms: list[float] = field(default_factory=list)  # interruption reached us -> `clear` sent
+    # A cascade's turns by stage (providers.base.TurnTiming), ms: stage -> samples.
+    turn_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def emotion_counts(self) -> Counter[str]:
         """The strongest emotion of each update, counted over the call."""
@@ -134,8 +136,17 @@ class CallReport:
         if self.metrics:
             self.metrics.barged_in(clear_s)
 
+    def turn_timed(self, stages: dict[str, float]) -> None:
+        for stage, ms in stages.items():
+            self.stats.turn_ms.setdefault(stage, []).append(ms)
+        if self.metrics:
+            self.metrics.turn_timed(stages)
+
     def latency(self) -> dict[str, dict[str, float | int]]:
-        return {"reply_ms": summary(self.stats.reply_ms), "clear_ms": summary(self.stats.clear_ms)}
+        latency = {"reply_ms": summary(self.stats.reply_ms), "clear_ms": summary(self.stats.clear_ms)}
+        for stage, samples in self.stats.turn_ms.items():  # cascades only
+            latency[f"turn_{stage}"] = summary(samples)
+        return latency
 
     # -- bad input -----------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ MODULES = (
     "ivr_bridge.providers.elevenlabs",
     "ivr_bridge.providers.openai_realtime",
     "ivr_bridge.providers.navtalk",
+    "ivr_bridge.providers.voxnexus",
+    "ivr_bridge.providers.local",
     "ivr_bridge.providers.echo",
 )
 

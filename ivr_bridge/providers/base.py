@@ -72,6 +72,18 @@ class TurnEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnTiming:
+    """How long a turn took, stage by stage (a cascade's own turns): the caller stopped
+    speaking -> final transcript (`recognised_ms`) -> first text of the dialogue step
+    (`answered_ms`) -> first bot audio (`spoken_ms`); `total_ms` is the whole."""
+
+    recognised_ms: float
+    answered_ms: float
+    spoken_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class AgentAction:
     """The agent asked to end the call or hand it to a number (its `end_call` or
     `transfer_call` tool): carried out through call control, after its sentence has played."""
@@ -159,6 +171,7 @@ VoiceEvent = (
     | TurnEvent
     | ProviderError
     | AgentAction
+    | TurnTiming
     | Skipped
     | Closed
 )
@@ -228,3 +241,6 @@ class Provider:
     # How much caller audio goes in one upstream message: small is sooner at the API, large
     # is fewer messages (less CPU). IVR_UPSTREAM_CHUNK_MS overrides.
     upstream_chunk_ms: int = 100
+    # A cascade of the bridge's own (speech-to-text, dialogue step, text-to-speech): the
+    # dialogue settings apply (cascade.settings).
+    cascade: bool = False

@@ -1,0 +1,322 @@
+"""The `local` engines: speech recognition and synthesis on this machine, offline.
+
+- Speech-to-text: PocketSphinx (its wheel ships the en-US acoustic model, dictionary and
+  language model; nothing is downloaded). A turn is decoded whole once it has ended:
+  batch cepstral normalisation over the utterance recognised far better on phone audio
+  than live decoding did (BENCHMARKS.md), and a grammar decode costs about 1.5 % of real
+  time, so the wait is a few tens of milliseconds. When the dialogue expects phrases (a
+  menu's choices) the decoder is held to them (a JSGF grammar), as classic IVRs do; free
+  speech uses the statistical language model. PocketSphinx holds the GIL while it decodes
+  (measured: 270 ms stalls of the event loop from a thread), so it runs in worker
+  processes, niced so that the audio of other calls goes first.
+- Text-to-speech: eSpeak NG from `espeakng-loader` (the library and its voice data in one
+  wheel), through ctypes, which releases the GIL during the call. It speaks a sentence in
+  a few milliseconds; one thread serves every call because eSpeak keeps global state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import logging
+import multiprocessing
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ivr_bridge.audio import Pcm
+from ivr_bridge.cascade.engines import Heard
+from ivr_bridge.providers.base import setting
+
+log = logging.getLogger(__name__)
+
+STT_RATE = 16000  # the en-US acoustic model's rate: caller audio is resampled up to it
+MAX_TURN_BYTES = STT_RATE * 2 * 16  # a turn holds at most ~15 s (cascade.turns bounds it)
+TTS_CHUNK_S = 0.2  # speech goes to the call in 200 ms chunks (one mark each)
+GRAMMARS_KEPT = 64  # distinct menus a worker keeps compiled
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    voice: str = setting("IVR_LOCAL_VOICE", "en-us")
+    speed: str = setting("IVR_LOCAL_SPEED", "165")  # words per minute
+    workers: str = setting("IVR_LOCAL_WORKERS", "0")  # recogniser processes; 0: one per core
+
+    def check(self) -> str | None:
+        if not (self.speed.isdigit() and 80 <= int(self.speed) <= 450):
+            return f"IVR_LOCAL_SPEED must be words per minute from 80 to 450, got {self.speed!r}"
+        if not (self.workers.isdigit() and int(self.workers) <= 64):
+            return f"IVR_LOCAL_WORKERS must be 0 (one per core) to 64, got {self.workers!r}"
+        if not re.fullmatch(r"[A-Za-z0-9_+-]{1,40}", self.voice):
+            return f"IVR_LOCAL_VOICE must be an eSpeak NG voice like en-us or en-gb+f3, got {self.voice!r}"
+        return None
+
+
+# -- speech-to-text (PocketSphinx, in worker processes) -------------------------------------
+
+_DIGITS = dict(
+    zip(
+        "0123456789",
+        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+        strict=True,
+    )
+)
+
+# State of one worker process: its decoder, and the grammars compiled in it.
+_decoder: Any = None
+_grammars: OrderedDict[str, str] = OrderedDict()
+
+
+def _worker_init() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(5)  # recognition may wait a little; the bridge's audio relay must not
+
+
+def _words(phrase: str) -> list[str]:
+    text = re.sub(r"[^a-z0-9' ]+", " ", phrase.lower())
+    return [_DIGITS.get(word, word) for word in text.split()]
+
+
+def _get_decoder() -> Any:
+    global _decoder
+    if _decoder is None:
+        from pocketsphinx import Decoder, get_model_path
+
+        _decoder = Decoder(logfn=os.devnull, lm=None)
+        _decoder.add_lm_file("free", os.path.join(get_model_path(), "en-us", "en-us.lm.bin"))
+    return _decoder
+
+
+def _search_for(decoder: Any, phrases: tuple[str, ...]) -> str:
+    """The decoder's search for these phrases (compiled once per worker); "free" for none."""
+    known = []
+    for phrase in phrases:
+        words = _words(phrase)
+        if words and all(decoder.lookup_word(word) for word in words):
+            known.append(" ".join(words))
+    if not known:
+        return "free"
+    key = "g" + format(abs(hash(tuple(sorted(set(known))))), "x")
+    if key in _grammars:
+        _grammars.move_to_end(key)
+        return key
+    alternatives = " | ".join(sorted(set(known)))
+    decoder.add_jsgf_string(key, f"#JSGF V1.0;\ngrammar menu;\npublic <choice> = {alternatives};\n")
+    _grammars[key] = alternatives
+    if len(_grammars) > GRAMMARS_KEPT:
+        old, _ = _grammars.popitem(last=False)
+        with contextlib.suppress(Exception):
+            decoder.remove_search(old)
+    return key
+
+
+def recognise(pcm: bytes, phrases: tuple[str, ...]) -> tuple[str, float]:
+    """Decode one whole turn (PCM16 16 kHz); its words and PocketSphinx's posterior."""
+    decoder = _get_decoder()
+    decoder.activate_search(_search_for(decoder, phrases))
+    decoder.start_utt()
+    decoder.process_raw(pcm, full_utt=True)
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    if hyp is None:
+        return "", 0.0
+    return hyp.hypstr, float(decoder.get_prob())
+
+
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def recogniser_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
+    """The process-wide recogniser pool, started on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=workers or os.cpu_count() or 1,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork of a running loop
+                initializer=_worker_init,
+            )
+        return _pool
+
+
+class LocalSpeechToText:
+    """`SpeechToText` by PocketSphinx: a turn's audio is kept, and decoded on `flush`."""
+
+    rate = STT_RATE
+
+    def __init__(self, workers: int = 0) -> None:
+        self._workers = workers
+        self._audio = bytearray()
+        self._phrases: tuple[str, ...] = ()
+        self._results: asyncio.Queue[Heard] = asyncio.Queue()
+
+    async def start(self) -> None:
+        pool = recogniser_pool(self._workers)
+        # The first call starts a worker and loads the model (~0.5 s): not during a turn.
+        await asyncio.wrap_future(pool.submit(recognise, b"\0\0" * 1600, ()))
+
+    async def send(self, pcm: bytes) -> None:
+        if len(self._audio) + len(pcm) <= MAX_TURN_BYTES:
+            self._audio += pcm
+
+    def expect(self, phrases: list[str]) -> None:
+        self._phrases = tuple(phrases)
+
+    async def flush(self) -> None:
+        audio, self._audio = bytes(self._audio), bytearray()
+        if not audio:
+            self._results.put_nowait(Heard("", True))
+            return
+        future = recogniser_pool(self._workers).submit(recognise, audio, self._phrases)
+        future.add_done_callback(functools.partial(self._decoded, asyncio.get_running_loop()))
+
+    def _decoded(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future) -> None:
+        try:
+            text, probability = future.result()
+            heard = Heard(text, True, probability)
+        except Exception as exc:  # a worker died: this turn is lost, the call goes on
+            log.warning("speech recognition failed: %s", type(exc).__name__)
+            heard = Heard("", True)
+        loop.call_soon_threadsafe(self._results.put_nowait, heard)
+
+    async def receive(self) -> Heard:
+        return await self._results.get()
+
+    async def close(self) -> None:
+        self._audio = bytearray()
+
+
+# -- text-to-speech (eSpeak NG) ---------------------------------------------------------------
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000
+_CHARS_UTF8 = 1
+_RATE = 1
+
+
+class Espeak:
+    """eSpeak NG in one thread (the library keeps global state); `speak` from any thread
+    of the pool it owns."""
+
+    _instance: Espeak | None = None
+    _create_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        data = os.path.dirname(espeakng_loader.get_data_path())
+        self.rate = self._lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 200, data.encode(), _INITIALIZE_DONT_EXIT
+        )
+        if self.rate <= 0:
+            raise RuntimeError("eSpeak NG could not start")
+        self._chunks: list[np.ndarray] = []
+        self._cancelled: threading.Event | None = None
+        self._callback = _SYNTH_CALLBACK(self._take)  # kept: ctypes must not free it
+        self._lib.espeak_SetSynthCallback(self._callback)
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="espeak")
+
+    @classmethod
+    def get(cls) -> Espeak:
+        with cls._create_lock:
+            if cls._instance is None:
+                cls._instance = Espeak()
+            return cls._instance
+
+    def _take(self, wav: Any, count: int, events: Any) -> int:
+        if count > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, (count,)).copy())
+        return 1 if self._cancelled is not None and self._cancelled.is_set() else 0
+
+    def speak(self, text: str, voice: str, speed: int, cancelled: threading.Event) -> np.ndarray:
+        """`text` spoken (PCM16 at `rate`); runs in `executor` only."""
+        if cancelled.is_set():
+            return np.empty(0, np.int16)
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"eSpeak NG has no voice {voice!r}")
+        self._lib.espeak_SetParameter(_RATE, speed, 0)
+        self._chunks, self._cancelled = [], cancelled
+        data = text.encode("utf-8", "replace") + b"\0"
+        self._lib.espeak_Synth(data, len(data), 0, 0, 0, _CHARS_UTF8, None, None)
+        chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.empty(0, np.int16)
+
+
+class LocalSynthesis:
+    """One reply spoken by eSpeak NG, sentence by sentence as the text arrives."""
+
+    def __init__(self, espeak: Espeak, voice: str, speed: int) -> None:
+        self._espeak, self._voice, self._speed = espeak, voice, speed
+        self._audio: asyncio.Queue[Pcm | None] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._last: asyncio.Future[None] | None = None  # the sentence spoken last, in order
+
+    async def add(self, text: str) -> None:
+        loop = asyncio.get_running_loop()
+        before = self._last
+        spoken = loop.run_in_executor(
+            self._espeak.executor, self._espeak.speak, text, self._voice, self._speed, self._cancelled
+        )
+        self._last = asyncio.ensure_future(self._deliver(before, spoken))
+
+    async def _deliver(self, before: asyncio.Future[None] | None, spoken: asyncio.Future[np.ndarray]) -> None:
+        samples = await spoken
+        if before is not None:
+            await before
+        if self._cancelled.is_set():
+            return
+        step = int(self._espeak.rate * TTS_CHUNK_S)
+        for start in range(0, len(samples), step):
+            self._audio.put_nowait(Pcm(samples[start : start + step], self._espeak.rate))
+
+    async def end(self) -> None:
+        last = self._last
+        if last is not None:
+            with contextlib.suppress(Exception):
+                await last
+        self._audio.put_nowait(None)
+
+    async def audio(self) -> Pcm | None:
+        if self._cancelled.is_set():
+            return None
+        return await self._audio.get()
+
+    async def cancel(self) -> None:
+        self._cancelled.set()
+        self._audio.put_nowait(None)
+
+
+class LocalTextToSpeech:
+    def __init__(self, voice: str = "en-us", speed: int = 165) -> None:
+        self.voice, self.speed = voice, speed
+        self._espeak: Espeak | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._espeak = await loop.run_in_executor(None, Espeak.get)
+            await loop.run_in_executor(
+                self._espeak.executor, self._espeak.speak, "ok", self.voice, self.speed, threading.Event()
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConnectionError(f"local speech synthesis unavailable: {exc}") from None
+
+    async def open(self) -> LocalSynthesis:
+        assert self._espeak is not None, "open() before start()"
+        return LocalSynthesis(self._espeak, self.voice, self.speed)
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,306 @@
+"""The cascade as one voice session: caller audio -> speech-to-text -> end of turn -> a
+dialogue step -> text-to-speech, sentence by sentence -> bot audio.
+
+The bridge decides turn-taking and barge-in here (`cascade.turns`), since neither engine
+reports them. A barge-in (confirmed caller speech while the bot is audible, or a key
+pressed) cancels the dialogue step and the synthesis at once and emits `Interruption`;
+the call clears Twilio and then reports, from the marks, how much of the reply the
+caller heard (`reply_heard`), which cuts the bot's line in the dialogue's history.
+Per turn it reports how long each stage took (`TurnTiming`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+
+import numpy as np
+
+from ivr_bridge.audio import AudioFormat, Encoding, Pcm
+from ivr_bridge.cascade.engines import Act, Dialogue, SpeechToText, Synthesis, TextToSpeech, Turn, TurnKind
+from ivr_bridge.cascade.sentences import Sentences
+from ivr_bridge.cascade.settings import DialogueSettings
+from ivr_bridge.cascade.turns import SpeechBegan, SpeechConfirmed, SpeechDropped, SpeechEnded, Turns
+from ivr_bridge.providers.base import (
+    NORMAL_CLOSE,
+    AgentAction,
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Interruption,
+    ProviderError,
+    Ready,
+    TurnTiming,
+    UserTranscript,
+    VoiceEvent,
+)
+
+log = logging.getLogger(__name__)
+
+FINAL_TIMEOUT_S = 5.0  # a recogniser that never finalises a turn: the turn is dropped
+
+
+class CascadeSession:
+    """`VoiceSession` of a speech-to-text engine, a dialogue step and a text-to-speech engine."""
+
+    def __init__(
+        self, name: str, stt: SpeechToText, tts: TextToSpeech, dialogue: Dialogue, tuning: DialogueSettings
+    ) -> None:
+        self.name = name
+        self.stt, self.tts, self.dialogue = stt, tts, dialogue
+        self.tuning = tuning
+        self.turns: Turns | None = None
+        self._events: asyncio.Queue[VoiceEvent] = asyncio.Queue()
+        self._closed: Closed | None = None
+        self._reply_task: asyncio.Task[None] | None = None
+        self._turn_task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._finals: asyncio.Queue[str] = asyncio.Queue()
+        self._heard: list[str] = []  # finals of the turn in progress
+        self.response = 0
+        self._said: dict[int, tuple[str, float]] = {}  # reply -> (its text, seconds of audio)
+        self._listening_since = 0.0  # caller-audio time the bot last finished (no-input timer)
+        self._waiting_for_input = False
+
+    # -- VoiceSession ---------------------------------------------------------------------
+
+    async def connect(self) -> AudioFormat:
+        try:
+            await self.stt.start()
+            await self.tts.start()
+            await self.dialogue.start()
+        except ConnectionError:
+            await self.close()
+            raise
+        self.turns = Turns(self.stt.rate, self.tuning.barge_in, self.tuning.end_silence)
+        self._listener = asyncio.create_task(self._listen(), name="cascade-stt")
+        self._events.put_nowait(Ready(self.name))
+        self._start_reply(Turn(TurnKind.START), None)
+        return AudioFormat(Encoding.PCM16, self.stt.rate)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        turns = self.turns
+        if turns is None or self._closed is not None:
+            return
+        in_utterance = turns.in_speech
+        for signal in turns.feed(pcm):
+            if isinstance(signal, SpeechBegan):
+                await self.stt.send(signal.audio)
+            elif isinstance(signal, SpeechConfirmed):
+                self._waiting_for_input = False
+                if turns.bot_audible or self._replying():
+                    await self._barge_in("caller speech")
+            elif isinstance(signal, SpeechEnded):
+                await self.stt.send(pcm)
+                self._end_turn(signal.at)
+            elif isinstance(signal, SpeechDropped):
+                self._heard.clear()
+                await self.stt.flush()  # the recogniser starts afresh; its (empty) final is dropped
+                self._discard_final = True
+        if in_utterance and turns.in_speech:
+            await self.stt.send(pcm)
+        if self._waiting_for_input and self._silent_for(turns) >= self.tuning.no_input:
+            self._waiting_for_input = False
+            self._start_reply(Turn(TurnKind.NO_INPUT), None)
+
+    async def send_dtmf(self, digit: str) -> None:
+        """A key the caller pressed: it cuts the bot short, and is a turn of its own."""
+        if self._closed is not None:
+            return
+        if self.turns is not None and (self.turns.bot_audible or self._replying()):
+            await self._barge_in("caller pressed a key")
+        self._waiting_for_input = False
+        self._start_reply(Turn(TurnKind.DIGITS, digit), None)
+
+    async def reply_heard(self, reply: int, heard_ms: int) -> None:
+        """The caller cut reply `reply` after hearing `heard_ms` of it: the dialogue's history
+        keeps only that much (by share of its words, the audio being spoken evenly)."""
+        said, seconds = self._said.get(reply, ("", 0.0))
+        if not said:
+            return
+        share = min(1.0, heard_ms / 1000 / seconds) if seconds > 0 else 0.0
+        words = said.split()
+        self.dialogue.heard(said, " ".join(words[: math.floor(len(words) * share)]))
+
+    async def receive(self) -> VoiceEvent:
+        if self._closed is not None and self._events.empty():
+            return self._closed
+        return await self._events.get()
+
+    async def close(self, code: int = NORMAL_CLOSE) -> None:
+        if self._closed is not None:
+            return
+        self._closed = Closed(code)
+        for task in (self._reply_task, self._turn_task, self._listener):
+            if task is not None:
+                task.cancel()
+        for part in (self.stt, self.tts, self.dialogue):
+            with contextlib.suppress(Exception):
+                await part.close()
+        self._events.put_nowait(self._closed)
+
+    # -- turns ------------------------------------------------------------------------------
+
+    _discard_final = False
+
+    def _silent_for(self, turns: Turns) -> float:
+        """How long the line has been quiet (neither side talking, no reply on its way)."""
+        if turns.in_speech or turns.bot_audible or self._replying():
+            return 0.0
+        return turns.clock - max(self._listening_since, turns.bot_until)
+
+    def _replying(self) -> bool:
+        return self._reply_task is not None and not self._reply_task.done()
+
+    async def _listen(self) -> None:
+        """Transcripts from the recogniser; finals are gathered until the turn ends."""
+        while True:
+            try:
+                heard = await self.stt.receive()
+            except ConnectionError as exc:
+                self._fail("speech_to_text", str(exc))
+                return
+            if not heard.final:
+                continue
+            if self._discard_final:
+                self._discard_final = False
+                continue
+            self._finals.put_nowait(heard.text)
+
+    def _end_turn(self, stopped_at: float) -> None:
+        loop = asyncio.get_running_loop()
+        stopped = loop.time() - (self.turns.clock - stopped_at if self.turns else 0.0)
+        if self._turn_task is not None and not self._turn_task.done():
+            return  # still finalising the last turn: this speech joins it
+        self._turn_task = asyncio.create_task(self._finish_turn(stopped), name="cascade-turn")
+
+    async def _finish_turn(self, stopped: float) -> None:
+        loop = asyncio.get_running_loop()
+        await self.stt.flush()
+        texts = []
+        try:
+            async with asyncio.timeout(FINAL_TIMEOUT_S):
+                texts.append(await self._finals.get())
+        except TimeoutError:
+            log.warning("%s: the recogniser gave no transcript within %g s", self.name, FINAL_TIMEOUT_S)
+        while not self._finals.empty():
+            texts.append(self._finals.get_nowait())
+        text = " ".join(t.strip() for t in texts if t.strip())
+        if not text:
+            self._waiting_for_input = True  # noise, or nothing recognised: still the caller's turn
+            return
+        self._events.put_nowait(UserTranscript(text, True))
+        self._start_reply(Turn(TurnKind.SPEECH, text), (stopped, loop.time()))
+
+    # -- replies ----------------------------------------------------------------------------
+
+    def _start_reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
+        if self._replying():
+            assert self._reply_task is not None
+            self._reply_task.cancel()
+        self._reply_task = asyncio.create_task(self._reply(turn, timing), name="cascade-reply")
+
+    async def _reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
+        """One reply: the dialogue's text, cut into sentences, spoken as it comes; then its
+        `Act`, if any, once all of its audio has gone to the call."""
+        loop = asyncio.get_running_loop()
+        self.response += 1
+        number = self.response
+        synthesis = await self.tts.open()
+        clock = _TurnClock(timing)
+        pump = asyncio.create_task(self._pump(synthesis, number, clock), name="cascade-speech")
+        sentences, said, act = Sentences(), [], None
+        replies = self.dialogue.respond(turn)
+        try:
+            async for piece in replies:
+                if isinstance(piece, Act):
+                    act = piece
+                    continue
+                if clock.first_text is None and piece.strip():
+                    clock.first_text = loop.time()
+                for sentence in sentences.feed(piece):
+                    said.append(sentence)
+                    self._said[number] = (" ".join(said), self._said.get(number, ("", 0.0))[1])
+                    await synthesis.add(sentence)
+            for sentence in sentences.flush():
+                said.append(sentence)
+                await synthesis.add(sentence)
+            await synthesis.end()
+            self.stt.expect(self.dialogue.expected())
+            text = " ".join(said)
+            self._said[number] = (text, self._said.get(number, ("", 0.0))[1])
+            if text:
+                self._events.put_nowait(AssistantText(text, True, "", number))
+            await pump
+            if act is not None:
+                self._events.put_nowait(AgentAction(act.action))
+            if self.turns is not None:
+                self._listening_since = self.turns.clock
+            self._waiting_for_input = act is None
+        except ConnectionError as exc:
+            self._fail("text_to_speech", str(exc))
+        except asyncio.CancelledError:  # the caller talked over it, or the call is ending
+            with contextlib.suppress(Exception):
+                await synthesis.cancel()
+            raise
+        finally:
+            pump.cancel()
+            with contextlib.suppress(Exception):
+                await replies.aclose()  # type: ignore[attr-defined]
+
+    async def _pump(self, synthesis: Synthesis, number: int, clock: _TurnClock) -> None:
+        loop = asyncio.get_running_loop()
+        seconds = 0.0
+        while (pcm := await synthesis.audio()) is not None:
+            if seconds == 0.0 and (timing := clock.timing(loop.time())) is not None:
+                self._events.put_nowait(timing)
+            duration = len(pcm.samples) / pcm.sample_rate
+            seconds += duration
+            self._said[number] = (self._said.get(number, ("", 0.0))[0], seconds)
+            if self.turns is not None:
+                self.turns.bot_speaks(duration, _level(pcm))
+            self._events.put_nowait(AssistantAudio(pcm, number))
+
+    async def _barge_in(self, reason: str) -> None:
+        if self._replying():
+            assert self._reply_task is not None
+            self._reply_task.cancel()
+        if self.turns is not None:
+            self.turns.bot_stopped()
+        self._events.put_nowait(Interruption(reason))
+
+    def _fail(self, part: str, message: str) -> None:
+        log.warning("%s: %s failed: %s", self.name, part, message)
+        self._events.put_nowait(ProviderError(part, message[:200]))
+        if self._closed is None:
+            self._closed = Closed(1011, f"{part} failed", retry=True)
+            self._events.put_nowait(self._closed)
+
+
+class _TurnClock:
+    """When a turn's stages happened (loop time): the caller stopped, the final transcript,
+    the dialogue's first text; `timing` adds the first audio."""
+
+    def __init__(self, timing: tuple[float, float] | None) -> None:
+        self.stopped, self.final = timing if timing is not None else (None, None)
+        self.first_text: float | None = None
+
+    def timing(self, first_audio: float) -> TurnTiming | None:
+        if self.stopped is None or self.final is None or self.first_text is None:
+            return None  # a greeting or a key: no speech to time from
+        return TurnTiming(
+            recognised_ms=round((self.final - self.stopped) * 1000, 1),
+            answered_ms=round((self.first_text - self.final) * 1000, 1),
+            spoken_ms=round((first_audio - self.first_text) * 1000, 1),
+            total_ms=round((first_audio - self.stopped) * 1000, 1),
+        )
+
+
+def _level(pcm: Pcm) -> float:
+    samples = pcm.samples
+    if not len(samples):
+        return -99.0
+    rms = math.sqrt(float(np.mean(np.square(samples, dtype=np.float64))))
+    return 20 * math.log10(max(rms, 1.0) / 32768)
