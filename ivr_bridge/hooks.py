@@ -174,7 +174,7 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path}"
 
 
-def _scrub(text: str, url: str) -> str:
+def scrub(text: str, url: str) -> str:
     """An error message with the URL's credentials and query taken out."""
     text = text.replace(url, safe_url(url))
     parts = urlsplit(url)
@@ -208,7 +208,7 @@ class HookStats:
 
 
 @dataclass(frozen=True, slots=True)
-class _Target:
+class Target:
     """A hook URL made ready once for aiohttp."""
 
     url: URL  # without its credentials
@@ -217,7 +217,7 @@ class _Target:
     proxy_auth: aiohttp.BasicAuth | None
 
 
-def _target(url: str) -> _Target:
+def target_of(url: str) -> Target:
     """Raises ValueError for a URL aiohttp cannot use."""
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.raw_host:
@@ -229,7 +229,7 @@ def _target(url: str) -> _Target:
         credentials = f"{parsed.user or ''}:{parsed.password or ''}".encode()
         authorization = f"Basic {base64.b64encode(credentials).decode('ascii')}"
     proxy, proxy_auth = _env_proxy(parsed)
-    return _Target(parsed.with_user(None), authorization, proxy, proxy_auth)
+    return Target(parsed.with_user(None), authorization, proxy, proxy_auth)
 
 
 def _env_proxy(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
@@ -248,7 +248,7 @@ def _env_proxy(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
     return parsed.with_user(None), auth
 
 
-def _ssl_context() -> ssl.SSLContext:
+def ssl_context() -> ssl.SSLContext:
     """The CA certificates httpx verified with: SSL_CERT_FILE or SSL_CERT_DIR if set, else
     certifi's bundle (the system's if certifi is missing)."""
     cafile = os.environ.get("SSL_CERT_FILE")
@@ -314,10 +314,10 @@ class HookDispatcher:
         self._action_tasks: set[asyncio.Task[None]] = set()
         self._progress = asyncio.Event()  # set whenever an event leaves a queue or a worker ends
         self._session: aiohttp.ClientSession | None = None  # made on the running loop
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, Target] = {}
         # Built now, at startup, not on the event loop at the first delivery (~25 ms).
         self._ssl: ssl.SSLContext | bool = (
-            _ssl_context() if any(url.lower().startswith("https:") for url in self._urls) else True
+            ssl_context() if any(url.lower().startswith("https:") for url in self._urls) else True
         )
         self._closed = False
         self._warned_no_loop = False
@@ -483,10 +483,10 @@ class HookDispatcher:
             )
         return self._session
 
-    def _target(self, url: str) -> _Target:
+    def _target(self, url: str) -> Target:
         target = self._targets.get(url)
         if target is None:
-            target = self._targets[url] = _target(url)
+            target = self._targets[url] = target_of(url)
         return target
 
     async def _deliver(self, channel: _Channel, event: CallEvent) -> None:
@@ -510,12 +510,12 @@ class HookDispatcher:
             except TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
                 reason = f"no answer within {self._timeout_s:g} s"
             except aiohttp.InvalidURL as exc:  # a ClientError, but retrying will not help
-                reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
+                reason = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
                 break
             except (aiohttp.ClientError, OSError) as exc:  # refused, reset, DNS, TLS...
-                reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
+                reason = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
             except Exception as exc:  # e.g. an unusable URL: retrying will not help
-                reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
+                reason = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), channel.url)
                 break
             else:
                 if 200 <= status < 300:
@@ -573,7 +573,7 @@ class HookDispatcher:
             # Delivered: a failure while reading the answer must not cause a retry.
             answer: bytes | None = None
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                answer = await _read_capped(response, MAX_ANSWER_BYTES)
+                answer = await read_capped(response, MAX_ANSWER_BYTES)
             return response.status, answer, None
 
     def _answered(self, channel: _Channel, event: CallEvent, answer: bytes | None) -> None:
@@ -623,7 +623,35 @@ class HookDispatcher:
             log.exception("[%s] hook action %s failed", event.call_sid, action.action)
 
 
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+async def post_signed(
+    session: aiohttp.ClientSession, target: Target, body: bytes, secret: str
+) -> tuple[int, bytes | None]:
+    """POST a JSON `body` to `target` as the hooks do: signed with `secret` when set, no
+    redirects followed, the answer read up to MAX_ANSWER_BYTES (None past it). The status
+    and the answer; raises what aiohttp raises (and TimeoutError)."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "Accept-Encoding": "identity",  # the answer is read with a size cap
+    }
+    if secret:
+        headers[SIGNATURE_HEADER] = sign(secret, body, int(time.time()))
+    if target.authorization is not None:
+        headers["Authorization"] = target.authorization
+    async with session.post(
+        target.url,
+        data=body,
+        headers=headers,
+        allow_redirects=False,  # a 3xx is the endpoint's final answer
+        proxy=target.proxy,
+        proxy_auth=target.proxy_auth,
+    ) as response:
+        if not 200 <= response.status < 300:
+            return response.status, b""
+        return response.status, await read_capped(response, MAX_ANSWER_BYTES)
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The body, or None past `limit` bytes."""
     chunks: list[bytes] = []
     size = 0

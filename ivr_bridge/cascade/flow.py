@@ -79,7 +79,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -94,15 +93,12 @@ import yaml
 from ivr_bridge.cascade.engines import Act, Turn, TurnKind
 from ivr_bridge.hooks import (
     MAX_ANSWER_BYTES,
-    SIGNATURE_HEADER,
-    USER_AGENT,
-    _read_capped,
-    _scrub,
-    _ssl_context,
-    _Target,
-    _target,
+    Target,
+    post_signed,
     safe_url,
-    sign,
+    scrub,
+    ssl_context,
+    target_of,
 )
 from ivr_bridge.providers.base import CallInfo
 from ivr_bridge.settings import Settings, is_phone_target
@@ -916,7 +912,7 @@ class FlowDialogue:
         self._settings = settings
         self._call = call
         self._session: aiohttp.ClientSession | None = None
-        self._targets: dict[str, _Target] = {}
+        self._targets: dict[str, Target] = {}
         self.cut: tuple[str, str] | None = None  # (said, heard) of the last reply cut short
 
     @property
@@ -973,7 +969,7 @@ class FlowDialogue:
         except TimeoutError:
             reason = f"no answer within {self._settings.hook_timeout_s:g} s"
         except Exception as exc:  # refused, reset, DNS, TLS, a bug: the call goes on regardless
-            reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), request.url)
+            reason = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), request.url)
         else:
             try:
                 data = json.loads(answer) if answer.strip() else {}
@@ -986,27 +982,10 @@ class FlowDialogue:
     async def _post(self, request: HttpRequest) -> bytes:
         target = self._targets.get(request.url)
         if target is None:
-            target = self._targets[request.url] = _target(request.url)
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "Accept-Encoding": "identity",  # the answer is read with a size cap
-        }
-        if self._settings.hook_secret:
-            headers[SIGNATURE_HEADER] = sign(self._settings.hook_secret, request.body, int(time.time()))
-        if target.authorization is not None:
-            headers["Authorization"] = target.authorization
-        async with self._http().post(
-            target.url,
-            data=request.body,
-            headers=headers,
-            allow_redirects=False,  # a 3xx is not an answer
-            proxy=target.proxy,
-            proxy_auth=target.proxy_auth,
-        ) as response:
-            if not 200 <= response.status < 300:
-                raise _Failed(f"HTTP {response.status}")
-            answer = await _read_capped(response, MAX_ANSWER_BYTES)
+            target = self._targets[request.url] = target_of(request.url)
+        status, answer = await post_signed(self._http(), target, request.body, self._settings.hook_secret)
+        if not 200 <= status < 300:
+            raise _Failed(f"HTTP {status}")
         if answer is None:
             raise _Failed(f"an answer over {MAX_ANSWER_BYTES} bytes")
         return answer
@@ -1016,7 +995,7 @@ class FlowDialogue:
             urls = [node.http.url for node in self.machine.flow.nodes.values() if node.http is not None]
             secure = any(url.lower().startswith("https:") for url in urls)
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=_ssl_context() if secure else True),
+                connector=aiohttp.TCPConnector(ssl=ssl_context() if secure else True),
                 # The whole request, answer included: the caller is waiting in silence.
                 timeout=aiohttp.ClientTimeout(total=self._settings.hook_timeout_s, ceil_threshold=math.inf),
             )

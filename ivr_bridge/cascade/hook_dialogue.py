@@ -48,16 +48,13 @@ import aiohttp
 from ivr_bridge.cascade.engines import Act, Turn, TurnKind
 from ivr_bridge.hooks import (
     MAX_ANSWER_BYTES,
-    SIGNATURE_HEADER,
-    USER_AGENT,
-    _read_capped,
-    _scrub,
-    _ssl_context,
-    _Target,
-    _target,
+    Target,
     parse_action,
+    post_signed,
     safe_url,
-    sign,
+    scrub,
+    ssl_context,
+    target_of,
 )
 from ivr_bridge.providers.base import CallInfo
 from ivr_bridge.settings import Settings
@@ -73,7 +70,7 @@ KEEPALIVE_S = 4.0
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    return _ssl_context()  # certifi's CAs, as the hooks use: built once, off the event loop
+    return ssl_context()  # certifi's CAs, as the hooks use: built once, off the event loop
 
 
 class AnswerError(ValueError):
@@ -119,7 +116,7 @@ class HookDialogue:
         self.history: list[dict[str, Any]] = []
         self._last: dict[str, Any] | None = None  # the last reply's history entry
         self._session: aiohttp.ClientSession | None = None
-        self._target: _Target | None = None
+        self._target: Target | None = None
 
     def __repr__(self) -> str:
         return f"HookDialogue(url={self._shown_url!r}, call={self._call_sid!r})"
@@ -128,7 +125,7 @@ class HookDialogue:
         if not self._url:
             raise ConnectionError("IVR_DIALOGUE_URL is required for the hook dialogue")
         try:
-            self._target = _target(self._url)
+            self._target = target_of(self._url)
         except (ValueError, TypeError) as exc:
             raise ConnectionError(f"IVR_DIALOGUE_URL is not usable: {self._shown_url}") from exc
         if self._target.url.scheme == "https":
@@ -176,7 +173,7 @@ class HookDialogue:
         except TimeoutError:
             reason = f"no answer within {self._timeout_s:g} s"
         except (aiohttp.ClientError, OSError) as exc:
-            reason = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), self._url)
+            reason = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), self._url)
             reason += f" after {time.monotonic() - started:.1f} s"
         except Exception as exc:  # a bug must not end the call: the caller hears an apology
             log.exception("[%s] dialogue hook: the turn failed", self._call_sid)
@@ -210,23 +207,7 @@ class HookDialogue:
         if self._target is None:
             await self.start()
         assert self._target is not None
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "Accept-Encoding": "identity",  # the answer is read with a size cap
-        }
-        if self._secret:
-            headers[SIGNATURE_HEADER] = sign(self._secret, body, int(time.time()))
-        if self._target.authorization is not None:
-            headers["Authorization"] = self._target.authorization
-        async with self._http().post(
-            self._target.url,
-            data=body,
-            headers=headers,
-            allow_redirects=False,  # a 3xx is the endpoint's final answer
-            proxy=self._target.proxy,
-            proxy_auth=self._target.proxy_auth,
-        ) as response:
-            if not 200 <= response.status < 300:
-                raise AnswerError(f"HTTP {response.status}")
-            return await _read_capped(response, MAX_ANSWER_BYTES)
+        status, answer = await post_signed(self._http(), self._target, body, self._secret)
+        if not 200 <= status < 300:
+            raise AnswerError(f"HTTP {status}")
+        return answer

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from ivr_bridge.cascade.engines import Act, Turn, TurnKind
-from ivr_bridge.hooks import USER_AGENT, _read_capped, _scrub, _ssl_context, _Target, _target, safe_url
+from ivr_bridge.hooks import USER_AGENT, Target, read_capped, safe_url, scrub, ssl_context, target_of
 from ivr_bridge.providers.base import END_CALL_TOOL, TRANSFER_CALL_TOOL, CallInfo
 from ivr_bridge.settings import Settings, is_phone_target
 
@@ -260,7 +260,7 @@ def _error_text(error: object) -> str:
 
 @functools.cache
 def _tls() -> ssl.SSLContext:
-    return _ssl_context()  # certifi's CAs, as the hooks use: built once, off the event loop
+    return ssl_context()  # certifi's CAs, as the hooks use: built once, off the event loop
 
 
 # -- The dialogue step -------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class LlmDialogue:
         self.history: list[dict[str, Any]] = []  # after the system message
         self._last: dict[str, Any] | None = None  # the last reply's assistant message
         self._session: aiohttp.ClientSession | None = None
-        self._target: _Target | None = None
+        self._target: Target | None = None
 
     def __repr__(self) -> str:
         return f"LlmDialogue(url={self._shown_url!r}, model={self._model!r}, call={self._call_sid!r})"
@@ -310,7 +310,7 @@ class LlmDialogue:
         if not (self._url and self._model):
             raise ConnectionError("IVR_LLM_URL and IVR_LLM_MODEL are required for the llm dialogue")
         try:
-            self._target = _target(self._url)
+            self._target = target_of(self._url)
         except (ValueError, TypeError) as exc:
             raise ConnectionError(f"IVR_LLM_URL is not usable: {self._shown_url}") from exc
         if self._target.url.scheme == "https":
@@ -360,7 +360,7 @@ class LlmDialogue:
                     failure = await self._refused(response)
                 elif response.headers.get("Content-Type", "").startswith("application/json"):
                     # A server that ignores `stream`: one whole completion.
-                    answer = await _read_capped(response, MAX_JSON_BYTES)
+                    answer = await read_capped(response, MAX_JSON_BYTES)
                     whole = _json_object(answer)
                     if whole is None:
                         failure = "an answer that is not a chat completion"
@@ -455,7 +455,8 @@ class LlmDialogue:
             assert self._target is not None
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    keepalive_timeout=KEEPALIVE_S, ssl=_tls() if self._target.url.scheme == "https" else True
+                    keepalive_timeout=KEEPALIVE_S,
+                    ssl=_tls() if self._target.url.scheme == "https" else True,
                 ),
                 timeout=self._timeout,
             )
@@ -503,13 +504,13 @@ class LlmDialogue:
         elif response.status == 429:
             reason += " (rate limited)"
         with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            error = _json_object(await _read_capped(response, MAX_ERROR_BYTES))
+            error = _json_object(await read_capped(response, MAX_ERROR_BYTES))
             if error is not None and "error" in error:
                 reason += f": {_error_text(error['error'])}"
         return reason
 
     def _reason(self, exc: BaseException) -> str:
-        text = _scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), self._url)
+        text = scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), self._url)
         return text.replace(self._key, "***") if self._key else text
 
 
