@@ -237,6 +237,7 @@ class Harness:
 async def test_greeting_then_a_turn_then_the_reply_with_its_timing() -> None:
     h = Harness(["hello there"])
     await h.session.connect()
+    await h.say(quiet(20))  # the greeting starts with the call's first audio
     [greeting] = await h.until(AssistantText)
     assert "Welcome" in greeting.text  # type: ignore[attr-defined]
     await h.say(quiet(3000))  # the greeting plays (3 s of audio at 60 ms a character)
@@ -258,6 +259,7 @@ async def test_greeting_then_a_turn_then_the_reply_with_its_timing() -> None:
 async def test_caller_speech_over_the_bot_cancels_the_reply_and_cuts_its_history() -> None:
     h = Harness(["tell me more"])
     await h.session.connect()
+    await h.say(quiet(20))  # the greeting starts with the call's first audio
     await h.say(quiet(3000))
     await h.say(np.concatenate([voiced(600), quiet(500)]))
     await h.until(UserTranscript)
@@ -279,6 +281,7 @@ async def test_caller_speech_over_the_bot_cancels_the_reply_and_cuts_its_history
 async def test_a_key_cuts_the_bot_and_is_a_turn_then_silence_is_no_input() -> None:
     h = Harness([])
     await h.session.connect()
+    await h.say(quiet(20))  # the greeting starts with the call's first audio
     await h.until(AssistantText)
     await h.say(quiet(200))
     await h.session.send_dtmf("5")
@@ -295,6 +298,7 @@ async def test_a_key_cuts_the_bot_and_is_a_turn_then_silence_is_no_input() -> No
 async def test_the_dialogue_s_act_comes_after_its_words() -> None:
     h = Harness(["bye"])
     await h.session.connect()
+    await h.say(quiet(20))  # the greeting starts with the call's first audio
     await h.say(quiet(3000))
     await h.say(np.concatenate([voiced(500), quiet(500)]))
     [action] = await h.until(AgentAction)
@@ -362,3 +366,18 @@ async def test_a_key_in_the_demo_ivr_transfers_to_sales_after_the_prompt(make_br
     assert update.at >= caller.marks_played_at[-1]  # "Connecting you to sales" played first
     assert caller.clears >= 1  # the key cut the greeting
     assert call.outcome == "transferred"
+
+
+async def test_preflight_opens_the_engines_without_reaching_the_dialogue() -> None:
+    from ivr_bridge.preflight import preflight
+    from ivr_bridge.standins.dialogue_hook import DialogueHookStandIn
+
+    async with DialogueHookStandIn("hook-secret") as hook:
+        env = {
+            "IVR_PROVIDER": "local",
+            "IVR_DIALOGUE": "hook",
+            "IVR_DIALOGUE_URL": hook.url,
+            "IVR_HOOK_SECRET": "hook-secret",
+        }
+        assert await preflight(Settings.from_env(env, dotenv=False), timeout=TIMEOUT) is None
+        assert hook.turns == []  # no greeting was asked for: no caller is there

@@ -76,14 +76,17 @@ class CascadeSession:
             raise
         self.turns = Turns(self.stt.rate, self.tuning.barge_in, self.tuning.end_silence)
         self._listener = asyncio.create_task(self._listen(), name="cascade-stt")
-        self._events.put_nowait(Ready(self.name))
-        self._start_reply(Turn(TurnKind.START), None)
+        self._events.put_nowait(Ready("ready"))  # the engines are up (preflight waits for this)
         return AudioFormat(Encoding.PCM16, self.stt.rate)
 
     async def send_audio(self, pcm: bytes) -> None:
         turns = self.turns
         if turns is None or self._closed is not None:
             return
+        if self.response == 0 and not self._replying():
+            # The greeting waits for the call's first audio, not for `connect`: a preflight
+            # session never reaches a dialogue endpoint.
+            self._start_reply(Turn(TurnKind.START), None)
         in_utterance = turns.in_speech
         for signal in turns.feed(pcm):
             if isinstance(signal, SpeechBegan):
