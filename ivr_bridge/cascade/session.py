@@ -58,7 +58,7 @@ class CascadeSession:
         self._turn_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._finals: asyncio.Queue[str] = asyncio.Queue()
-        self._heard: list[str] = []  # finals of the turn in progress
+        self._discard_final = False  # the next final is a dropped burst's (a cough)
         self.response = 0
         self._said: dict[int, tuple[str, float]] = {}  # reply -> (its text, seconds of audio)
         self._listening_since = 0.0  # caller-audio time the bot last finished (no-input timer)
@@ -99,7 +99,6 @@ class CascadeSession:
                 await self.stt.send(pcm)
                 self._end_turn(signal.at)
             elif isinstance(signal, SpeechDropped):
-                self._heard.clear()
                 await self.stt.flush()  # the recogniser starts afresh; its (empty) final is dropped
                 self._discard_final = True
         if in_utterance and turns.in_speech:
@@ -145,8 +144,6 @@ class CascadeSession:
         self._events.put_nowait(self._closed)
 
     # -- turns ------------------------------------------------------------------------------
-
-    _discard_final = False
 
     def _silent_for(self, turns: Turns) -> float:
         """How long the line has been quiet (neither side talking, no reply on its way)."""
