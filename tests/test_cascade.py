@@ -71,6 +71,19 @@ def test_a_cough_is_dropped_not_a_turn() -> None:
     assert kinds == [SpeechBegan, SpeechDropped]
 
 
+def test_a_loud_steady_line_noise_is_not_an_endless_turn() -> None:
+    turns = Turns(RATE, confirm_s=0.2, end_silence_s=0.6)
+    rng = np.random.default_rng(3)
+    hiss = (rng.normal(0, 1, RATE * 4) * 0.03 * 32767).astype(np.int16)  # about -30 dBFS
+    signals = feed(turns, hiss)
+    # At most a burst while the floor is learnt, never a turn.
+    assert not any(isinstance(s, SpeechConfirmed | SpeechEnded) for s in signals)
+    speech = voiced(600) + hiss[: RATE * 6 // 10]
+    signals = feed(turns, np.concatenate([speech, hiss[:RATE]]))
+    # The caller still gets through.
+    assert [type(s) for s in signals] == [SpeechBegan, SpeechConfirmed, SpeechEnded]
+
+
 def test_echo_of_the_bot_20_db_down_is_not_the_caller_but_speech_over_it_is() -> None:
     turns = Turns(RATE, confirm_s=0.2, end_silence_s=0.6)
     feed(turns, quiet(200))

@@ -337,7 +337,7 @@ async def test_a_call_cut_by_a_crash_is_on_record_and_marked_interrupted(tmp_pat
         port = probe.getsockname()[1]
     database = tmp_path / "calls.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IVR_", "NEXTEVI_", "TWILIO_"))}
-    env |= {"IVR_DATABASE_PATH": str(database), "IVR_INSTANCE_ID": "crashy"}
+    env |= {"IVR_DATABASE_PATH": str(database), "IVR_INSTANCE_ID": "crashy", "IVR_PROVIDER": "echo"}
     command = [sys.executable, "-m", "ivr_bridge", "serve", "--port", str(port), "--log-level", "WARNING"]
 
     async def start() -> subprocess.Popen[bytes]:

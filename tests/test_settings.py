@@ -137,7 +137,7 @@ def test_each_provider_s_own_settings_come_from_its_module() -> None:
             assert value in settings.secret_values()
             assert value not in repr(settings) and value not in settings.summary()
         for env in required:
-            if env != provider.credential:
+            if env != provider.credential and env in variables:
                 with pytest.raises(SettingsError, match=f"{env} is required when IVR_PROVIDER={name}"):
                     Settings.from_env({k: v for k, v in (required | rules).items() if k != env})
 

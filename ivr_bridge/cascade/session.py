@@ -224,11 +224,13 @@ class CascadeSession:
                     said.append(sentence)
                     self._said[number] = (" ".join(said), self._said.get(number, ("", 0.0))[1])
                     await synthesis.add(sentence)
+            # What the caller may answer is known now: before the prompt plays, so an answer
+            # spoken over it is heard with the prompt's menu.
+            self.stt.expect(self.dialogue.expected())
             for sentence in sentences.flush():
                 said.append(sentence)
                 await synthesis.add(sentence)
             await synthesis.end()
-            self.stt.expect(self.dialogue.expected())
             text = " ".join(said)
             self._said[number] = (text, self._said.get(number, ("", 0.0))[1])
             if text:

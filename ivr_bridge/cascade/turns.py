@@ -8,6 +8,8 @@ time, silence included, so the caller's own audio is the clock):
 - speech begins (`SpeechBegan`, not yet a turn) on the first speech frame; it is
   *confirmed* (`SpeechConfirmed`: a barge-in if the bot is audible) after `confirm_s` of
   speech within the utterance, so a cough or "mhm" does not cut the bot off;
+- a frame must stand `NOISE_MARGIN_DB` above the line's noise (the quietest frame of the
+  last two seconds): on a loud, steady line noise the VAD alone reports speech without end;
 - while the bot is audible the loudness floor rises to the bot's own level minus
   `ECHO_MARGIN_DB`: its echo coming back down the line (typically 20 dB or more below)
   is not the caller;
@@ -27,6 +29,8 @@ import webrtcvad
 FRAME_S = 0.02
 AGGRESSIVENESS = 2  # WebRTC VAD 0..3: 2 rejects most line noise without clipping soft onsets
 SPEECH_FLOOR_DBFS = -50.0  # quieter than this is never speech (a silent line, comfort noise)
+NOISE_MARGIN_DB = 9.0  # speech stands this far above the line's noise floor
+NOISE_WINDOW_S = 2.0  # the noise floor is the quietest frame of this window (speech has gaps)
 ECHO_MARGIN_DB = 12.0  # echo of the bot is ~20 dB down; the caller talking over it is not
 PREROLL_S = 0.3  # audio kept from before speech began: word onsets, and the recogniser's noise estimate
 MAX_UTTERANCE_S = 15.0  # one turn never holds more (bounded memory); it is ended there
@@ -80,6 +84,7 @@ class Turns:
         self.bot_until = 0.0  # caller-audio time until which the bot's speech is playing
         self.bot_dbfs = -99.0  # the level of the bot's speech now playing
         self._vad = webrtcvad.Vad(AGGRESSIVENESS)
+        self._levels: deque[float] = deque(maxlen=round(NOISE_WINDOW_S / FRAME_S))
         self._pending = b""
         self._preroll: deque[bytes] = deque(maxlen=round(PREROLL_S / FRAME_S))
         self._speech_frames = 0
@@ -112,11 +117,12 @@ class Turns:
 
     def _frame(self, frame: bytes) -> list[TurnSignal]:
         self.clock += FRAME_S
-        samples = np.frombuffer(frame, dtype="<i2")
-        floor = SPEECH_FLOOR_DBFS
+        level = dbfs(np.frombuffer(frame, dtype="<i2"))
+        floor = max(SPEECH_FLOOR_DBFS, min(self._levels, default=-99.0) + NOISE_MARGIN_DB)
+        self._levels.append(level)
         if self.bot_audible:
             floor = max(floor, self.bot_dbfs - ECHO_MARGIN_DB)
-        speech = dbfs(samples) > floor and self._vad.is_speech(frame, self.rate)
+        speech = level > floor and self._vad.is_speech(frame, self.rate)
         if not self.in_speech:
             if not speech:
                 self._preroll.append(frame)
