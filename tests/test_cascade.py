@@ -7,6 +7,7 @@ import asyncio
 import math
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,6 +309,18 @@ async def test_a_key_cuts_the_bot_and_is_a_turn_then_silence_is_no_input() -> No
     await h.session.close()
 
 
+async def test_keys_pressed_in_a_burst_all_reach_the_dialogue_in_order() -> None:
+    h = Harness([])
+    await h.session.connect()
+    await h.say(quiet(20))
+    for digit in "1234#":  # faster than any reply can start
+        await h.session.send_dtmf(digit)
+    await h.take()
+    keys = "".join(t.text for t in h.dialogue.turns if t.kind == TurnKind.DIGITS)
+    assert keys == "1234#"
+    await h.session.close()
+
+
 async def test_the_dialogue_s_act_comes_after_its_words() -> None:
     h = Harness(["bye"])
     await h.session.connect()
@@ -394,3 +407,86 @@ async def test_preflight_opens_the_engines_without_reaching_the_dialogue() -> No
         }
         assert await preflight(Settings.from_env(env, dotenv=False), timeout=TIMEOUT) is None
         assert hook.turns == []  # no greeting was asked for: no caller is there
+
+
+# -- scripted calls (`ivr-bridge call --scenario`) through the demo IVR --------------------------
+
+IVR_CLIPS = Path(__file__).parent / "audio" / "ivr"  # made by scripts/make_speech_corpus.py
+
+
+async def scripted_ivr_call(bridge, rest, steps: list[dict]):  # type: ignore[no-untyped-def]
+    from ivr_bridge.loadgen.scenario import parse_scenario
+    from ivr_bridge.loadgen.scripted_call import place_call
+    from ivr_bridge.loadgen.webhook import CallDetails
+
+    scenario = parse_scenario({"name": "ivr", "steps": steps}, IVR_CLIPS, "test")
+    details = CallDetails()
+    rest.live_calls.add(details.call_sid)
+    return await place_call(f"{bridge.base_url}/twiml", scenario, details, rest.auth_token)
+
+
+GREETING = [{"wait_for": "bot_audio", "timeout": TIMEOUT}, {"wait_for": "bot_done", "timeout": TIMEOUT}]
+PROMPT_THEN_HANG_UP = [
+    {"wait_for": "bot_audio", "timeout": TIMEOUT},
+    {"wait_for": "bot_done", "timeout": TIMEOUT},
+    {"wait": 1.0},  # the transfer follows the prompt's last mark at once; a margin for a loaded box
+    {"hang_up": True},
+]
+
+
+@pytest.mark.timeout(120)
+async def test_a_scripted_call_says_sales_and_is_transferred_after_the_prompt(
+    make_bridge, twilio_rest
+) -> None:
+    from tests.test_resilience import with_rest
+
+    rest, rest_url = twilio_rest
+    bridge = make_bridge(with_rest(local_settings(), rest, rest_url))
+    steps = [*GREETING, {"say": "menu-028-sales-flite-kal16-x1-clean.wav"}, *PROMPT_THEN_HANG_UP]
+    report, caller = await scripted_ivr_call(bridge, rest, steps)
+    assert report.ok, report.reason
+    [update] = await asyncio.to_thread(rest.wait_for_updates, 1, TIMEOUT)
+    assert "<Dial>+15550101</Dial>" in update.params["Twiml"]
+    assert caller is not None and update.at >= caller.marks_played_at[-1]  # "Connecting you to sales" played
+    [call] = await bridge.wait_for_calls(1)
+    assert ("user", "sales") in [(line.role, line.text) for line in call.transcript]
+    assert call.outcome == "transferred"
+
+
+@pytest.mark.timeout(120)
+async def test_a_scripted_call_keys_in_its_account_number(make_bridge, twilio_rest) -> None:
+    from tests.test_resilience import with_rest
+
+    rest, rest_url = twilio_rest
+    bridge = make_bridge(with_rest(local_settings(), rest, rest_url))
+    keys = [{"dtmf": digit} for digit in "1234#"]
+    steps = [*GREETING, {"dtmf": "2"}, *GREETING, *keys, *GREETING, {"hang_up": True}]
+    report, _ = await scripted_ivr_call(bridge, rest, steps)
+    assert report.ok, report.reason
+    [call] = await bridge.wait_for_calls(1)
+    said = [line.text for line in call.transcript if line.role == "assistant"]
+    assert any("account number" in text for text in said)
+    assert any("Your account number is 1 2 3 4." in text for text in said)
+
+
+@pytest.mark.timeout(120)
+async def test_a_scripted_call_barges_in_on_the_greeting_with_its_choice(make_bridge, twilio_rest) -> None:
+    from tests.test_resilience import with_rest
+
+    rest, rest_url = twilio_rest
+    bridge = make_bridge(with_rest(local_settings(), rest, rest_url))
+    steps = [
+        {"wait_for": "bot_audio", "timeout": TIMEOUT},
+        {"wait": 1.0},  # a second into the greeting
+        {"barge_in": "menu-022-agent-flite-slt-x1-clean.wav", "timeout": TIMEOUT},  # "operator"
+        *PROMPT_THEN_HANG_UP,
+    ]
+    report, _ = await scripted_ivr_call(bridge, rest, steps)
+    assert report.ok, report.reason
+    [barge_in] = report.barge_ins
+    assert barge_in.stop_ms is not None and barge_in.stop_ms < 2000
+    [update] = await asyncio.to_thread(rest.wait_for_updates, 1, TIMEOUT)
+    assert "<Dial>+15550100</Dial>" in update.params["Twiml"]
+    [call] = await bridge.wait_for_calls(1)
+    greeting = next(line for line in call.transcript if line.role == "assistant")
+    assert greeting.interrupted and 0 < greeting.heard_ms < 4000

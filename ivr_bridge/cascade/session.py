@@ -59,6 +59,7 @@ class CascadeSession:
         self._listener: asyncio.Task[None] | None = None
         self._finals: asyncio.Queue[str] = asyncio.Queue()
         self._discard_final = False  # the next final is a dropped burst's (a cough)
+        self._keys = ""  # keys pressed that the dialogue has not taken yet
         self.response = 0
         self._said: dict[int, tuple[str, float]] = {}  # reply -> (its text, seconds of audio)
         self._listening_since = 0.0  # caller-audio time the bot last finished (no-input timer)
@@ -114,7 +115,8 @@ class CascadeSession:
         if self.turns is not None and (self.turns.bot_audible or self._replying()):
             await self._barge_in("caller pressed a key")
         self._waiting_for_input = False
-        self._start_reply(Turn(TurnKind.DIGITS, digit), None)
+        self._keys += digit
+        self._start_reply(Turn(TurnKind.DIGITS), None)
 
     async def reply_heard(self, reply: int, heard_ms: int) -> None:
         """The caller cut reply `reply` after hearing `heard_ms` of it: the dialogue's history
@@ -206,9 +208,17 @@ class CascadeSession:
         """One reply: the dialogue's text, cut into sentences, spoken as it comes; then its
         `Act`, if any, once all of its audio has gone to the call."""
         loop = asyncio.get_running_loop()
+        if turn.kind == TurnKind.DIGITS:
+            # Every key not yet taken: one pressed before the last reply reached the
+            # dialogue (it was cut short at once) joins this turn instead of being lost.
+            turn, self._keys = Turn(TurnKind.DIGITS, self._keys), ""
         self.response += 1
         number = self.response
-        synthesis = await self.tts.open()
+        try:
+            synthesis = await self.tts.open()
+        except asyncio.CancelledError:
+            self._keys = (turn.text if turn.kind == TurnKind.DIGITS else "") + self._keys
+            raise
         clock = _TurnClock(timing)
         pump = asyncio.create_task(self._pump(synthesis, number, clock), name="cascade-speech")
         sentences, said, act = Sentences(), [], None
