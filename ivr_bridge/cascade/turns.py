@@ -29,7 +29,7 @@ import webrtcvad
 FRAME_S = 0.02
 AGGRESSIVENESS = 2  # WebRTC VAD 0..3: 2 rejects most line noise without clipping soft onsets
 SPEECH_FLOOR_DBFS = -50.0  # quieter than this is never speech (a silent line, comfort noise)
-NOISE_MARGIN_DB = 9.0  # speech stands this far above the line's noise floor
+NOISE_MARGIN_DB = 6.0  # speech stands this far above the line's noise floor
 NOISE_WINDOW_S = 2.0  # the noise floor is the quietest frame of this window (speech has gaps)
 ECHO_MARGIN_DB = 12.0  # echo of the bot is ~20 dB down; the caller talking over it is not
 PREROLL_S = 0.3  # audio kept from before speech began: word onsets, and the recogniser's noise estimate
