@@ -10,6 +10,8 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ivr_bridge import logs
 from ivr_bridge.settings import Settings, SettingsError
@@ -57,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     log.info(
         "voice provider: %s%s; Twilio webhook: %s/twiml; stream: %s",
         settings.provider,
-        " (embedded stand-in: plays each utterance back)" if settings.provider == "echo" else "",
+        EMBEDDED.get(settings.provider, ""),
         settings.public_url,
         settings.stream_url,
     )
@@ -129,11 +131,69 @@ def version() -> str:
         return "unknown"
 
 
+STUB_VOICE_API = "stub-voice-api"
+DEFAULT_STANDIN = "ivr_bridge.standins.nextevi"  # its options are `stub-voice-api`'s own
+
+
+EMBEDDED = {  # what the engines that need no account do, for the start-up line
+    "local": " (the built-in IVR, offline: IVR_FLOW or the demo flow)",
+    "echo": " (embedded stand-in: plays each utterance back)",
+}
+
+
 def run_standin(args: argparse.Namespace) -> int:
     """`stub-voice-api`: the stand-in module the provider's registry entry names."""
     from ivr_bridge.providers import registry
 
-    return importlib.import_module(registry()[args.provider].standin).run(args)  # type: ignore[no-any-return]
+    name = registry()[args.provider].standin
+    module = importlib.import_module(name)
+    if name != DEFAULT_STANDIN and hasattr(module, "add_arguments"):
+        args = _own_arguments(module.add_arguments, args)
+    return module.run(args)  # type: ignore[no-any-return]
+
+
+def _own_arguments(
+    add_arguments: Callable[[argparse.ArgumentParser], None], args: argparse.Namespace
+) -> argparse.Namespace:
+    """`args` read again by a stand-in's own parser: an option it shares with NextEVI's (the
+    parser's) takes its own default when not given. The options it lacks stay as they were."""
+    argv: list[str] = getattr(args, "argv", [])
+    if STUB_VOICE_API not in argv:
+        return args  # not from the command line: nothing to read again
+    own = argparse.ArgumentParser(add_help=False)
+    add_arguments(own)
+    parsed, _ = own.parse_known_args(argv[argv.index(STUB_VOICE_API) + 1 :])
+    return argparse.Namespace(**(vars(args) | vars(parsed)))
+
+
+class _MoreOptions(argparse.ArgumentParser):
+    """Hands a stand-in's `add_arguments` a parser that adds, to a group of the real one,
+    only the options the real one lacks (the others, NextEVI's, are shared)."""
+
+    def __init__(self, group: argparse._ArgumentGroup) -> None:
+        super().__init__(add_help=False)
+        self.group = group
+
+    def add_argument(self, *names: Any, **options: Any) -> argparse.Action:  # type: ignore[override]
+        try:
+            return self.group.add_argument(*names, **options)
+        except argparse.ArgumentError:  # an option `stub-voice-api` already has
+            return super().add_argument(*names, **options)  # kept aside, unused
+
+
+def add_standin_options(parser: argparse.ArgumentParser) -> None:
+    """`stub-voice-api`'s options: NextEVI's stand-in's, then each other stand-in's own
+    (`--provider voxnexus --transcript ...`) in a group of its provider."""
+    from ivr_bridge.providers import registry
+
+    importlib.import_module(DEFAULT_STANDIN).add_arguments(parser)
+    for provider in registry().values():
+        if not provider.standin or provider.standin == DEFAULT_STANDIN:
+            continue
+        module = importlib.import_module(provider.standin)
+        if hasattr(module, "add_arguments"):
+            group = parser.add_argument_group(f"--provider {provider.name}")
+            module.add_arguments(_MoreOptions(group))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,10 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=check)
 
     from ivr_bridge.providers import registry
-    from ivr_bridge.standins import nextevi as voice_api_standin
 
     p = commands.add_parser(
-        "stub-voice-api",
+        STUB_VOICE_API,
         help="run a protocol-faithful stand-in of a voice API (for trying and load-testing a bridge)",
         description="A voice API stand-in: energy turn detection, tone replies in real time, "
         "barge-in, and the awkward parts of each protocol. NextEVI by default: point the bridge at "
@@ -187,11 +246,40 @@ def main(argv: list[str] | None = None) -> int:
         default="nextevi",
         help="the protocol to speak (default nextevi; openai: Realtime GA at /v1/realtime; "
         "elevenlabs: an agent at /v1/convai/conversation, private with --api-key; "
-        "navtalk: /wss/v2/realtime-chat, --api-key is the license)",
+        "navtalk: /wss/v2/realtime-chat, --api-key is the license; voxnexus: STT and TTS at "
+        "/v1/stt/realtime and /v1/tts/realtime, key vn-test-key, --transcript scripts what the "
+        "caller says)",
     )
-    voice_api_standin.add_arguments(p)
+    add_standin_options(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run_standin)
+
+    from ivr_bridge.standins import llm as llm_standin
+
+    p = commands.add_parser(
+        "stub-llm",
+        help="run a stand-in of an OpenAI-compatible chat-completions API (for IVR_DIALOGUE=llm)",
+        description="Streams chat completions as OpenAI does (server-sent events, tool calls in "
+        "pieces): 'agent' or 'transfer' in the caller's words calls transfer_call, 'bye' end_call, "
+        "anything else is echoed; --reply scripts the next replies. Prints each request as a JSON "
+        "line. Point the bridge at it with IVR_DIALOGUE=llm, IVR_LLM_URL=http://HOST:PORT/v1, "
+        "IVR_LLM_MODEL (any name) and IVR_LLM_API_KEY set to the same --api-key.",
+    )
+    llm_standin.add_arguments(p)
+    p.set_defaults(func=llm_standin.run)
+
+    from ivr_bridge.standins import dialogue_hook as dialogue_hook_standin
+
+    p = commands.add_parser(
+        "stub-dialogue-hook",
+        help="run a stand-in of the dialogue endpoint (for IVR_DIALOGUE=hook)",
+        description="Checks each turn's X-IVR-Signature, prints it as a JSON line and answers what "
+        "to say and do: a greeting, 'You said ...', 'agent' transfers (--transfer-to), 'bye' hangs "
+        "up. Point the bridge at it with IVR_DIALOGUE=hook, IVR_DIALOGUE_URL=http://HOST:PORT/ and "
+        "IVR_HOOK_SECRET set to the same --secret.",
+    )
+    dialogue_hook_standin.add_arguments(p)
+    p.set_defaults(func=dialogue_hook_standin.run)
 
     from ivr_bridge.standins import twilio_rest as twilio_rest_standin
 

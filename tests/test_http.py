@@ -70,7 +70,7 @@ def test_wrong_setting_stops_start_up_with_one_line(env: dict[str, str], variabl
     assert len(lines) == 1 and variable in lines[0] and "Traceback" not in result.stderr
 
 
-def test_serve_starts_with_the_echo_default_and_answers() -> None:
+def test_serve_starts_with_the_built_in_ivr_by_default_and_answers() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -89,7 +89,7 @@ def test_serve_starts_with_the_echo_default_and_answers() -> None:
             seen.append(line)
             if "Uvicorn running" in line or "Application startup complete" in line:
                 break
-        assert any("voice provider: echo" in line for line in seen), seen
+        assert any("voice provider: local (the built-in IVR" in line for line in seen), seen
         # Without IVR_PUBLIC_URL the stream URL points at this server.
         assert any(f"stream: ws://127.0.0.1:{port}/media-stream" in line for line in seen), seen
         response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
