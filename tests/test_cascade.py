@@ -252,9 +252,11 @@ async def test_greeting_then_a_turn_then_the_reply_with_its_timing() -> None:
     h = Harness(["hello there"])
     await h.session.connect()
     await h.say(quiet(20))  # the greeting starts with the call's first audio
-    [greeting] = await h.until(AssistantText)
-    assert "Welcome" in greeting.text  # type: ignore[attr-defined]
+    greeting = (await h.until(AssistantText))[0]  # its words as they go to the synthesiser
+    assert isinstance(greeting, AssistantText) and not greeting.final and "Welcome" in greeting.text
     await h.say(quiet(3000))  # the greeting plays (3 s of audio at 60 ms a character)
+    finals = [e for e in h.events if isinstance(e, AssistantText) and e.final]
+    assert [e.text for e in finals] == ["Welcome to the test line. Say something."]  # once, whole
     await h.say(np.concatenate([voiced(600), quiet(600)]))
     [said] = await h.until(UserTranscript)
     assert said == UserTranscript("hello there", True)

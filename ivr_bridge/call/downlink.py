@@ -106,6 +106,10 @@ class Downlink:
         """Barge-in, once Twilio has been told to `clear`: forget the unplayed audio and
         drop whatever still arrives of the cut reply."""
         self._audio.reset()
+        if self.reply is not None:
+            # Cut even when nothing was queued at the handset (a gap between chunks of a
+            # reply still arriving): what had not been sent will never be heard.
+            self.reply.interrupted = True
         cut = Cut(self.reply, self._reply_number, self.playback.cleared())
         self._dropped_through = self._reply_number
         self.reply = None

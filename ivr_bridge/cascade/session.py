@@ -36,6 +36,7 @@ from ivr_bridge.providers.base import (
     UserTranscript,
     VoiceEvent,
 )
+from ivr_bridge.transcript import MS_PER_CHAR
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,13 @@ class CascadeSession:
 
     async def reply_heard(self, reply: int, heard_ms: int) -> None:
         """The caller cut reply `reply` after hearing `heard_ms` of it: the dialogue's history
-        keeps only that much (by share of its words, the audio being spoken evenly)."""
+        keeps only that much (by share of its words, the audio being spoken evenly). A reply
+        still arriving is as long as its words at least (the transcript's own measure)."""
         said, seconds = self._said.get(reply, ("", 0.0))
         if not said:
             return
-        share = min(1.0, heard_ms / 1000 / seconds) if seconds > 0 else 0.0
+        seconds = max(seconds, len(said) * MS_PER_CHAR / 1000)
+        share = min(1.0, heard_ms / 1000 / seconds)
         words = said.split()
         self.dialogue.heard(said, " ".join(words[: math.floor(len(words) * share)]))
 
@@ -221,7 +224,7 @@ class CascadeSession:
             raise
         clock = _TurnClock(timing)
         pump = asyncio.create_task(self._pump(synthesis, number, clock), name="cascade-speech")
-        sentences, said, act = Sentences(), [], None
+        sentences, said, act = Sentences(), list[str](), None
         replies = self.dialogue.respond(turn)
         try:
             async for piece in replies:
@@ -231,21 +234,16 @@ class CascadeSession:
                 if clock.first_text is None and piece.strip():
                     clock.first_text = loop.time()
                 for sentence in sentences.feed(piece):
-                    said.append(sentence)
-                    self._said[number] = (" ".join(said), self._said.get(number, ("", 0.0))[1])
-                    await synthesis.add(sentence)
+                    await self._speak(synthesis, number, said, sentence)
             # What the caller may answer is known now: before the prompt plays, so an answer
             # spoken over it is heard with the prompt's menu.
             self.stt.expect(self.dialogue.expected())
             for sentence in sentences.flush():
-                said.append(sentence)
-                await synthesis.add(sentence)
+                await self._speak(synthesis, number, said, sentence)
             await synthesis.end()
-            text = " ".join(said)
-            self._said[number] = (text, self._said.get(number, ("", 0.0))[1])
-            if text:
-                self._events.put_nowait(AssistantText(text, True, "", number))
             await pump
+            if said:  # final once all of its audio is out: the call settles the line then
+                self._events.put_nowait(AssistantText(" ".join(said), True, "", number))
             if act is not None:
                 self._events.put_nowait(AgentAction(act.action))
             if self.turns is not None:
@@ -261,6 +259,15 @@ class CascadeSession:
             pump.cancel()
             with contextlib.suppress(Exception):
                 await replies.aclose()  # type: ignore[attr-defined]
+
+    async def _speak(self, synthesis: Synthesis, number: int, said: list[str], sentence: str) -> None:
+        """One sentence of reply `number` to the synthesiser; its words so far to the call
+        (a reply cut mid-stream keeps the words that were said)."""
+        said.append(sentence)
+        text = " ".join(said)
+        self._said[number] = (text, self._said.get(number, ("", 0.0))[1])
+        self._events.put_nowait(AssistantText(text, False, "", number))
+        await synthesis.add(sentence)
 
     async def _pump(self, synthesis: Synthesis, number: int, clock: _TurnClock) -> None:
         loop = asyncio.get_running_loop()

@@ -192,6 +192,7 @@ class SttProtocol(_Protocol):
         self.language = language
         # One entry per flush sent and not yet done: whether a final has come since.
         self._flushes: deque[bool] = deque()
+        self._final_since_flush = False  # a final came since the last flush was sent
 
     def init_message(self, sample_rate: int | None = None) -> str:
         if sample_rate is not None:
@@ -213,7 +214,9 @@ class SttProtocol(_Protocol):
         return json.dumps({"type": "audio", "data": b64encode(pcm).decode()})
 
     def flush_message(self) -> str:
-        self._flushes.append(False)
+        # A final that came before the flush already answers it: no empty one is made up.
+        self._flushes.append(self._final_since_flush)
+        self._final_since_flush = False
         return json.dumps({"type": "command", "command": "flush"})
 
     @property
@@ -250,6 +253,8 @@ class SttProtocol(_Protocol):
             return [Heard(text.strip(), False)] if text.strip() else []
         if self._flushes:
             self._flushes[0] = True
+        else:
+            self._final_since_flush = True
         confidence = message.get("confidence")
         valid = isinstance(confidence, int | float) and not isinstance(confidence, bool)
         return [Heard(text.strip(), True, float(confidence) if valid else None)]
