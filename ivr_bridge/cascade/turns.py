@@ -98,8 +98,10 @@ class Turns:
 
     def bot_speaks(self, seconds: float, level_dbfs: float) -> None:
         """The bot's speech of `seconds` was sent now: it plays after what is queued."""
+        # A reply is sent ahead of its playback: the floor follows its loudest chunk, not
+        # the last one sent (a reply ending quietly would lower it under its own echo).
+        self.bot_dbfs = max(self.bot_dbfs, level_dbfs) if self.bot_audible else level_dbfs
         self.bot_until = max(self.bot_until, self.clock) + seconds
-        self.bot_dbfs = level_dbfs
 
     def bot_stopped(self) -> None:
         """The bot's speech was cleared (barge-in)."""
