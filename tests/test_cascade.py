@@ -492,3 +492,14 @@ async def test_a_scripted_call_barges_in_on_the_greeting_with_its_choice(make_br
     [call] = await bridge.wait_for_calls(1)
     greeting = next(line for line in call.transcript if line.role == "assistant")
     assert greeting.interrupted and 0 < greeting.heard_ms < 4000
+
+
+def test_a_collect_node_hears_a_spoken_number_not_one_digit() -> None:
+    from ivr_bridge.audio import AudioFormat, CallerAudio, Encoding
+    from ivr_bridge.cascade.flow import DIGIT_WORDS
+    from ivr_bridge.cascade.local import recognise
+
+    to_16k = CallerAudio(AudioFormat(Encoding.PCM16, 16000))
+    pcm = to_16k.process(spoken("one two three four five") + b"\xff" * 4000)
+    text, _ = recognise(pcm, (*DIGIT_WORDS, "oh"))
+    assert text == "one two three four five"

@@ -118,7 +118,10 @@ def _search_for(decoder: Any, phrases: tuple[str, ...]) -> str:
         _grammars.move_to_end(key)
         return key
     alternatives = " | ".join(sorted(set(known)))
-    decoder.add_jsgf_string(key, f"#JSGF V1.0;\ngrammar menu;\npublic <choice> = {alternatives};\n")
+    # Only digit words (a collect node): a number is several of them ("four two one seven").
+    # Flat alternatives otherwise: the same menu as a group or a rule reference measured worse.
+    rule = f"({alternatives})+" if set(known) <= _KEY_NAMES else alternatives
+    decoder.add_jsgf_string(key, f"#JSGF V1.0;\ngrammar menu;\npublic <choice> = {rule};\n")
     _grammars[key] = alternatives
     if len(_grammars) > GRAMMARS_KEPT:
         old, _ = _grammars.popitem(last=False)
