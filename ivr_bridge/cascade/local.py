@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import ctypes
@@ -158,6 +159,9 @@ def recogniser_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
                 mp_context=multiprocessing.get_context("spawn"),  # no fork of a running loop
                 initializer=_worker_init,
             )
+            # Shut down before the interpreter tears its modules down (else the pool's
+            # manager thread fails noisily at exit).
+            atexit.register(_pool.shutdown, wait=False, cancel_futures=True)
         return _pool
 
 
