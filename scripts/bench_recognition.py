@@ -1,7 +1,8 @@
 """Recognition benchmark of the `local` engine on phone audio: menu choices, false choices
 on noise and silence, free-form word error rate, decode time.
 
-Usage:  .venv/bin/python scripts/bench_recognition.py [--clips PATTERN ...] [--json] [--corpus DIR]
+Usage:  .venv/bin/python scripts/bench_recognition.py [--recogniser whisper|pocketsphinx]
+            [--clips PATTERN ...] [--json] [--corpus DIR]
 
 The corpus is tests/audio/ivr (made by scripts/make_speech_corpus.py; its manifest.json
 says what each clip is and which choice it must pick). The issue's target: >= 95 % of menu
@@ -15,10 +16,11 @@ Every clip takes the bridge's real path, frame by frame as a call would:
   `LocalSpeechToText` (SpeechBegan's audio with its pre-roll, then every later chunk while
   in speech, the chunk where SpeechEnded fires included; a dropped burst is thrown away;
   at most `MAX_TURN_BYTES`);
-- `recognise(audio, phrases)` decodes it, in this process (it is a plain function; the
-  bridge runs the same function in worker processes): with the demo menu's `expected()`
-  phrases for menu, noise and silence clips (the JSGF grammar), with none for free-form
-  sentences (the language model);
+- `recognise(audio, phrases, recogniser)` decodes it, in this process (it is a plain
+  function; the bridge runs the same function in worker processes): with the demo menu's
+  `expected()` phrases for menu, noise and silence clips (Whisper's prompt, and the JSGF
+  grammar), with none for free-form sentences (Whisper alone, or PocketSphinx's language
+  model);
 - a menu turn's transcript goes to the flow's own `match_choice` with the menu's choices.
 
 After a clip ends the line goes on as it was: its last 400 ms (silence, or line noise) is
@@ -45,7 +47,7 @@ import numpy as np
 
 from ivr_bridge.audio import AudioFormat, CallerAudio, Encoding, ulaw_encode
 from ivr_bridge.cascade.flow import Choice, FlowMachine, load_flow, match_choice
-from ivr_bridge.cascade.local import MAX_TURN_BYTES, STT_RATE, recognise
+from ivr_bridge.cascade.local import MAX_TURN_BYTES, RECOGNISERS, STT_RATE, recognise, warm
 from ivr_bridge.cascade.turns import SpeechBegan, SpeechDropped, SpeechEnded, Turns
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +155,11 @@ def edit_distance(reference: list[str], hypothesis: list[str]) -> int:
 
 
 def run_clip(
-    clip: dict[str, Any], corpus: Path, phrases: tuple[str, ...], choices: tuple[Choice, ...]
+    clip: dict[str, Any],
+    corpus: Path,
+    phrases: tuple[str, ...],
+    choices: tuple[Choice, ...],
+    recogniser: str,
 ) -> Result:
     result = Result(
         clip["file"],
@@ -168,7 +174,7 @@ def run_clip(
     grammar = () if clip["kind"] == "free" else phrases
     for audio in ended:
         start = time.perf_counter()
-        text, _probability = recognise(audio, grammar)
+        text, _confidence = recognise(audio, grammar, recogniser)
         result.decode_ms.append((time.perf_counter() - start) * 1000)
         result.transcripts.append(text.strip())
         result.turn_s.append(len(audio) / 2 / STT_RATE)
@@ -358,6 +364,9 @@ def main() -> None:
         help="only clips whose file name matches (glob; repeatable)",
     )
     parser.add_argument(
+        "--recogniser", choices=RECOGNISERS, default=RECOGNISERS[0], help="as IVR_LOCAL_RECOGNISER"
+    )
+    parser.add_argument(
         "--json", action="store_true", help="machine-readable output (summary and every clip)"
     )
     parser.add_argument(
@@ -379,15 +388,15 @@ def main() -> None:
     phrases, choices = tuple(machine.expected()), machine.node.choices
     # Warm-up, untimed: the model loads, and the menu's grammar is compiled once (a worker
     # keeps it compiled afterwards).
-    recognise(b"\0\0" * (STT_RATE // 10), ())
-    recognise(b"\0\0" * (STT_RATE // 10), phrases)
+    warm(args.recogniser)
+    recognise(b"\0\0" * (STT_RATE // 10), phrases, args.recogniser)
 
-    results = [run_clip(clip, args.corpus, phrases, choices) for clip in clips]
+    results = [run_clip(clip, args.corpus, phrases, choices, args.recogniser) for clip in clips]
     summary = summarise(results)
     if args.json:
         print(json.dumps({"summary": summary, "clips": [asdict(r) for r in results]}, indent=1))
     else:
-        print(f"{len(results)} clips from {args.corpus}")
+        print(f"{len(results)} clips from {args.corpus}, recogniser {args.recogniser}")
         print(report(summary, results))
     sys.exit(0 if all(summary["targets"].values()) else 1)
 

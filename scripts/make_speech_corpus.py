@@ -44,6 +44,9 @@ because the project's WAV reader (ivr_bridge/audio/wav.py, used by loadgen/clips
 (`loadgen.clips` trims a clip's silent end and refuses an all-silent clip, so the
 `silence` clips are for the benchmark only.)
 
+`--held-out --out DIR` makes a second corpus that no setting was tuned on: other phrasings
+of the three choices, other speeds and seeds (BENCHMARKS.md reports both).
+
 Deterministic: fixed seeds, and both synthesisers are deterministic; running it again
 writes the same bytes (given the same eSpeak NG and flite versions).
 """
@@ -139,6 +142,49 @@ FREE_SENTENCES = (
     "the package I received was damaged",
     "I am calling about the letter I got in the mail",
 )
+
+# A second corpus, never tuned on: other phrasings of the same three choices, other speeds,
+# other seeds. `--held-out` makes it (not committed: 3 MB more, and flite makes it again).
+HELD_OUT = {
+    "SEED": 4413,
+    "ESPEAK_SPEEDS": (145, 175, 205),
+    "FLITE_STRETCHES": (0.9, 1.1, 1.3),
+    "MENU_PHRASES": {
+        "sales": (
+            "pricing please",
+            "I want to buy",
+            "sales team",
+            "I'd like to buy a phone",
+            "connect me to sales",
+            "what is your pricing",
+            "sales, please",
+            "I'm calling to buy",
+            "buy please",
+        ),
+        "support": (
+            "support team",
+            "I need some help",
+            "there is a problem",
+            "help me please",
+            "tech support",
+            "I have a problem with my bill",
+            "support, please",
+            "can you help",
+            "I'd like support",
+        ),
+        "agent": (
+            "operator please",
+            "a real person",
+            "let me talk to an agent",
+            "agent, please",
+            "can I speak to a representative",
+            "person please",
+            "I want an operator",
+            "get me an agent",
+            "speak to a person",
+        ),
+    },
+}
 
 NOISE_LEVELS_DBFS = (-45.0, -42.0, -39.0, -36.0, -33.0, -30.0)
 NOISE_S = 2.0
@@ -445,7 +491,14 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT, help="where to write (default: tests/audio/ivr)")
+    parser.add_argument(
+        "--held-out", action="store_true", help="make the held-out corpus (give --out a directory of its own)"
+    )
     args = parser.parse_args()
+    if args.held_out:
+        if args.out == OUT:
+            sys.exit("--held-out needs --out DIR: tests/audio/ivr is the committed corpus")
+        globals().update(HELD_OUT)  # the same build, with the held-out phrases, speeds and seeds
     manifest = build(args.out)
     print(summary(manifest, args.out))
 

