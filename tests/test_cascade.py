@@ -112,8 +112,8 @@ def test_sentences_are_cut_as_the_text_streams() -> None:
 class ScriptedStt:
     rate = RATE
 
-    def __init__(self, transcripts: list[str]) -> None:
-        self.transcripts = transcripts
+    def __init__(self, transcripts: list[str | list[str]]) -> None:
+        self.transcripts = transcripts  # a list: finals of one turn, arriving one by one
         self.audio = bytearray()
         self.flushed: list[int] = []  # bytes of audio each flush finalised
         self.expected: list[list[str]] = []
@@ -127,8 +127,19 @@ class ScriptedStt:
     async def flush(self) -> None:
         self.flushed.append(len(self.audio))
         self.audio.clear()
-        text = self.transcripts.pop(0) if self.transcripts else ""
-        self._results.put_nowait(Heard(text, True))
+        said = self.transcripts.pop(0) if self.transcripts else ""
+        if isinstance(said, str):
+            self._results.put_nowait(Heard(said, True))
+            return
+        # As VoxNexus does: a final per piece, the later ones after the session has taken
+        # the first, then flush_done's empty last final.
+        asyncio.get_running_loop().create_task(self._deliver([*said, ""]))
+
+    async def _deliver(self, finals: list[str]) -> None:
+        for number, text in enumerate(finals, 1):
+            self._results.put_nowait(Heard(text, True, last=number == len(finals)))
+            for _ in range(50):
+                await asyncio.sleep(0)
 
     async def receive(self) -> Heard:
         return await self._results.get()
@@ -269,6 +280,22 @@ async def test_greeting_then_a_turn_then_the_reply_with_its_timing() -> None:
     assert h.stt.expected[-1] == ["yes", "no"]
     audio = [e for e in h.events if isinstance(e, AssistantAudio)]
     assert {e.response for e in audio} == {1, 2}
+    await h.session.close()
+
+
+async def test_a_turn_finalised_in_pieces_is_one_turn_and_the_next_is_its_own() -> None:
+    h = Harness([["I need", "some", "support"], "bye"])
+    await h.session.connect()
+    await h.say(quiet(20))
+    await h.say(quiet(3000))  # the greeting plays
+    await h.say(np.concatenate([voiced(600), quiet(600)]))
+    [said] = await h.until(UserTranscript)
+    assert said == UserTranscript("I need some support", True)
+    await h.say(quiet(500))
+    await h.say(np.concatenate([voiced(400), quiet(600)]))
+    second = (await h.until(UserTranscript, 2))[1]
+    assert second == UserTranscript("bye", True)
+    assert [t.text for t in h.dialogue.turns if t.kind == TurnKind.SPEECH] == ["I need some support", "bye"]
     await h.session.close()
 
 

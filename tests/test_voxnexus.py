@@ -146,22 +146,22 @@ def test_stt_server_messages_parsed() -> None:
         confidence=0.95,
         words=[{"word": "i", "offset": 0, "duration": 100, "confidence": 0.9}],
     )
-    assert protocol.receive(final) == [Heard("I would like support.", True, 0.95)]
-    # A flush answered after a final: nothing made up.
+    assert protocol.receive(final) == [Heard("I would like support.", True, 0.95, last=False)]
+    # A flush answered after a final: the turn is whole at flush_done, which says so with an
+    # empty last final (the cascade gathers every final before it).
     protocol.flush_message()
-    assert protocol.receive(final) == [Heard("I would like support.", True, 0.95)]
-    assert protocol.receive(message(type="flush_done", request_id="req_1")) == [FlushDone("req_1")]
-    # A flush with nothing pending: an empty final, so the cascade is never left waiting.
+    assert protocol.flushing == 1
+    assert protocol.receive(final) == [Heard("I would like support.", True, 0.95, last=False)]
+    assert protocol.receive(message(type="flush_done", request_id="req_1")) == [
+        Heard("", True, last=True),
+        FlushDone("req_1"),
+    ]
+    # A flush with nothing pending: the same, so the cascade is never left waiting.
     protocol.flush_message()
     assert protocol.receive(message(type="flush_done")) == [Heard("", True), FlushDone("")]
     assert protocol.flushing == 0
-    # A final that came before the flush was sent (a sentence of the turn) answers it: the
-    # cascade takes that one, and no empty one is made up to be taken by the next turn.
-    protocol.receive(final)
-    protocol.flush_message()
-    assert protocol.receive(message(type="flush_done")) == [FlushDone("")]
     no_confidence = message(type="transcript", text="Yes.", is_final=True, confidence="high")
-    assert protocol.receive(no_confidence) == [Heard("Yes.", True, None)]
+    assert protocol.receive(no_confidence) == [Heard("Yes.", True, None, last=False)]
     error = message(type="error", error="Invalid audio format", code="UNSUPPORTED_FORMAT", request_id="r")
     assert protocol.receive(error) == [ServerError("UNSUPPORTED_FORMAT", "Invalid audio format", "r")]
 
@@ -321,7 +321,7 @@ async def test_stt_partials_then_finals_per_utterance(make_standin: Callable[...
         await speak(stt, tone(1000) + silence(700))
         heard = await heard_until(stt, lambda h: bool(h) and h[-1].final)
         *partials, final = heard
-        assert final == Heard("I would like support.", True, 0.93)
+        assert final == Heard("I would like support.", True, 0.93, last=False)  # no flush yet
         assert len(partials) >= 2 and all(not p.final for p in partials)
         assert [p.text for p in partials][:3] == ["I", "I would", "I would like"]  # growing
         # The next utterance: one final per sentence.
@@ -343,12 +343,16 @@ async def test_stt_flush_gives_a_final_and_flush_done(make_standin: Callable[...
     try:
         await speak(stt, tone(250))  # still speaking, partly in the batch, when the turn ends
         await stt.flush()
-        heard = await heard_until(stt, lambda h: bool(h) and h[-1].final)
-        assert heard[-1] == Heard("Agent please.", True, 0.93)
+        heard = await heard_until(stt, lambda h: bool(h) and h[-1].last)
+        # The flush's final, then flush_done's empty last one: the turn is whole.
+        assert [h for h in heard if h.final] == [
+            Heard("Agent please.", True, 0.93, last=False),
+            Heard("", True),
+        ]
         [socket] = standin.stt_sockets
-        await standin.wait_for(lambda: socket.sent[-1]["type"] == "flush_done", WAIT)
+        assert socket.sent[-1]["type"] == "flush_done"
         assert socket.audio_bytes == len(tone(250))  # the batch went before the flush
-        # Nothing pending: flush_done alone, and the client makes up the empty final.
+        # Nothing pending: flush_done alone, and with it the empty last final.
         await stt.flush()
         assert await asyncio.wait_for(stt.receive(), WAIT) == Heard("", True)
         assert socket.flushes == 2

@@ -29,6 +29,10 @@ class Heard:
     text: str
     final: bool
     confidence: float | None = None
+    # A final that completes what was flushed: the turn's transcript is whole. An engine that
+    # finalises on its own (VoxNexus) sends `last=False` finals, then a last one when the
+    # flush is done, so that no part of a turn is taken for the next one.
+    last: bool = True
 
 
 class SpeechToText(Protocol):

@@ -19,7 +19,16 @@ import math
 import numpy as np
 
 from ivr_bridge.audio import AudioFormat, Encoding, Pcm
-from ivr_bridge.cascade.engines import Act, Dialogue, SpeechToText, Synthesis, TextToSpeech, Turn, TurnKind
+from ivr_bridge.cascade.engines import (
+    Act,
+    Dialogue,
+    Heard,
+    SpeechToText,
+    Synthesis,
+    TextToSpeech,
+    Turn,
+    TurnKind,
+)
 from ivr_bridge.cascade.sentences import Sentences
 from ivr_bridge.cascade.settings import DialogueSettings
 from ivr_bridge.cascade.turns import SpeechBegan, SpeechConfirmed, SpeechDropped, SpeechEnded, Turns
@@ -58,8 +67,8 @@ class CascadeSession:
         self._reply_task: asyncio.Task[None] | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._finals: asyncio.Queue[str] = asyncio.Queue()
-        self._discard_final = False  # the next final is a dropped burst's (a cough)
+        self._finals: asyncio.Queue[Heard] = asyncio.Queue()
+        self._discard_final = False  # the finals up to the next last one are a dropped burst's (a cough)
         self._keys = ""  # keys pressed that the dialogue has not taken yet
         self.response = 0
         self._said: dict[int, tuple[str, float]] = {}  # reply -> (its text, seconds of audio)
@@ -170,9 +179,9 @@ class CascadeSession:
             if not heard.final:
                 continue
             if self._discard_final:
-                self._discard_final = False
+                self._discard_final = not heard.last
                 continue
-            self._finals.put_nowait(heard.text)
+            self._finals.put_nowait(heard)
 
     def _end_turn(self, stopped_at: float) -> None:
         loop = asyncio.get_running_loop()
@@ -187,11 +196,11 @@ class CascadeSession:
         texts = []
         try:
             async with asyncio.timeout(FINAL_TIMEOUT_S):
-                texts.append(await self._finals.get())
+                while not (heard := await self._finals.get()).last:
+                    texts.append(heard.text)
+                texts.append(heard.text)
         except TimeoutError:
             log.warning("%s: the recogniser gave no transcript within %g s", self.name, FINAL_TIMEOUT_S)
-        while not self._finals.empty():
-            texts.append(self._finals.get_nowait())
         text = " ".join(t.strip() for t in texts if t.strip())
         if not text:
             self._waiting_for_input = True  # noise, or nothing recognised: still the caller's turn

@@ -25,8 +25,9 @@ Unverified, and how this module copes:
 - how TTS input is closed when no text is left: `text {"text": "", "is_final": true}` (the
   doc only shows `is_final` on a message carrying words); an `error` after it ends the reply
   (logged) rather than failing it;
-- whether the STT socket answers a flush with a final when nothing was pending: an empty
-  final is made up at `flush_done` so the cascade is never left waiting;
+- whether the STT socket answers a flush with a final when nothing was pending, and whether
+  the service finalises on its own mid-turn: the cascade takes a turn's transcript as whole
+  at `flush_done` (an empty last final), gathering every final before it;
 - what an `error` on a live STT socket means: taken as fatal (the cascade reconnects);
 - the documented voice, `vl-xiaoxiao`, is a zh-CN voice: `VOXNEXUS_VOICE_ID` defaults to
   "" (not sent: the service's default voice) and should name a voice of the account.
@@ -190,9 +191,7 @@ class SttProtocol(_Protocol):
     def __init__(self, language: str = "en-US", sample_rate: int = PHONE_RATE) -> None:
         super().__init__(sample_rate)
         self.language = language
-        # One entry per flush sent and not yet done: whether a final has come since.
-        self._flushes: deque[bool] = deque()
-        self._final_since_flush = False  # a final came since the last flush was sent
+        self.flushing = 0  # flushes sent and not yet answered by `flush_done`
 
     def init_message(self, sample_rate: int | None = None) -> str:
         if sample_rate is not None:
@@ -214,15 +213,8 @@ class SttProtocol(_Protocol):
         return json.dumps({"type": "audio", "data": b64encode(pcm).decode()})
 
     def flush_message(self) -> str:
-        # A final that came before the flush already answers it: no empty one is made up.
-        self._flushes.append(self._final_since_flush)
-        self._final_since_flush = False
+        self.flushing += 1
         return json.dumps({"type": "command", "command": "flush"})
-
-    @property
-    def flushing(self) -> int:
-        """Flushes sent and not yet answered by `flush_done`."""
-        return len(self._flushes)
 
     def receive(self, raw: str | bytes) -> list[SttEvent]:
         message = self._parse(raw)
@@ -232,10 +224,9 @@ class SttProtocol(_Protocol):
         if kind == "transcript":
             return self._transcript(message)
         if kind == "flush_done":
-            made_up: list[SttEvent] = []
-            if self._flushes and not self._flushes.popleft():
-                made_up.append(Heard("", final=True))  # the flush's promised final
-            return [*made_up, FlushDone(str(message.get("request_id") or ""))]
+            self.flushing = max(0, self.flushing - 1)
+            # The finals of the flushed audio came before it: the turn's transcript is whole.
+            return [Heard("", final=True, last=True), FlushDone(str(message.get("request_id") or ""))]
         if kind == "ready":
             return [self._ready(message)]
         if kind == "error":
@@ -251,13 +242,9 @@ class SttProtocol(_Protocol):
         final = message.get("is_final") is True
         if not final:
             return [Heard(text.strip(), False)] if text.strip() else []
-        if self._flushes:
-            self._flushes[0] = True
-        else:
-            self._final_since_flush = True
         confidence = message.get("confidence")
         valid = isinstance(confidence, int | float) and not isinstance(confidence, bool)
-        return [Heard(text.strip(), True, float(confidence) if valid else None)]
+        return [Heard(text.strip(), True, float(confidence) if valid else None, last=False)]
 
 
 class TtsProtocol(_Protocol):
