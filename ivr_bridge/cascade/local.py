@@ -256,6 +256,8 @@ class LocalSpeechToText:
         self._audio = bytearray()
         self._phrases: tuple[str, ...] = ()
         self._results: asyncio.Queue[Heard] = asyncio.Queue()
+        # Decoding begun at a pause, and the phrases it was given.
+        self._early: tuple[concurrent.futures.Future, tuple[str, ...]] | None = None
 
     async def start(self) -> None:
         pool = recogniser_pool(self._workers)
@@ -269,13 +271,25 @@ class LocalSpeechToText:
     def expect(self, phrases: list[str]) -> None:
         self._phrases = tuple(phrases)
 
+    def turn_may_end(self, maybe: bool) -> None:
+        # A decode begun for a pause that speech then followed runs on, its answer unused:
+        # worker time spent, never a wrong transcript.
+        self._early = (self._decode(bytes(self._audio)), self._phrases) if maybe and self._audio else None
+
     async def flush(self) -> None:
         audio, self._audio = bytes(self._audio), bytearray()
-        if not audio:
-            self._results.put_nowait(Heard("", True))
-            return
-        future = recogniser_pool(self._workers).submit(recognise, audio, self._phrases, self._recogniser)
+        early, self._early = self._early, None
+        if early is not None and early[1] == self._phrases:
+            future = early[0]
+        else:  # no pause before the end (a dropped burst, a 15 s turn cut short), or a new menu
+            if not audio:
+                self._results.put_nowait(Heard("", True))
+                return
+            future = self._decode(audio)
         future.add_done_callback(functools.partial(self._decoded, asyncio.get_running_loop()))
+
+    def _decode(self, audio: bytes) -> concurrent.futures.Future:
+        return recogniser_pool(self._workers).submit(recognise, audio, self._phrases, self._recogniser)
 
     def _decoded(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future) -> None:
         try:
@@ -290,7 +304,7 @@ class LocalSpeechToText:
         return await self._results.get()
 
     async def close(self) -> None:
-        self._audio = bytearray()
+        self._audio, self._early = bytearray(), None
 
 
 # -- text-to-speech (eSpeak NG) ---------------------------------------------------------------

@@ -31,7 +31,15 @@ from ivr_bridge.cascade.engines import (
 )
 from ivr_bridge.cascade.sentences import Sentences
 from ivr_bridge.cascade.settings import DialogueSettings
-from ivr_bridge.cascade.turns import SpeechBegan, SpeechConfirmed, SpeechDropped, SpeechEnded, Turns
+from ivr_bridge.cascade.turns import (
+    SpeechBegan,
+    SpeechConfirmed,
+    SpeechDropped,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
+    Turns,
+)
 from ivr_bridge.providers.base import (
     NORMAL_CLOSE,
     AgentAction,
@@ -99,6 +107,7 @@ class CascadeSession:
             # session never reaches a dialogue endpoint.
             self._start_reply(Turn(TurnKind.START), None)
         in_utterance = turns.in_speech
+        may_end: bool | None = None
         for signal in turns.feed(pcm):
             if isinstance(signal, SpeechBegan):
                 await self.stt.send(signal.audio)
@@ -112,8 +121,14 @@ class CascadeSession:
             elif isinstance(signal, SpeechDropped):
                 await self.stt.flush()  # the recogniser starts afresh; its (empty) final is dropped
                 self._discard_final = True
+            elif isinstance(signal, SpeechPaused | SpeechResumed):
+                may_end = isinstance(signal, SpeechPaused)
         if in_utterance and turns.in_speech:
             await self.stt.send(pcm)
+        if may_end is not None and (turn_may_end := getattr(self.stt, "turn_may_end", None)):
+            # A local recogniser begins on the turn at the pause: its words are ready when the
+            # turn ends, instead of a decode's time after it.
+            turn_may_end(may_end)
         if self._waiting_for_input and self._silent_for(turns) >= self.tuning.no_input:
             self._waiting_for_input = False
             self._start_reply(Turn(TurnKind.NO_INPUT), None)

@@ -14,7 +14,9 @@ time, silence included, so the caller's own audio is the clock):
   `ECHO_MARGIN_DB`: its echo coming back down the line (typically 20 dB or more below)
   is not the caller;
 - the turn ends (`SpeechEnded`) after `end_silence_s` without speech; an utterance never
-  confirmed just ends (`SpeechDropped`).
+  confirmed just ends (`SpeechDropped`);
+- halfway there the caller has paused (`SpeechPaused`): a recogniser may begin on the turn,
+  so that its answer is ready when the turn ends; speech after a pause is `SpeechResumed`.
 """
 
 from __future__ import annotations
@@ -56,11 +58,21 @@ class SpeechEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    """A confirmed utterance has been silent for half the end-of-turn silence."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """Speech again after a pause: the turn goes on."""
+
+
+@dataclass(frozen=True, slots=True)
 class SpeechDropped:
     """A burst too short to be a turn (a cough, a click)."""
 
 
-TurnSignal = SpeechBegan | SpeechConfirmed | SpeechEnded | SpeechDropped
+TurnSignal = SpeechBegan | SpeechConfirmed | SpeechPaused | SpeechResumed | SpeechEnded | SpeechDropped
 
 
 def dbfs(frame: np.ndarray) -> float:
@@ -78,6 +90,7 @@ class Turns:
         self.frame_bytes = int(rate * FRAME_S) * 2
         self.confirm_frames = max(1, round(confirm_s / FRAME_S))
         self.end_frames = max(1, round(end_silence_s / FRAME_S))
+        self.pause_frames = max(1, self.end_frames // 2)
         self.clock = 0.0  # seconds of caller audio seen
         self.in_speech = False  # within an utterance (begun, not yet ended)
         self.confirmed = False
@@ -138,12 +151,15 @@ class Turns:
         self._frames += 1
         if speech:
             self._speech_frames += 1
+            resumed = self.confirmed and self._silent_frames >= self.pause_frames
             self._silent_frames = 0
             self._last_speech_at = self.clock
-            return self._maybe_confirm()
+            return [SpeechResumed()] if resumed else self._maybe_confirm()
         self._silent_frames += 1
         if self._silent_frames >= self.end_frames or self._frames * FRAME_S >= MAX_UTTERANCE_S:
             return [self._end()]
+        if self.confirmed and self._silent_frames == self.pause_frames:
+            return [SpeechPaused()]
         return []
 
     def _maybe_confirm(self) -> list[TurnSignal]:
