@@ -80,6 +80,13 @@ def test_a_phrase_of_several_words_picks_its_menu_word() -> None:
     assert "support" in text.split(), text
 
 
+def test_whisper_s_text_becomes_a_transcript() -> None:
+    assert local.whisper_text(" Problem, problem.") == "problem"  # tiny.en's echo of a word
+    assert local.whisper_text("Sales, please. Sales, please.") == "sales please"
+    assert local.whisper_text("I'd like support, please!") == "i'd like support please"
+    assert local.whisper_text("no no thanks") == "no no thanks"
+
+
 def test_a_menu_word_whisper_spells_otherwise_is_taken_by_its_sound() -> None:
     assert local._homophone(["bye", "please"], ["sales", "buy"]) == "buy please"
     assert local._homophone(["sails"], ["sales"]) == "sales"

@@ -197,8 +197,13 @@ def _homophone(words: list[str], phrases: list[str]) -> str | None:
 
 
 def whisper_text(text: str) -> str:
-    """Whisper's text as a transcript: lower case, words and apostrophes only."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+    """Whisper's text as a transcript: lower case, words and apostrophes only, and a phrase
+    said once that tiny.en wrote several times over ("problem problem") written once."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    for period in range(1, len(words) // 2 + 1):
+        if len(words) % period == 0 and words == words[:period] * (len(words) // period):
+            return " ".join(words[:period])
+    return " ".join(words)
 
 
 def warm(recogniser: str) -> None:
