@@ -324,12 +324,12 @@ def report(summary: dict[str, Any], results: list[Result]) -> str:
                     f"  {r.file:<32} {outcome(r)}; {fmt_turns(r)}" + (f"; heard {heard}" if heard else "")
                 )
     if free := summary.get("free"):
-        lines.append("Free-form word error rate (language model; word edits / reference words)")
+        lines.append("Free-form word error rate (nothing expected; word edits / reference words)")
         lines.append(f"  all               {fmt_wer(free['all'])}")
         lines.append(f"  clean             {fmt_wer(free['clean'])}")
         lines.append(f"  noisy (15 dB SNR) {fmt_wer(free['noisy'])}")
     lines.append("Decode time per turn (in-process, after warm-up)")
-    for name, label in (("all", "all"), ("grammar", "menu grammar"), ("free", "language model")):
+    for name, label in (("all", "all"), ("grammar", "menu phrases"), ("free", "free speech")):
         lines.append(f"  {label:<17} {fmt_timing(summary['decode'][name])}")
     if summary.get("menu"):
         misses = [r for r in results if r.kind == "menu" and not r.correct]
