@@ -462,21 +462,35 @@ IVR_CLIPS = Path(__file__).parent / "audio" / "ivr"  # made by scripts/make_spee
 
 
 async def scripted_ivr_call(bridge, rest, steps: list[dict]):  # type: ignore[no-untyped-def]
+    """A scripted call on the demo IVR. As Twilio does, an update of the call through the
+    REST API (a transfer) ends its media stream: `stop`, then close."""
     from ivr_bridge.loadgen.scenario import parse_scenario
-    from ivr_bridge.loadgen.scripted_call import place_call
-    from ivr_bridge.loadgen.webhook import CallDetails
+    from ivr_bridge.loadgen.scripted_call import ScriptedCall
+    from ivr_bridge.loadgen.webhook import CallDetails, fetch_stream
 
     scenario = parse_scenario({"name": "ivr", "steps": steps}, IVR_CLIPS, "test")
     details = CallDetails()
     rest.live_calls.add(details.call_sid)
-    return await place_call(f"{bridge.base_url}/twiml", scenario, details, rest.auth_token)
+    target = await fetch_stream(f"{bridge.base_url}/twiml", details, rest.auth_token)
+    call = ScriptedCall(target, scenario, details, rest.auth_token)
+    loop = asyncio.get_running_loop()
+
+    def end_stream(update) -> None:  # type: ignore[no-untyped-def]
+        if update.call_sid == details.call_sid:
+            asyncio.run_coroutine_threadsafe(call.caller.hang_up(), loop)
+
+    rest.on_update = end_stream
+    try:
+        return await call.run(), call.caller
+    finally:
+        rest.on_update = None
 
 
 GREETING = [{"wait_for": "bot_audio", "timeout": TIMEOUT}, {"wait_for": "bot_done", "timeout": TIMEOUT}]
 PROMPT_THEN_HANG_UP = [
     {"wait_for": "bot_audio", "timeout": TIMEOUT},
     {"wait_for": "bot_done", "timeout": TIMEOUT},
-    {"wait": 1.0},  # the transfer follows the prompt's last mark at once; a margin for a loaded box
+    {"wait": TIMEOUT},  # ends as soon as the transfer ends the stream (scripted_ivr_call)
     {"hang_up": True},
 ]
 

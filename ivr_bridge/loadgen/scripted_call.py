@@ -92,7 +92,8 @@ class ScriptedCall:
     async def _run_steps(self) -> str | None:
         for index, step in enumerate(self.scenario.steps, 1):
             problem = await self._step(index, step)
-            if problem is None and self.caller.closed.is_set() and not isinstance(step, HangUp):
+            ended_by_bridge = self.caller.closed.is_set() and not self.caller.hung_up
+            if problem is None and ended_by_bridge and not isinstance(step, HangUp):
                 problem = f"the bridge closed the stream (code {self.caller.close_code})"
             if problem is not None:
                 return f"step {index} ({describe(step)}): {problem}"

@@ -123,6 +123,7 @@ class TwilioCaller:
         self.violations: list[str] = []
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.hung_up = False  # this side ended the call (`stop`): not the bridge
         self.timeline = CallerTimeline()
 
         self._ws: ClientConnection | None = None
@@ -175,6 +176,7 @@ class TwilioCaller:
         """End the call as Twilio does: ``stop``, then a normal close."""
         if self._ws is None or self.closed.is_set():
             return
+        self.hung_up = True
         await self._stop_line()  # nothing follows `stop`
         await self._send_event("stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         await self._close_socket()
