@@ -356,6 +356,26 @@ async def test_a_key_cuts_the_bot_and_is_a_turn_then_silence_is_no_input() -> No
     await h.session.close()
 
 
+async def test_a_speech_turn_ending_after_a_key_s_reply_began_clears_that_reply() -> None:
+    h = Harness(["agent"])
+    await h.session.connect()
+    await h.say(quiet(20))
+    await h.say(quiet(3000))  # the greeting plays out
+    await h.say(voiced(300))  # the caller starts talking (confirmed: no bot to cut)...
+    await h.session.send_dtmf("1")  # ... presses a key meanwhile: its reply begins
+    await h.take()
+    assert h.dialogue.turns[-1] == Turn(TurnKind.DIGITS, "1")
+    assert not [e for e in h.events if isinstance(e, Interruption)]
+    await h.say(np.concatenate([voiced(300), quiet(600)]))  # ... and the speech turn ends
+    await h.until(UserTranscript)
+    [interruption] = await h.until(Interruption)
+    # Its audio queued at Twilio is cleared before the speech turn's reply.
+    assert interruption == Interruption("a new turn")
+    await h.take()
+    assert h.dialogue.turns[-1] == Turn(TurnKind.SPEECH, "agent")
+    await h.session.close()
+
+
 async def test_keys_pressed_in_a_burst_all_reach_the_dialogue_in_order() -> None:
     h = Harness([])
     await h.session.connect()

@@ -114,7 +114,7 @@ class CascadeSession:
             elif isinstance(signal, SpeechConfirmed):
                 self._waiting_for_input = False
                 if turns.bot_audible or self._replying():
-                    await self._barge_in("caller speech")
+                    self._interrupt("caller speech")
             elif isinstance(signal, SpeechEnded):
                 await self.stt.send(pcm)
                 self._end_turn(signal.at)
@@ -138,7 +138,7 @@ class CascadeSession:
         if self._closed is not None:
             return
         if self.turns is not None and (self.turns.bot_audible or self._replying()):
-            await self._barge_in("caller pressed a key")
+            self._interrupt("caller pressed a key")
         self._waiting_for_input = False
         self._keys += digit
         self._start_reply(Turn(TurnKind.DIGITS), None)
@@ -226,9 +226,12 @@ class CascadeSession:
     # -- replies ----------------------------------------------------------------------------
 
     def _start_reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
-        if self._replying():
-            assert self._reply_task is not None
-            self._reply_task.cancel()
+        # A turn that comes while the bot is still answering the last one (speech finalised
+        # after a key's reply began) cuts that reply as a barge-in does: its audio queued at
+        # Twilio is cleared, not played before the new one.
+        replying = self._replying() and self._reply_task is not None and not self._reply_task.cancelling()
+        if replying or (self.turns is not None and self.turns.bot_audible):
+            self._interrupt("a new turn")
         self._reply_task = asyncio.create_task(self._reply(turn, timing), name="cascade-reply")
 
     async def _reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
@@ -306,7 +309,8 @@ class CascadeSession:
                 self.turns.bot_speaks(duration, _level(pcm))
             self._events.put_nowait(AssistantAudio(pcm, number))
 
-    async def _barge_in(self, reason: str) -> None:
+    def _interrupt(self, reason: str) -> None:
+        """The bot stops: its reply is cancelled and the call clears what Twilio holds."""
         if self._replying():
             assert self._reply_task is not None
             self._reply_task.cancel()
