@@ -48,7 +48,7 @@ TTS_CHUNK_S = 0.2  # speech goes to the call in 200 ms chunks (one mark each)
 GRAMMARS_KEPT = 64  # distinct menus a worker keeps compiled
 RECOGNISERS = ("whisper", "pocketsphinx")
 # Whisper's window on a turn (or the turn, if longer). Measured on the corpus: 5 s hears
-# short answers best (10 s: 3 fewer menu answers), 10 s free speech (5 s: twice the errors).
+# short answers best (10 s: 2 fewer of 81), 10 s free speech (5 s: twice the word errors).
 WINDOW_EXPECTED_S = 5.0
 WINDOW_FREE_S = 10.0
 
@@ -164,7 +164,8 @@ def _hear_whisper(pcm: bytes, phrases: tuple[str, ...]) -> str | None:
     if not phrases:
         return whisper_text(_get_whisper().transcribe(pcm, "", WINDOW_FREE_S))
     digits_only = all(phrase.lower() in _KEY_NAMES for phrase in phrases)
-    # A menu's phrases prompt it ("Sales, support, agent."): +20 menu answers of 81.
+    # A menu's phrases prompt it ("sales, support, agent."): alone it then hears 47 menu
+    # answers of 81, not 32.
     prompt = "" if digits_only else ", ".join(p for p in phrases if p.lower() not in _KEY_NAMES) + "."
     text = _get_whisper().transcribe(pcm, prompt, WINDOW_EXPECTED_S, 0 if digits_only else 3)
     # Whisper writes numbers as digits ("4217"); the grammar and the flow take digit words.
