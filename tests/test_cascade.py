@@ -356,23 +356,26 @@ async def test_a_key_cuts_the_bot_and_is_a_turn_then_silence_is_no_input() -> No
     await h.session.close()
 
 
-async def test_a_speech_turn_ending_after_a_key_s_reply_began_clears_that_reply() -> None:
-    h = Harness(["agent"])
+async def test_a_key_pressed_while_the_caller_talks_wins_over_the_words() -> None:
+    h = Harness(["agent", "bye"])
     await h.session.connect()
     await h.say(quiet(20))
     await h.say(quiet(3000))  # the greeting plays out
-    await h.say(voiced(300))  # the caller starts talking (confirmed: no bot to cut)...
-    await h.session.send_dtmf("1")  # ... presses a key meanwhile: its reply begins
+    await h.say(voiced(300))  # the caller starts talking...
+    await h.session.send_dtmf("1")  # ... and presses a key meanwhile: its reply begins
     await h.take()
-    assert h.dialogue.turns[-1] == Turn(TurnKind.DIGITS, "1")
-    assert not [e for e in h.events if isinstance(e, Interruption)]
-    await h.say(np.concatenate([voiced(300), quiet(600)]))  # ... and the speech turn ends
-    await h.until(UserTranscript)
-    [interruption] = await h.until(Interruption)
-    # Its audio queued at Twilio is cleared before the speech turn's reply.
-    assert interruption == Interruption("a new turn")
-    await h.take()
-    assert h.dialogue.turns[-1] == Turn(TurnKind.SPEECH, "agent")
+    key_reply = h.tts.syntheses[-1]
+    await h.say(np.concatenate([voiced(300), quiet(600)]))  # ... and the words end
+    await h.say(quiet(400))
+    # The words are not answered: the key's reply plays on, never cut or queued behind.
+    assert [t.kind for t in h.dialogue.turns] == [TurnKind.START, TurnKind.DIGITS]
+    assert not [e for e in h.events if isinstance(e, Interruption)] and not key_reply.cancelled
+    assert not [e for e in h.events if isinstance(e, UserTranscript)]
+    # The next words are a turn as ever.
+    await h.say(quiet(1000))
+    await h.say(np.concatenate([voiced(400), quiet(600)]))
+    [said] = await h.until(UserTranscript)
+    assert said == UserTranscript("bye", True)
     await h.session.close()
 
 

@@ -78,6 +78,7 @@ class CascadeSession:
         self._finals: asyncio.Queue[Heard] = asyncio.Queue()
         self._discard_final = False  # the finals up to the next last one are a dropped burst's (a cough)
         self._keys = ""  # keys pressed that the dialogue has not taken yet
+        self._drop_speech = False  # the speech turn under way was overtaken by a key
         self.response = 0
         self._said: dict[int, tuple[str, float]] = {}  # reply -> (its text, seconds of audio)
         self._listening_since = 0.0  # caller-audio time the bot last finished (no-input timer)
@@ -121,6 +122,7 @@ class CascadeSession:
             elif isinstance(signal, SpeechDropped):
                 await self.stt.flush()  # the recogniser starts afresh; its (empty) final is dropped
                 self._discard_final = True
+                self._drop_speech = False
             elif isinstance(signal, SpeechPaused | SpeechResumed):
                 may_end = isinstance(signal, SpeechPaused)
         if in_utterance and turns.in_speech:
@@ -140,6 +142,10 @@ class CascadeSession:
         if self.turns is not None and (self.turns.bot_audible or self._replying()):
             self._interrupt("caller pressed a key")
         self._waiting_for_input = False
+        # Keys win over speech, as in classic IVRs: words the caller was saying, or that
+        # are still being recognised, are not answered after the key's reply has begun.
+        finalising = self._turn_task is not None and not self._turn_task.done()
+        self._drop_speech = finalising or (self.turns is not None and self.turns.in_speech)
         self._keys += digit
         self._start_reply(Turn(TurnKind.DIGITS), None)
 
@@ -217,6 +223,10 @@ class CascadeSession:
         except TimeoutError:
             log.warning("%s: the recogniser gave no transcript within %g s", self.name, FINAL_TIMEOUT_S)
         text = " ".join(t.strip() for t in texts if t.strip())
+        if self._drop_speech:
+            self._drop_speech = False
+            log.info("%s: a key overtook the caller's words %r: not answered", self.name, text[:80])
+            return
         if not text:
             self._waiting_for_input = True  # noise, or nothing recognised: still the caller's turn
             return
@@ -226,12 +236,9 @@ class CascadeSession:
     # -- replies ----------------------------------------------------------------------------
 
     def _start_reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
-        # A turn that comes while the bot is still answering the last one (speech finalised
-        # after a key's reply began) cuts that reply as a barge-in does: its audio queued at
-        # Twilio is cleared, not played before the new one.
-        replying = self._replying() and self._reply_task is not None and not self._reply_task.cancelling()
-        if replying or (self.turns is not None and self.turns.bot_audible):
-            self._interrupt("a new turn")
+        if self._replying():
+            assert self._reply_task is not None
+            self._reply_task.cancel()
         self._reply_task = asyncio.create_task(self._reply(turn, timing), name="cascade-reply")
 
     async def _reply(self, turn: Turn, timing: tuple[float, float] | None) -> None:
