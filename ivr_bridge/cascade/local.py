@@ -163,17 +163,18 @@ def _hear_whisper(pcm: bytes, phrases: tuple[str, ...]) -> str | None:
     """Whisper's words; None when the dialogue expects phrases and none of them was heard."""
     if not phrases:
         return whisper_text(_get_whisper().transcribe(pcm, "", WINDOW_FREE_S))
-    digits_only = all(phrase.lower() in _KEY_NAMES for phrase in phrases)
+    menu = [phrase for phrase in phrases if phrase.lower() not in _KEY_NAMES]
+    digits_only = not menu
     # A menu's phrases prompt it ("sales, support, agent."): alone it then hears 47 menu
     # answers of 81, not 32.
-    prompt = "" if digits_only else ", ".join(p for p in phrases if p.lower() not in _KEY_NAMES) + "."
+    prompt = ", ".join(menu) + "." if menu else ""
     text = _get_whisper().transcribe(pcm, prompt, WINDOW_EXPECTED_S, 0 if digits_only else 3)
     # Whisper writes numbers as digits ("4217"); the grammar and the flow take digit words.
     words = _words(re.sub(r"[0-9]", r" \g<0> ", text) if digits_only else text)
     if any(_contains(words, _words(phrase)) for phrase in phrases):
         return " ".join(words) if digits_only else whisper_text(text)
     # Not for key names: "to" and "for" are not keys.
-    return None if digits_only else _homophone(words, [p for p in phrases if p.lower() not in _KEY_NAMES])
+    return None if digits_only else _homophone(words, menu)
 
 
 def _homophone(words: list[str], phrases: list[str]) -> str | None:
