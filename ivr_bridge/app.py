@@ -18,7 +18,8 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from ivr_bridge.call import POLICY_VIOLATION, Call, Handoff, Outcome
@@ -65,21 +66,23 @@ MAX_WEBHOOK_BYTES = 32 * 1024
 MAX_WEBHOOK_FIELDS = 200
 
 
-class StarletteTwilioSocket:
-    """Adapts Starlette's WebSocket to the orchestrator's `TwilioSocket`."""
+class AsgiTwilioSocket:
+    """The orchestrator's `TwilioSocket` on the stream's own ASGI `receive` and `send`.
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self._ws = websocket
+    Starlette's WebSocket re-checks its state machine on every message and its exception
+    handlers wrap every send; the handshake goes through it, the 50 frames a second each
+    way of an accepted stream do not."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
         self._closed = False
         self.close_code: int | None = None  # the code the socket closed with, once closed
 
     async def receive(self) -> str | bytes | None:
         if self._closed:
             return None
-        try:
-            message = await self._ws.receive()
-        except RuntimeError:  # receive after the disconnect message
-            message = {"type": "websocket.disconnect"}
+        message = await self._receive()
         if message["type"] == "websocket.disconnect":
             self._closed = True
             self.close_code = message.get("code")
@@ -89,8 +92,8 @@ class StarletteTwilioSocket:
 
     async def send(self, text: str) -> None:
         try:
-            await self._ws.send_text(text)
-        except (WebSocketDisconnect, RuntimeError) as exc:
+            await self._send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError) as exc:  # gone, or closed by this side
             # Leave receive() working: frames that arrived before the close (a `stop`) are
             # still queued and say how the call ended.
             raise ConnectionError("Twilio socket closed") from exc
@@ -98,8 +101,19 @@ class StarletteTwilioSocket:
     async def close(self, code: int = 1000) -> None:
         if not self._closed:
             self._closed = True
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # already gone
-                await self._ws.close(code)
+            with contextlib.suppress(OSError, RuntimeError):  # already gone
+                await self._send({"type": "websocket.close", "code": code})
+
+
+class StreamEndpoint:
+    """An ASGI app for a Media Stream route: `handle(websocket, receive, send)` gets the
+    Starlette WebSocket for the handshake and the raw callables for the stream."""
+
+    def __init__(self, handle: Callable[[WebSocket, Receive, Send], Coroutine[Any, Any, None]]) -> None:
+        self._handle = handle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handle(WebSocket(scope, receive, send), receive, send)
 
 
 def twiml_for_call(settings: Settings, params: dict[str, str], token: str | None = None) -> str:
@@ -389,7 +403,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
         slot_freed.set()  # wake the webhooks waiting for a slot; the next ones wait anew
         slot_freed = asyncio.Event()
 
-    async def media_stream(websocket: WebSocket) -> None:
+    async def media_stream(websocket: WebSocket, receive: Receive, send: Send) -> None:
         # Refusals happen before accept(): uvicorn then answers the upgrade with HTTP 403,
         # and no voice API session is ever opened.
         if tokens is not None:
@@ -402,9 +416,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                 )
                 await websocket.close(code=POLICY_VIOLATION)
                 return
-        await serve_stream(websocket)
+        await serve_stream(websocket, AsgiTwilioSocket(receive, send))
 
-    async def phone_stream(websocket: WebSocket) -> None:
+    async def phone_stream(websocket: WebSocket, receive: Receive, send: Send) -> None:
         """The softphone's Media Stream: a browser cannot sign the upgrade as Twilio does,
         so it brings the per-call token `POST /phone/calls` gave it (when protected)."""
         call_sid = websocket.query_params.get("call", "")
@@ -422,10 +436,13 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             return
         # Spent here; with a fabric, spent for the fleet too when its `start` is admitted.
         spent = tokens.spent_key(token) if tokens is not None and token else (None, 0)
-        await serve_stream(websocket, softphone=call_sid, spent=spent)
+        await serve_stream(websocket, AsgiTwilioSocket(receive, send), softphone=call_sid, spent=spent)
 
     async def serve_stream(
-        websocket: WebSocket, softphone: str = "", spent: tuple[str | None, int] = (None, 0)
+        websocket: WebSocket,
+        twilio: AsgiTwilioSocket,
+        softphone: str = "",
+        spent: tuple[str | None, int] = (None, 0),
     ) -> None:
         client = _peer(websocket)
         if websocket.app.state.draining:  # DRAINING (shutdown): refuse before accept, no call
@@ -437,7 +454,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             return
         call = Call(
             settings,
-            StarletteTwilioSocket(websocket),
+            twilio,
             metrics=metrics,
             admit=lambda start: admit(call, start, spent),
             on_event=lambda event: publish(call, event),
@@ -526,8 +543,8 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
     app = Starlette(
         routes=[
             Route("/twiml", twiml, methods=["GET", "POST"]),
-            WebSocketRoute("/media-stream", media_stream),
-            WebSocketRoute("/phone/stream", phone_stream),
+            WebSocketRoute("/media-stream", StreamEndpoint(media_stream)),
+            WebSocketRoute("/phone/stream", StreamEndpoint(phone_stream)),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/stream-status", stream_status, methods=["POST"]),
             Route("/readyz", readyz, methods=["GET"]),

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import math
 import socket
@@ -67,7 +68,12 @@ HOOK_SECRET = "bench-hook-secret"
 
 
 PEERS = ("pipecat", "relay")  # --peer pipecat runs both beside ivr-bridge
+BEFORE = "before"  # --against: ivr-bridge from another checkout, the unchanged code
+OWN = ("ivr-bridge", BEFORE)
+RUNS = itertools.count(1)
 PIPECAT = "pipecat-ai[websocket]==1.14.0"  # the version the figures in BENCHMARKS.md were taken with
+# Its websocket extra brings FastAPI but no server.
+PEER_PACKAGES = (PIPECAT, "uvicorn==0.54.0", "uvloop")
 PEER_VENV = ROOT / ".bench" / "pipecat-venv"  # made on first use (about 530 MB)
 
 
@@ -250,19 +256,12 @@ def peer_venv() -> Path:
     """The Pipecat peer's own virtual environment (its dependencies are not ours)."""
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
-        print(f"bench: installing {PIPECAT} into {PEER_VENV} (once)", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+    # Checked each run, not only when the folder is new: an install cut short leaves a venv.
+    if subprocess.run([str(python), "-c", "import pipecat, uvicorn, uvloop"], capture_output=True).returncode:
+        print(f"bench: installing {PIPECAT} into {PEER_VENV} (once)", file=sys.stderr, flush=True)
         subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                PIPECAT,
-                "uvloop",
-            ],
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *PEER_PACKAGES],
             check=True,
         )
     return python
@@ -297,7 +296,7 @@ def run_level(
                     break
                 except OSError:
                     bridge_port = free_port()
-    tag = f"{bridge_name}-{concurrency}"
+    tag = f"{bridge_name}-{concurrency}-{next(RUNS)}"  # each run its own timelines and logs
     standin_timeline = workdir / f"standin-{tag}.jsonl"
     caller_timeline = workdir / f"callers-{tag}.jsonl"
     standin = spawn(
@@ -330,11 +329,11 @@ def run_level(
         hook_port = free_port()
         receiver = spawn(
             ["hook-receiver", "--port", str(hook_port), "--secret", HOOK_SECRET],
-            log=workdir / f"hooks-{concurrency}.log",
+            log=workdir / f"hooks-{tag}.log",
         )
         hooks = {"IVR_HOOK_URL": f"http://127.0.0.1:{hook_port}/", "IVR_HOOK_SECRET": HOOK_SECRET}
     database = workdir / f"calls-{tag}.db"
-    if bridge_name == "ivr-bridge":
+    if bridge_name in OWN:
         bridge = spawn(
             ["serve", "--port", str(bridge_port), "--log-level", "WARNING"],
             env={
@@ -346,6 +345,7 @@ def run_level(
                 "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
             },
             log=workdir / f"bridge-{tag}.log",
+            cwd=args.against if bridge_name == BEFORE else ROOT,
         )
     else:
         bridge = spawn_peer(
@@ -353,7 +353,7 @@ def run_level(
         )
     base = f"http://127.0.0.1:{bridge_port}"
     try:
-        if bridge_name == "ivr-bridge":
+        if bridge_name in OWN:
             wait_until(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, 30, "bridge start")
         else:
             wait_until(
@@ -379,7 +379,7 @@ def run_level(
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
         level.rss_peak_mb = status_kib(bridge.pid, "VmHWM") / 1024
-        if bridge_name == "ivr-bridge":
+        if bridge_name in OWN:
             metrics = httpx.get(f"{base}/metrics", timeout=10).text
             bridge_clear_times(level, metrics)
             level.hooks_failed = int(metric(metrics, 'ivr_hook_deliveries_total{result="failed"}'))
@@ -401,14 +401,14 @@ def run_level(
             stop(receiver)
     level.events_on_record = count_events(database) if database.exists() else 0
     if args.hooks:
-        log_lines = (workdir / f"hooks-{concurrency}.log").read_text().splitlines()
+        log_lines = (workdir / f"hooks-{tag}.log").read_text().splitlines()
         level.hooks_delivered = sum(line.startswith("{") for line in log_lines)
     summarise(
         level,
         report,
         read_lines(caller_timeline),
         read_lines(standin_timeline, "session"),
-        args.chunk_ms // 20 if bridge_name == "ivr-bridge" else 1,  # the peers send every frame
+        args.chunk_ms // 20 if bridge_name in OWN else 1,  # the peers send every frame
     )
     return level
 
@@ -473,7 +473,7 @@ def table(levels: list[Level]) -> str:
 def side_by_side(levels: list[Level]) -> str:
     """One concurrency level, ivr-bridge beside the peers (PEERS)."""
     by_name = {lv.bridge: lv for lv in levels}
-    pipecat, floor = by_name.get("pipecat"), by_name.get("relay")
+    pipecat, floor, before = by_name.get("pipecat"), by_name.get("relay"), by_name.get(BEFORE)
 
     def ratio(lv: Level, to: Level | None) -> str:
         return (
@@ -487,7 +487,7 @@ def side_by_side(levels: list[Level]) -> str:
 
     rows = [
         f"{levels[0].concurrency} calls: bridge   ok/fail  CPU s/call-min  vs Pipecat  vs floor  "
-        "in p50/p99 ms  out p50/p99 ms  reply audio  peak RSS MB",
+        "in p50/p99 ms  out p50/p99 ms  reply audio  peak RSS MB" + ("  vs before" if before else ""),
     ]
     for lv in levels:
         rows.append(
@@ -495,7 +495,7 @@ def side_by_side(levels: list[Level]) -> str:
             f"{ratio(lv, pipecat):>10}  {ratio(lv, floor):>8}  "
             f"{p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms, 'p99'):<6}  "
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms, 'p99'):<6}  {lv.reply_audio_pct:10.1f}%  "
-            f"{lv.rss_peak_mb:11.1f}"
+            f"{lv.rss_peak_mb:11.1f}" + (f"  {ratio(lv, before):>9}" if before else "")
         )
     return "\n".join(rows)
 
@@ -541,6 +541,13 @@ def main() -> int:
         "(scripts/peers), on the --provider's path",
     )
     parser.add_argument(
+        "--against",
+        type=Path,
+        help="run each level through ivr-bridge from this other checkout too (e.g. a `git worktree` "
+        "of the commit before a change), alternating which goes first, side by side",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="run each level this many times")
+    parser.add_argument(
         "--limit-ms", type=float, default=LIMIT_MS, help="p99 added latency allowed at the capacity level"
     )
     parser.add_argument("--json", action="store_true")
@@ -551,10 +558,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ivr-bench-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        for concurrency in (int(x) for x in args.levels.split(",")):
-            if args.peer:
-                # The same callers and stand-in, one bridge after another.
-                group = [run_level(concurrency, args, workdir, name) for name in ("ivr-bridge", *PEERS)]
+        bridges = ["ivr-bridge", *(PEERS if args.peer else ()), *((BEFORE,) if args.against else ())]
+        for concurrency, round_ in itertools.product(map(int, args.levels.split(",")), range(args.rounds)):
+            if len(bridges) > 1:
+                # The same callers and stand-in, one bridge after another; the order turns
+                # each round, so no bridge always runs on a machine warmed by the others.
+                order = bridges[round_ % len(bridges) :] + bridges[: round_ % len(bridges)]
+                group = sorted(
+                    (run_level(concurrency, args, workdir, name) for name in order),
+                    key=lambda lv: bridges.index(lv.bridge),
+                )
                 peers.extend(group[1:])
                 levels.append(group[0])
                 if not args.json:

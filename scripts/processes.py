@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 def spawn(
-    args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+    args: list[str], env: dict[str, str] | None = None, log: Path | None = None, cwd: Path = ROOT
 ) -> subprocess.Popen[bytes]:
-    """`python -m ivr_bridge ARGS` in the repository, output to `log` (appended) or nowhere.
+    """`python -m ivr_bridge ARGS` in the repository (or in `cwd`, another checkout, whose
+    package is then the one imported), output to `log` (appended) or nowhere.
     `env` is laid over this process's environment, less any of the bridge's own settings in the
     shell, so a run is the same wherever it is started."""
     from ivr_bridge.settings import OWN_PREFIX, Settings
@@ -34,10 +35,10 @@ def spawn(
     cmd = [sys.executable, "-m", "ivr_bridge", *args]
     if log is None:
         return subprocess.Popen(cmd, env={**base, **(env or {})}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
+                                stderr=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            cmd, env={**base, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+            cmd, env={**base, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
         )
 
 

@@ -37,7 +37,7 @@ class FakeTwilio:
         self.instant_playback = instant_playback
         self.sent: list[dict[str, Any]] = []  # every frame the bridge sent, parsed
         self.closed_with: int | None = None
-        self.close_code: int | None = None  # what the socket closed with (StarletteTwilioSocket's)
+        self.close_code: int | None = None  # what the socket closed with (AsgiTwilioSocket's)
         self._inbound: asyncio.Queue[str | None] = asyncio.Queue()
         self._pending_marks: list[str] = []
         self._sequence = 0

@@ -230,7 +230,7 @@ def test_every_call_s_resampler_shares_one_filter_design() -> None:
     a, b = Resampler(44100, 8000), Resampler(44100, 8000)
     assert a._kernel is b._kernel
     a.process(np.ones(4410, dtype=np.int16))
-    assert b._n_in == 0 and not b._hist.any()  # the state stays each call's own
+    assert b._n_in == 0 and not b._buf.any()  # the state stays each call's own
 
 
 def test_every_inbound_frame_gives_480_and_outbound_chunk_800() -> None:

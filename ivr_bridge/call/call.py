@@ -118,6 +118,7 @@ class Call:
         self._twilio_gone = False  # a send found the Twilio socket closed
         self._dtmf_sends: set[asyncio.Future[None]] = set()
         self._last_frame_at = 0.0
+        self._sending_since: float | None = None  # when a send to Twilio still waiting began
 
     # -- what others read ----------------------------------------------------------------
 
@@ -475,18 +476,12 @@ class Call:
             await self._send(text)
 
     async def _send(self, text: str) -> None:
-        # A Twilio socket that stops reading would hold the bot's audio here without end
-        # (and upstream frames behind it): bound the wait and end the call instead.
-        try:
-            async with asyncio.timeout(self.settings.twilio_send_timeout_s):
-                await self.twilio.send(text)
-        except TimeoutError:
-            self.lifecycle.end(Outcome.TWILIO_STALLED)
-            self.log.error(
-                "Twilio took over %.1f s to accept a frame; ending the call",
-                self.settings.twilio_send_timeout_s,
-            )
-            raise ConnectionError("Twilio socket stalled") from None
+        # A Twilio socket that stops reading could hold the bot's audio here without end
+        # (and upstream frames behind it): the watchdog ends a call whose send has waited
+        # too long. Stamped here rather than a timer armed and cancelled per frame.
+        self._sending_since = asyncio.get_running_loop().time()
+        await self.twilio.send(text)
+        self._sending_since = None
 
     def _report_lines(self) -> None:
         if self.downlink.lines:  # (most mark echoes settle nothing)
@@ -506,10 +501,22 @@ class Call:
         loop = asyncio.get_running_loop()
         settings = self.settings
         self._last_frame_at = loop.time()
-        period = min(1.0, settings.idle_timeout_s / 4, (self.keeper.cap_s or 16.0) / 16)
+        period = min(
+            1.0,
+            settings.idle_timeout_s / 4,
+            settings.twilio_send_timeout_s / 2,
+            (self.keeper.cap_s or 16.0) / 16,
+        )
         while True:
             await asyncio.sleep(period)
             now = loop.time()
+            if self._sending_since is not None and now - self._sending_since > settings.twilio_send_timeout_s:
+                self.lifecycle.end(Outcome.TWILIO_STALLED)
+                self.log.error(
+                    "Twilio took over %.1f s to accept a frame; ending the call",
+                    settings.twilio_send_timeout_s,
+                )
+                return
             if now - self._last_frame_at > settings.idle_timeout_s:
                 self.lifecycle.end(Outcome.IDLE)
                 self.log.warning("no media from Twilio for %.0f s; ending the call", settings.idle_timeout_s)

@@ -41,6 +41,7 @@ from ivr_bridge.providers.base import (
     VoiceEvent,
     setting,
 )
+from ivr_bridge.providers.websocket import send_message
 from ivr_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class NextEviSession:
         if self._ws is None or self._closed:
             return
         try:
-            await self._ws.send(pcm)
+            await send_message(self._ws, pcm)
         except ConnectionClosed:
             return  # receive() reports the close
         self._last_send = time.monotonic()

@@ -17,12 +17,33 @@ from typing import Protocol
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from ivr_bridge.audio import AudioFormat
 from ivr_bridge.providers.base import NORMAL_CLOSE, Closed, Ready, VoiceEvent
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # generous for audio in base64 JSON; larger closes with 1009
 READY_TIMEOUT_S = 15.0
+
+
+async def send_message(ws: ClientConnection, message: str | bytes) -> None:
+    """`ws.send(message)`, written at once when nothing could make it wait.
+
+    `send()` runs an async context manager and a drain per message, about a third of its
+    cost beside the socket write (py-spy at 100 calls, one message per 20 ms each: 4 % of
+    the bridge's CPU). When the connection is open and its transport is not paused by flow
+    control, the frame goes straight through the connection's sans-I/O protocol to the
+    transport, as `send()` itself would put it; otherwise `send()` does everything (waits,
+    raises ConnectionClosed). The bridge never sends fragmented messages, so none can be in
+    progress."""
+    if ws.protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing():
+        if isinstance(message, str):
+            ws.protocol.send_text(message.encode())
+        else:
+            ws.protocol.send_binary(message)
+        ws.send_data()
+        return
+    await ws.send(message)
 
 
 class RealtimeProtocol(Protocol):
@@ -137,4 +158,4 @@ class WebSocketSession:
         if self._ws is None or self._closed is not None:
             return
         with contextlib.suppress(ConnectionClosed):  # receive() reports the close
-            await self._ws.send(message)
+            await send_message(self._ws, message)
