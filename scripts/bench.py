@@ -503,9 +503,9 @@ def side_by_side(levels: list[Level]) -> str:
 def rss_slope(levels: list[Level]) -> float | None:
     """Memory per call: the least-squares slope of peak RSS over concurrency (MB per call),
     free of the fixed cost that `rss_per_call_mb` spreads over each level's calls."""
-    if len(levels) < 2:
-        return None
     xs = [lv.concurrency for lv in levels]
+    if len(set(xs)) < 2:
+        return None
     ys = [lv.rss_peak_mb for lv in levels]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return round(
