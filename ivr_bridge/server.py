@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 from ivr_bridge.call import Outcome
 from ivr_bridge.connections import guarded_protocol
+from ivr_bridge.ws_protocol import StreamWebSocketProtocol
 
 log = logging.getLogger("ivr_bridge.server")
 
@@ -48,6 +49,7 @@ def server_config(
         http=guarded_protocol(app.state.unproven, settings.request_timeout_s),
         log_level=log_level.lower(),
         log_config=None,  # uvicorn's records go through the process's one safe formatter (logs.py)
+        ws=StreamWebSocketProtocol,  # reading paused only when frames pile up (ws_protocol.py)
         ws_max_size=WS_MAX_SIZE,
         # Compressing audio costs CPU on every frame and saves almost nothing.
         ws_per_message_deflate=False,
