@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,20 @@ HEARTBEAT_S = 10.0
 STALE_BEATS = 6
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
+
+
+async def _workers_stopped(threads_before: set[threading.Thread], timeout: float = 2.0) -> None:
+    """Wait (bounded) for the aiosqlite worker threads started since `threads_before` to end.
+
+    A connection that failed to open leaves its thread to finish a stop request whose
+    result it posts to this event loop: if the loop has closed by then (a start-up that
+    gives up), the thread prints a traceback, where start-up promises one line."""
+    workers = [
+        t for t in threading.enumerate() if t not in threads_before and "_connection_worker_thread" in t.name
+    ]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while any(t.is_alive() for t in workers) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.005)
 
 
 class RecordsError(RuntimeError):
@@ -244,6 +259,7 @@ class CallStore:
         beats for this instance and sweeps for dead ones every HEARTBEAT_S.
 
         Raises RecordsError when the database cannot be reached or migrated."""
+        threads_before = set(threading.enumerate())
         try:
             if self._engine is None:
                 self._engine = self._create_engine()
@@ -260,6 +276,7 @@ class CallStore:
                 with contextlib.suppress(Exception):
                     await self._engine.dispose()
                 self._engine = self._write_engine = None
+            await _workers_stopped(threads_before)
             if isinstance(e, RecordsError):
                 raise
             raise RecordsError(f"cannot open the call records at {self.redacted_url}: {_reason(e)}") from e

@@ -825,3 +825,18 @@ async def test_a_dead_instances_calls_are_marked_once_by_a_survivor(backend: Bac
     assert {r["call_sid"]: r["outcome"] for r in rows} == {f"CA-dead-{n}": "interrupted" for n in range(3)}
     alive = {r for r in await backend.scalars("SELECT instance_id FROM ivr_instances")}
     assert alive == {"host-0", "host-1", "host-2"}  # the dead one forgotten, the living beating
+
+
+async def test_a_store_that_cannot_open_leaves_no_worker_thread_behind(tmp_path: Path) -> None:
+    # A directory is no database: the connection fails inside aiosqlite's worker thread.
+    # That thread must be gone when open() raises: a start-up that gives up closes its loop
+    # next, and a thread still posting to it would print a traceback (tests/test_deploy.py).
+    import threading
+
+    before = set(threading.enumerate())
+    for _ in range(5):
+        store = CallStore(f"sqlite+aiosqlite:///{tmp_path}", "test")
+        with pytest.raises(RecordsError, match="unable to open database file"):
+            await store.open()
+        left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert left == []
