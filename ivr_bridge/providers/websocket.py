@@ -29,12 +29,12 @@ READY_TIMEOUT_S = 15.0
 async def send_message(ws: ClientConnection, message: str | bytes) -> None:
     """`ws.send(message)`, written at once when nothing could make it wait.
 
-    `send()` runs an async context manager and a drain per message, about a third of its
-    cost beside the socket write (py-spy at 100 calls, one message per 20 ms each: 4 % of
-    the bridge's CPU). When the connection is open and its transport is not paused by flow
-    control, the frame goes straight through the connection's sans-I/O protocol to the
-    transport, as `send()` itself would put it; otherwise `send()` does everything (waits,
-    raises ConnectionClosed). The bridge never sends fragmented messages, so none can be in
+    `send()` runs an async context manager and a drain for every message: at one message
+    per 20 ms per call that overhead is paid 50 times a second (BENCHMARKS.md, issue 14).
+    When the connection is open and its transport is not paused by flow control, the frame
+    goes straight through the connection's sans-I/O protocol to the transport, as `send()`
+    itself would put it; otherwise `send()` does everything (waits, raises
+    ConnectionClosed). The bridge never sends fragmented messages, so none can be in
     progress."""
     if ws.protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing():
         if isinstance(message, str):
