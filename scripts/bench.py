@@ -13,7 +13,8 @@ and records:
 - bridge-added latency, voice API -> caller: the stand-in's send time of each tts_chunk to
   the caller's arrival time of the first media after it;
 - tts_interruption -> clear: the stand-in's send time to the caller's arrival time;
-- frames lost in each direction; calls completed; the generator's own send lateness;
+- frames lost in each direction; calls completed; the generator's own send lateness, and
+  the CPU-s per call-minute of the generator and the stand-in (they share the cores);
 - with `--hooks`, hook deliveries to a receiver process (`ivr-bridge hook-receiver`).
 
 The bridge runs as shipped: every call is written to its records (SQLite, in the work
@@ -47,6 +48,7 @@ import bisect
 import itertools
 import json
 import math
+import resource
 import socket
 import subprocess
 import sys
@@ -87,6 +89,9 @@ class Level:
     call_minutes: float = 0.0
     cpu_seconds: float = 0.0
     cpu_per_call_minute: float = 0.0
+    # The other two processes on the same cores: what they take is not the bridge's.
+    generator_cpu_per_call_minute: float = 0.0
+    standin_cpu_per_call_minute: float = 0.0
     rss_idle_mb: float = 0.0
     rss_peak_mb: float = 0.0
     hooks_delivered: int = 0
@@ -364,6 +369,8 @@ def run_level(
         )
         level.rss_idle_mb = status_kib(bridge.pid, "VmRSS") / 1024
         cpu_before = cpu_seconds(bridge.pid)
+        standin_cpu_before = cpu_seconds(standin.pid)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         ramp = args.ramp if args.ramp is not None else min(15.0, concurrency * 0.05)
         result = subprocess.run(
             [
@@ -378,6 +385,11 @@ def run_level(
             capture_output=True, text=True, cwd=ROOT, timeout=args.timeout,
         )  # fmt: skip
         level.cpu_seconds = cpu_seconds(bridge.pid) - cpu_before
+        standin_cpu = cpu_seconds(standin.pid) - standin_cpu_before
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the generator has ended
+        generator_cpu = (children.ru_utime + children.ru_stime) - (
+            children_before.ru_utime + children_before.ru_stime
+        )
         level.rss_peak_mb = status_kib(bridge.pid, "VmHWM") / 1024
         if bridge_name in OWN:
             metrics = httpx.get(f"{base}/metrics", timeout=10).text
@@ -410,6 +422,9 @@ def run_level(
         read_lines(standin_timeline, "session"),
         args.chunk_ms // 20 if bridge_name in OWN else 1,  # the peers send every frame
     )
+    minutes = max(level.call_minutes, 1e-9)
+    level.generator_cpu_per_call_minute = round(generator_cpu / minutes, 4)
+    level.standin_cpu_per_call_minute = round(standin_cpu / minutes, 4)
     return level
 
 
@@ -456,7 +471,7 @@ def table(levels: list[Level]) -> str:
 
     rows = [
         "calls  ok/fail  CPU s/call-min  RSS MB/call  in p50/p99 ms  out p50/p99 ms  clear p99 ms  "
-        "clear in bridge p99  lost in/out  gen late p99 ms  recorded  hooks  within limits",
+        "clear in bridge p99  lost in/out  gen late p99 ms  gen/stand-in CPU  recorded  hooks  within limits",
     ]
     for lv in levels:
         rows.append(
@@ -465,6 +480,7 @@ def table(levels: list[Level]) -> str:
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms):<6}  {p(lv.clear_ms):>12}  "
             f"{in_bridge(lv):>19}  "
             f"{lv.frames_lost_in:5d}/{lv.frames_lost_out:<5d}  {p(lv.generator_lateness_ms):>15}  "
+            f"{lv.generator_cpu_per_call_minute:8.3f}/{lv.standin_cpu_per_call_minute:<7.3f}  "
             f"{lv.events_on_record:8d}  {lv.hooks_delivered:5d}  {'yes' if lv.within_limits else 'no'}"
         )
     return "\n".join(rows)
