@@ -97,8 +97,7 @@ async def test_reading_pauses_only_when_frames_pile_up_and_resumes_once_taken() 
     # Once the app has taken everything, reading resumes, once.
     waiting = protocol.queue.qsize()
     reading.set()
-    await wait_for(lambda: protocol.queue.qsize() == 0)
-    await asyncio.sleep(0)
+    await wait_for(lambda: protocol.queue.qsize() == 0 and transport.resumes > 0)
     assert transport.resumes == 1
     assert got[-1] == "while paused" and len(got) >= 3 * HIGH_WATER + waiting
     protocol.connection_lost(None)

@@ -480,8 +480,10 @@ class Call:
         # (and upstream frames behind it): the watchdog ends a call whose send has waited
         # too long. Stamped here rather than a timer armed and cancelled per frame.
         self._sending_since = asyncio.get_running_loop().time()
-        await self.twilio.send(text)
-        self._sending_since = None
+        try:
+            await self.twilio.send(text)
+        finally:
+            self._sending_since = None  # a send that failed is not one still waiting
 
     def _report_lines(self) -> None:
         if self.downlink.lines:  # (most mark echoes settle nothing)
