@@ -26,24 +26,29 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # generous for audio in base64 JSON; large
 READY_TIMEOUT_S = 15.0
 
 
-async def send_message(ws: ClientConnection, message: str | bytes) -> None:
-    """`ws.send(message)`, written at once when nothing could make it wait.
+def write_now(ws: ClientConnection, message: str | bytes) -> bool:
+    """Write `message` at once if nothing could make `ws.send()` wait; False if not written.
 
     `send()` runs an async context manager and a drain for every message: at one message
     per 20 ms per call that overhead is paid 50 times a second (BENCHMARKS.md, issue 14).
     When the connection is open and its transport is not paused by flow control, the frame
     goes straight through the connection's sans-I/O protocol to the transport, as `send()`
-    itself would put it; otherwise `send()` does everything (waits, raises
-    ConnectionClosed). The bridge never sends fragmented messages, so none can be in
-    progress."""
-    if ws.protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing():
-        if isinstance(message, str):
-            ws.protocol.send_text(message.encode())
-        else:
-            ws.protocol.send_binary(message)
-        ws.send_data()
-        return
-    await ws.send(message)
+    itself would put it. Nobody here sends fragmented messages, so none can be in progress."""
+    if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
+        return False
+    if isinstance(message, str):
+        ws.protocol.send_text(message.encode())
+    else:
+        ws.protocol.send_binary(message)
+    ws.send_data()
+    return True
+
+
+async def send_message(ws: ClientConnection, message: str | bytes) -> None:
+    """`ws.send(message)`, written at once when nothing could make it wait (`write_now`);
+    otherwise `send()` does everything (waits, raises ConnectionClosed)."""
+    if not write_now(ws, message):
+        await ws.send(message)
 
 
 class RealtimeProtocol(Protocol):

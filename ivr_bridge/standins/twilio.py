@@ -17,7 +17,10 @@ Choices worth knowing:
 * Sending after the socket has closed is a quiet no-op, as the call is over.
 * :attr:`~TwilioCaller.timeline` records, with ``time.monotonic()`` stamps, each frame
   sent (and when it was due), each media, mark and clear received: the raw material for
-  latency measurements. The frame clock is ``time.monotonic()`` too.
+  latency measurements. The frame clock is ``time.monotonic()`` too, in whole milliseconds.
+* Every caller in an event loop is paced by one :class:`FrameClock`: a caller's frame and
+  its handset's playout are callbacks due at a millisecond, not tasks sleeping 20 ms each,
+  so one load generator process carries hundreds of calls (BENCHMARKS.md, issue 14).
 """
 
 from __future__ import annotations
@@ -28,17 +31,21 @@ import binascii
 import contextlib
 import inspect
 import json
+import math
 import secrets
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from ivr_bridge.providers.websocket import write_now
 from ivr_bridge.standins.timeline import CallerTimeline
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
@@ -47,6 +54,8 @@ BYTES_PER_SECOND = 8000
 SILENCE = 0xFF  # mu-law zero
 DTMF_DIGITS = frozenset("0123456789*#")
 RESYNC_SECONDS = 0.1  # a say() starting later than this after the last frame restarts the clock
+TICKS_PER_SECOND = 1000  # the frame clock counts whole milliseconds
+FRAME_TICKS = 20
 
 # A media message rendered directly: the same text json.dumps gives the equivalent dict,
 # at a fraction of the cost (hundreds of callers send 50 of these a second each).
@@ -72,6 +81,62 @@ class _Audio:
 @dataclass(slots=True)
 class _Mark:
     name: str
+
+
+@dataclass(slots=True)
+class _Speech:
+    """Frames a say() is streaming; `done` is True when all were sent, False if the call ended."""
+
+    payloads: Sequence[str]
+    done: asyncio.Future[bool]
+    index: int = 0
+
+
+def _tick(when: float) -> int:
+    """The first millisecond of the frame clock at or after `when` (time.monotonic())."""
+    return math.ceil(when * TICKS_PER_SECOND)
+
+
+class FrameClock:
+    """One timer a millisecond for every caller in an event loop.
+
+    Each simulated caller sends a frame and plays 20 ms of received audio 50 times a
+    second. A task sleeping for each costs a timer, a future and a task step every time;
+    here a caller registers a callback for the millisecond it is due and the clock runs all
+    callbacks due in one millisecond from one timer, in the order they were registered."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, list[Callable[[], None]]] = {}
+
+    def at(self, tick: int, callback: Callable[[], None]) -> None:
+        bucket = self._due.get(tick)
+        if bucket is not None:
+            bucket.append(callback)
+            return
+        self._due[tick] = [callback]
+        delay = tick / TICKS_PER_SECOND - time.monotonic()
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self._fire, tick)
+
+    def _fire(self, tick: int) -> None:
+        for callback in self._due.pop(tick):
+            try:
+                callback()
+            except Exception as exc:  # one caller's fault must not stop the others' frames
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "frame clock callback failed", "exception": exc}
+                )
+
+
+_clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FrameClock] = weakref.WeakKeyDictionary()
+
+
+def frame_clock() -> FrameClock:
+    """The running event loop's frame clock."""
+    loop = asyncio.get_running_loop()
+    clock = _clocks.get(loop)
+    if clock is None:
+        clock = _clocks[loop] = FrameClock()
+    return clock
 
 
 def _sid(prefix: str) -> str:
@@ -127,24 +192,31 @@ class TwilioCaller:
         self.timeline = CallerTimeline()
 
         self._ws: ClientConnection | None = None
+        self._clock: FrameClock | None = None
         self._sequence = 0
         self._chunk = 0
-        self._send_lock = asyncio.Lock()  # keeps sequenceNumber order equal to wire order
+        # Messages are written at once when they can be; one that must wait for flow control
+        # takes the lock, and every later one queues behind it (`_backlog`), so that
+        # sequenceNumber order stays wire order.
+        self._send_lock = asyncio.Lock()
+        self._backlog = 0
+        self._tasks: set[asyncio.Task[Any]] = set()  # sends that had to wait, kept referenced
         self._media_lock = asyncio.Lock()  # say()/silence() calls take turns on one clock
-        self._next_frame_at: float | None = None
+        self._next_tick: int | None = None  # the frame clock's next frame, in ms
+        self._frame_pending = False  # the next frame is scheduled on the clock, or being sent
+        self._speech: _Speech | None = None
+        self._line_on = False  # `continuous`: silence flows whenever no say() is streaming
         self._receiver: asyncio.Task[None] | None = None
-        self._player: asyncio.Task[None] | None = None
-        self._line: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
         # Playout queue: audio and marks in arrival order.
         self._queue: deque[_Audio | _Mark] = deque()
         self._queued_audio = 0
-        self._playhead: float | None = None  # loop time the next queued byte starts playing
+        self._playhead: float | None = None  # when the next queued byte starts playing
         self._piece_start: float | None = None  # start of the piece being played, if any
         self._piece_size = 0
-        self._generation = 0  # bumped by clear so a sleeping playout step knows it is stale
-        self._work = asyncio.Event()
+        self._step_pending = False  # the playout's next step is on the clock
+        self._generation = 0  # bumped by clear and close, so a pending step knows it is stale
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -167,17 +239,19 @@ class TwilioCaller:
                 }
             },
         )
-        self._player = asyncio.create_task(self._playout())
+        self._clock = frame_clock()
         self._receiver = asyncio.create_task(self._receive(self._ws))
         if self.continuous:
-            self._line = asyncio.create_task(self._keep_line_open())
+            self._line_on = True
+            self._resync()
+            self._schedule_frame()
 
     async def hang_up(self) -> None:
         """End the call as Twilio does: ``stop``, then a normal close."""
         if self._ws is None or self.closed.is_set():
             return
         self.hung_up = True
-        await self._stop_line()  # nothing follows `stop`
+        self._line_on = False  # nothing follows `stop`
         await self._send_event("stop", {"stop": {"accountSid": self.account_sid, "callSid": self.call_sid}})
         await self._close_socket()
 
@@ -200,22 +274,9 @@ class TwilioCaller:
         await self._finish()
 
     async def _finish(self) -> None:
-        await self._stop_line()
+        self._line_on = False
         if self._receiver is not None:
             await asyncio.wait({self._receiver})
-
-    async def _keep_line_open(self) -> None:
-        # One frame per turn of the media lock: a say() waiting for the lock gets it next
-        # (asyncio locks are FIFO), and both share the frame clock, so there is no gap.
-        frame = [_SILENCE_PAYLOAD]
-        while (await self._stream(frame))[0]:
-            pass
-
-    async def _stop_line(self) -> None:
-        if self._line is not None:
-            self._line.cancel()
-            await asyncio.gather(self._line, return_exceptions=True)
-            self._line = None
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -256,58 +317,172 @@ class TwilioCaller:
         """Send base64 frames on the 20 ms clock; (False once the call is over, chunks sent)."""
         async with self._media_lock:
             first = self._chunk + 1
-            now = time.monotonic()
-            if self._next_frame_at is None or now > self._next_frame_at + RESYNC_SECONDS:
-                if self._next_frame_at is not None and self.continuous:
-                    # A real line never pauses: frames the clock skips were lost, not unsaid.
-                    self.timeline.frames_skipped += int((now - self._next_frame_at) / FRAME_SECONDS)
-                self._next_frame_at = now
-            for payload in payloads:
-                # Scheduled against the absolute frame clock so late wake-ups do not add up.
-                delay = self._next_frame_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if not await self._send_media(payload, self._next_frame_at):
-                    return False, range(first, self._chunk + 1)
-                self._next_frame_at += FRAME_SECONDS
-            return True, range(first, self._chunk + 1)
+            self._resync()
+            if not payloads:
+                return True, range(first, first)
+            if self._ws is None or self.closed.is_set():
+                return False, range(first, first)
+            speech = _Speech(payloads, asyncio.get_running_loop().create_future())
+            self._speech = speech  # with the line open, its next frame is this speech's first
+            self._schedule_frame()
+            try:
+                sent_all = await speech.done
+            finally:
+                if self._speech is speech:
+                    self._speech = None
+            return sent_all, range(first, self._chunk + 1)
+
+    def _resync(self) -> None:
+        """Restart the frame clock if it has fallen more than RESYNC_SECONDS behind."""
+        now = time.monotonic()
+        if self._next_tick is None or now > self._next_tick / TICKS_PER_SECOND + RESYNC_SECONDS:
+            if self._next_tick is not None and self.continuous:
+                # A real line never pauses: frames the clock skips were lost, not unsaid.
+                skipped = now - self._next_tick / TICKS_PER_SECOND
+                self.timeline.frames_skipped += int(skipped / FRAME_SECONDS)
+            self._next_tick = _tick(now)
+
+    def _schedule_frame(self) -> None:
+        if not self._frame_pending and self._clock is not None and self._next_tick is not None:
+            self._frame_pending = True
+            self._clock.at(self._next_tick, self._frame_due)
+
+    def _frame_due(self) -> None:
+        """The clock's call for this caller's next frame: a say()'s, or the line's silence."""
+        speech = self._speech
+        if speech is not None:
+            payload = speech.payloads[speech.index]
+        elif self._line_on:
+            self._resync()  # a lagging loop loses the line's frames, as a real line would
+            payload = _SILENCE_PAYLOAD
+        else:
+            self._frame_pending = False
+            return
+        assert self._next_tick is not None
+        scheduled_at = self._next_tick / TICKS_PER_SECOND
+        sent = self._send_media_now(payload, scheduled_at)
+        if sent is None:  # flow control: this frame waits, and the clock with it
+            self._spawn(self._send_media_later(speech, payload, scheduled_at))
+        else:
+            self._frame_sent(speech, sent)
+
+    async def _send_media_later(self, speech: _Speech | None, payload: str, scheduled_at: float) -> None:
+        self._frame_sent(speech, await self._send_media(payload, scheduled_at))
+
+    def _frame_sent(self, speech: _Speech | None, sent: bool) -> None:
+        self._frame_pending = False
+        if not sent:  # the call is over
+            self._line_on = False
+            if speech is not None and not speech.done.done():
+                speech.done.set_result(False)
+            return
+        assert self._next_tick is not None
+        self._next_tick += FRAME_TICKS  # absolute: late wake-ups do not add up
+        if speech is not None and speech is self._speech:
+            speech.index += 1
+            if speech.index == len(speech.payloads):
+                self._speech = None
+                if not speech.done.done():  # not cancelled
+                    speech.done.set_result(True)
+        if self._speech is not None or self._line_on:
+            self._schedule_frame()
+
+    def _media_text(self, payload: str) -> str:
+        self._sequence += 1
+        chunk = self._chunk + 1
+        sid = json.dumps(self.stream_sid)
+        return _MEDIA_TEMPLATE % (self._sequence, sid, chunk, 20 * (chunk - 1), payload)
+
+    def _send_media_now(self, payload: str, scheduled_at: float) -> bool | None:
+        """Write a media frame at once: True; False if the call is over; None if it must wait."""
+        if self._ws is None or self.closed.is_set():
+            return False
+        if self._backlog:
+            return None
+        text = self._media_text(payload)
+        sent_at = time.monotonic()
+        if not write_now(self._ws, text):
+            self._sequence -= 1
+            return None
+        self._chunk += 1
+        self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
+        return True
 
     async def _send_media(self, payload: str, scheduled_at: float) -> bool:
-        async with self._send_lock:
-            if self._ws is None or self.closed.is_set():
-                return False
-            self._sequence += 1
-            chunk = self._chunk + 1
-            sid = json.dumps(self.stream_sid)
-            text = _MEDIA_TEMPLATE % (self._sequence, sid, chunk, 20 * (chunk - 1), payload)
-            sent_at = time.monotonic()
-            try:
-                await self._ws.send(text)
-            except ConnectionClosed:
-                return False
-            self._chunk = chunk
-            self.timeline.frame_sent(chunk, sent_at, scheduled_at)
-            return True
+        self._backlog += 1
+        try:
+            async with self._send_lock:
+                if self._ws is None or self.closed.is_set():
+                    return False
+                text = self._media_text(payload)
+                sent_at = time.monotonic()
+                try:
+                    await self._ws.send(text)
+                except ConnectionClosed:
+                    return False
+                self._chunk += 1
+                self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
+                return True
+        finally:
+            self._backlog -= 1
+
+    def _event_text(self, event: str, body: dict[str, Any]) -> str:
+        self._sequence += 1
+        message = {"event": event, "sequenceNumber": str(self._sequence), "streamSid": self.stream_sid}
+        message.update(body)
+        return json.dumps(message)
+
+    def _send_event_now(self, event: str, body: dict[str, Any]) -> bool | None:
+        """Write a numbered message at once: True; False if the call is over; None: must wait."""
+        if self._ws is None or self.closed.is_set():
+            return False
+        if self._backlog:
+            return None
+        if not write_now(self._ws, self._event_text(event, body)):
+            self._sequence -= 1
+            return None
+        return True
 
     async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
         """Send a numbered message; False if the call is already over."""
-        async with self._send_lock:
-            if self._ws is None or self.closed.is_set():
-                return False
-            self._sequence += 1
-            message = {"event": event, "sequenceNumber": str(self._sequence), "streamSid": self.stream_sid}
-            message.update(body)
-            try:
-                await self._ws.send(json.dumps(message))
-            except ConnectionClosed:
-                return False
-            return True
+        sent = self._send_event_now(event, body)
+        if sent is not None:
+            return sent
+        self._backlog += 1
+        try:
+            async with self._send_lock:
+                if self._ws is None or self.closed.is_set():
+                    return False
+                try:
+                    await self._ws.send(self._event_text(event, body))
+                except ConnectionClosed:
+                    return False
+                return True
+        finally:
+            self._backlog -= 1
+
+    def _spawn(self, send: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(send)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- waiting ------------------------------------------------------------------------
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Something changed: wake the waiters whose condition now holds (and only those)."""
+        for predicate, woken in self._waiters:
+            if woken.done():
+                continue
+            try:
+                if predicate():
+                    woken.set_result(None)
+            except Exception as exc:
+                woken.set_exception(exc)
+
+    def _wake_all(self) -> None:
+        for _, woken in self._waiters:
+            if not woken.done():
+                woken.set_result(None)
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until `predicate` holds; TimeoutError (saying why) on timeout or close."""
@@ -320,11 +495,18 @@ class TwilioCaller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not predicate():
-            remaining = deadline - loop.time()
-            if self.closed.is_set() or remaining <= 0:
+            if self.closed.is_set() or deadline <= loop.time():
                 return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            # Checked by `_notify` at each change: the waiting task wakes once, not per frame.
+            waiter = (predicate, loop.create_future())
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter[1]
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.remove(waiter)
         return True
 
     @property
@@ -370,12 +552,12 @@ class TwilioCaller:
         finally:
             self.close_code = ws.close_code
             self.closed.set()
-            if self._player is not None:
-                self._player.cancel()
-                await asyncio.wait({self._player})
+            self._line_on = False
+            self._generation += 1  # a pending playout step is stale
+            self._step_pending = False
             self._queue.clear()
             self._queued_audio = 0
-            self._notify()
+            self._wake_all()
 
     def _violation(self, text: str) -> None:
         self.violations.append(text)
@@ -436,13 +618,13 @@ class TwilioCaller:
             self._violation(f"media: payload of {len(audio)} bytes is not whole 160-byte frames")
         self.media_messages += 1
         self.received_total += len(audio)
-        self.timeline.media(time.monotonic(), len(audio))
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
+        self.timeline.media(now, len(audio))
         if self._queued_audio == 0 and (self._playhead is None or self._playhead < now):
             self._playhead = now  # queue had run dry: playback restarts on arrival
         self._queue.append(_Audio(audio))
         self._queued_audio += len(audio)
-        self._work.set()
+        self._play()
 
     def _on_mark(self, mark: Any) -> None:
         if not isinstance(mark, dict) or set(mark) != {"name"} or not isinstance(mark["name"], str):
@@ -451,12 +633,12 @@ class TwilioCaller:
         self.marks_received.append(mark["name"])
         self.timeline.mark(time.monotonic(), mark["name"])
         self._queue.append(_Mark(mark["name"]))
-        self._work.set()
+        self._play()
 
     async def _on_clear(self) -> None:
         self.clears += 1
-        self.timeline.clear(time.monotonic())
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
+        self.timeline.clear(now)
         head = self._queue[0] if self._queue else None
         if isinstance(head, _Audio) and self._piece_start is not None:
             # The frame being played when clear arrived was heard up to now.
@@ -469,6 +651,7 @@ class TwilioCaller:
         self._playhead = None
         self._piece_start = None
         self._generation += 1
+        self._step_pending = False
         for name in flushed:
             self.marks_flushed.append(name)
             await self._echo_mark(name)
@@ -478,39 +661,42 @@ class TwilioCaller:
 
     # -- playout ------------------------------------------------------------------------
 
-    async def _playout(self) -> None:
-        """Drain the queue at real time, one 20 ms piece per step, sleeping until each is due."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._work.clear()
-                await self._work.wait()
-                continue
+    def _play(self) -> None:
+        """Play the queue at real time, 20 ms a step: what is due now, then the clock calls back."""
+        if self._step_pending:
+            return
+        now = time.monotonic()
+        while self._queue:
             head = self._queue[0]
-            if isinstance(head, _Mark):
+            if isinstance(head, _Mark):  # all audio before it has played
                 self._queue.popleft()
                 self.marks_played.append(head.name)
-                self.marks_played_at.append(time.monotonic())
-                await self._echo_mark(head.name)
+                self.marks_played_at.append(now)
+                body = {"mark": {"name": head.name}}
+                if self._send_event_now("mark", body) is None:
+                    self._spawn(self._send_event("mark", body))
                 self._notify()
                 continue
-            assert self._playhead is not None
-            size = min(FRAME_BYTES, len(head.data) - head.pos)
-            start = self._playhead
-            due = start + size / BYTES_PER_SECOND
-            generation = self._generation
-            self._piece_start = start
-            self._piece_size = size
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if generation != self._generation:
-                continue  # a clear flushed this piece while it played
+            if self._piece_start is None:  # the next piece starts playing
+                assert self._playhead is not None
+                self._piece_start = self._playhead
+                self._piece_size = min(FRAME_BYTES, len(head.data) - head.pos)
+            due = self._piece_start + self._piece_size / BYTES_PER_SECOND
+            if due > now:
+                assert self._clock is not None
+                self._step_pending = True
+                self._clock.at(_tick(due), partial(self._play_step, self._generation))
+                return
             self._piece_start = None
-            self.received += head.data[head.pos : head.pos + size]
-            head.pos += size
-            self._queued_audio -= size
+            self.received += head.data[head.pos : head.pos + self._piece_size]
+            head.pos += self._piece_size
+            self._queued_audio -= self._piece_size
             self._playhead = due
             if head.pos >= len(head.data):
                 self._queue.popleft()
             self._notify()
+
+    def _play_step(self, generation: int) -> None:
+        if generation == self._generation:  # else a clear or the close flushed what it was for
+            self._step_pending = False
+            self._play()
