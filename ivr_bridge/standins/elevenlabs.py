@@ -33,11 +33,11 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.audio import ulaw_encode
 from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
+from ivr_bridge.standins.speech import is_speech_pcm16, is_speech_ulaw
 
 PATH = "/v1/convai/conversation"
-SPEECH_RMS = 500.0
 SILENCE_TO_END_MS = 500
 
 
@@ -148,13 +148,9 @@ class ElevenLabsStandIn(StandInServer):
         peer.appended += audio
         if self._pcm(self.behaviour.input_format):
             rate = int(self.behaviour.input_format.split("_")[1])
-            samples, ms = (
-                np.frombuffer(audio[: len(audio) // 2 * 2], "<i2").astype(np.float64),
-                len(audio) / 2 / rate * 1000,
-            )
+            loud, ms = is_speech_pcm16(audio), len(audio) / 2 / rate * 1000
         else:
-            samples, ms = ulaw_decode(audio).astype(np.float64), len(audio) / 8
-        loud = samples.size > 0 and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+            loud, ms = is_speech_ulaw(audio), len(audio) / 8
         busy = peer.agent is not None and not peer.agent.done()
         if loud and not peer.speaking:
             peer.speaking, peer.silence_ms = True, 0.0

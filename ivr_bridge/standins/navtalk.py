@@ -29,9 +29,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
+from ivr_bridge.standins.speech import is_speech_pcm16
 
 PATH = "/wss/v2/realtime-chat"
-SPEECH_RMS = 500.0
 SILENCE_TO_END_MS = 500
 
 
@@ -101,8 +101,7 @@ class NavTalkStandIn(StandInServer):
 
     async def _hear(self, peer: _Peer, pcm: bytes) -> None:
         peer.appended += pcm
-        samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.float64)
-        loud = samples.size > 0 and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+        loud = is_speech_pcm16(pcm)
         if loud and not peer.speaking:
             peer.speaking, peer.silence_ms = True, 0.0
             await self._send(peer.ws, "realtime.input_audio_buffer.speech_started", data={})

@@ -37,11 +37,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ivr_bridge.audio import ulaw_decode, ulaw_encode
+from ivr_bridge.audio import ulaw_encode
 from ivr_bridge.standins.socket_server import StandInServer, serve_until_signalled
+from ivr_bridge.standins.speech import is_speech_pcm16, is_speech_ulaw
 
 PATH = "/v1/realtime"
-SPEECH_RMS = 500.0  # on the int16 scale: above is speech
 SILENCE_TO_END_MS = 500
 _CALL_SID = re.compile(r"call sid: (CA[0-9A-Za-z]+)")
 
@@ -187,13 +187,9 @@ class OpenAiRealtimeStandIn(StandInServer):
             peer.timeline["frame_bytes"] = 160 if self._format(peer, "input") == "audio/pcmu" else 960
         # Read in the format in force now: early mu-law under the PCM default is misread.
         if self._format(peer, "input") == "audio/pcmu":
-            samples, ms = ulaw_decode(audio).astype(np.float64), len(audio) / 8
+            loud, ms = is_speech_ulaw(audio), len(audio) / 8
         else:
-            samples, ms = (
-                np.frombuffer(audio[: len(audio) // 2 * 2], "<i2").astype(np.float64),
-                len(audio) / 48,
-            )
-        loud = samples.size > 0 and float(np.sqrt(np.mean(samples**2))) > SPEECH_RMS
+            loud, ms = is_speech_pcm16(audio), len(audio) / 48
         if loud and not peer.speaking:
             peer.speaking, peer.silence_ms = True, 0.0
             await self._send(peer, "input_audio_buffer.speech_started", audio_start_ms=0, item_id=_id("item"))
