@@ -19,7 +19,8 @@ _ULAW_ENERGY = ULAW_TO_PCM.astype(np.float64) ** 2
 def is_speech_ulaw(audio: bytes) -> bool:
     if not audio:
         return False
-    return float(_ULAW_ENERGY[np.frombuffer(audio, np.uint8)].sum()) > _ENERGY_LIMIT * len(audio)
+    energy = np.add.reduce(_ULAW_ENERGY.take(np.frombuffer(audio, np.uint8)))
+    return float(energy) > _ENERGY_LIMIT * len(audio)
 
 
 def is_speech_pcm16(audio: bytes) -> bool:
