@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import sys
+import time
 import uuid
 import wave
 from collections.abc import AsyncIterator, Callable
@@ -679,3 +680,110 @@ async def test_nextevi_timeline_records_socket_times(tmp_path: Any) -> None:
     assert (
         record["opened_at"] <= record["audio_at"][0] <= record["tts_at"][0] <= record["interruptions_at"][0]
     )
+
+
+async def test_twilio_callers_share_one_frame_clock(bridge: tuple[FakeBridge, str]) -> None:
+    fake, url = bridge
+    callers = [TwilioCaller(url) for _ in range(30)]
+    for caller in callers:
+        await caller.connect()
+    await asyncio.gather(*(caller.say(b"\x00" * 800) for caller in callers))
+    for caller in callers:
+        await caller.hang_up()
+    for caller in callers:
+        frames = [m for m in fake.events("media") if m["streamSid"] == caller.stream_sid]
+        assert [m["media"]["chunk"] for m in frames] == ["1", "2", "3", "4", "5"]
+        # Due on whole milliseconds, exactly 20 ms apart: the clock's grid, not sleep drift.
+        due = caller.timeline.scheduled_at
+        assert all(round(t * 1000, 6) == round(t * 1000) for t in due)
+        assert [round((b - a) * 1000, 6) for a, b in itertools.pairwise(due)] == [20.0] * 4
+        assert all(s >= d - 0.002 for s, d in zip(caller.timeline.sent_at, due, strict=True))
+
+
+async def test_twilio_caller_keeps_order_when_writes_must_wait(
+    bridge: tuple[FakeBridge, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message that cannot be written at once (flow control) goes the async way, and every
+    later one queues behind it: sequence numbers stay in wire order, no frame is lost."""
+    import ivr_bridge.standins.twilio as twilio
+
+    writes = itertools.count()
+    refused: list[str] = []
+    real_write_now = twilio.write_now
+
+    def every_third_must_wait(ws: ClientConnection, text: str) -> bool:
+        if next(writes) % 3 == 0:
+            refused.append(json.loads(text)["event"])
+            return False
+        return real_write_now(ws, text)
+
+    monkeypatch.setattr(twilio, "write_now", every_third_must_wait)
+    fake, url = bridge
+    async with TwilioCaller(url, continuous=True) as caller:
+        sid = caller.stream_sid
+        await fake.wait_for(lambda: len(fake.events("media")) >= 3)
+        for name in ("a", "b", "c"):
+            await fake.send(media(sid, b"\x10" * 160))
+            await fake.send({"event": "mark", "streamSid": sid, "mark": {"name": name}})
+        await caller.say(b"\x00" * 480)
+        await caller.wait_for(lambda: caller.marks_played == ["a", "b", "c"])
+        await caller.hang_up()
+    assert len(refused) >= 3 and "media" in refused  # the async way was taken
+    sequence = [int(m["sequenceNumber"]) for m in fake.messages[1:]]
+    assert sequence == list(range(1, len(sequence) + 1))
+    chunks = [int(m["media"]["chunk"]) for m in fake.events("media")]
+    assert chunks == list(range(1, len(chunks) + 1))
+    payloads = [base64.b64decode(m["media"]["payload"]) for m in fake.events("media")]
+    assert payloads.count(b"\x00" * 160) == 3
+    assert [m["mark"]["name"] for m in fake.events("mark")] == ["a", "b", "c"]
+    assert fake.messages[-1]["event"] == "stop"
+
+
+async def test_frame_clock_runs_a_millisecond_in_order_past_a_failing_callback() -> None:
+    from ivr_bridge.standins.twilio import FrameClock
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    clock = FrameClock()
+    ran: list[str] = []
+    done = asyncio.Event()
+
+    def fail() -> None:
+        ran.append("fail")
+        raise RuntimeError("boom")
+
+    now = math.ceil(time.monotonic() * 1000) + 5  # the clock's ticks: milliseconds of monotonic time
+    clock.at(now + 1, lambda: (ran.append("later"), done.set()))
+    clock.at(now, lambda: ran.append("first"))
+    clock.at(now, fail)
+    clock.at(now, lambda: ran.append("third"))
+    async with asyncio.timeout(TIMEOUT):
+        await done.wait()
+    loop.set_exception_handler(None)
+    assert ran == ["first", "fail", "third", "later"]
+    assert len(errors) == 1 and isinstance(errors[0]["exception"], RuntimeError)
+
+
+def test_stand_in_speech_tests_are_the_rms_threshold() -> None:
+    from ivr_bridge.audio import ulaw_decode, ulaw_encode
+    from ivr_bridge.standins.speech import (
+        SPEECH_RMS,
+        is_speech_pcm16,
+        is_speech_ulaw,
+        speech_blocks_pcm16,
+    )
+
+    def rms(samples: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+
+    rng = np.random.default_rng(7)
+    for amplitude in np.geomspace(50, 5000, 60):
+        pcm = (rng.standard_normal(480) * amplitude).clip(-32768, 32767).astype("<i2")
+        assert is_speech_pcm16(pcm.tobytes() + b"\x01") == (rms(pcm) > SPEECH_RMS)
+        ulaw = ulaw_encode(pcm[::3].copy())
+        assert is_speech_ulaw(ulaw) == (rms(ulaw_decode(ulaw)) > SPEECH_RMS)
+        blocks = np.concatenate([pcm, pcm // 4, pcm * 0])
+        expected = [rms(part) > 700.0 for part in blocks.reshape(3, 480)]
+        assert speech_blocks_pcm16(blocks.tobytes() + b"\x00" * 100, 480, 700.0) == expected
+    assert not is_speech_ulaw(b"") and not is_speech_pcm16(b"\x01")

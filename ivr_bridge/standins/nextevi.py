@@ -49,6 +49,7 @@ from websockets.http11 import Request, Response
 
 from ivr_bridge.audio import wav_bytes
 from ivr_bridge.standins.socket_server import close_sessions
+from ivr_bridge.standins.speech import speech_blocks_pcm16
 
 logger = logging.getLogger(__name__)
 
@@ -445,10 +446,9 @@ class NextEviStandIn:
         if whole == 0:
             return
         cut = whole * BLOCK_BYTES
-        samples = np.frombuffer(bytes(peer.pending[:cut]), dtype="<i2").reshape(whole, -1)
+        blocks = speech_blocks_pcm16(peer.pending[:cut], BLOCK_SAMPLES, self.behaviour.speech_rms)
         del peer.pending[:cut]
-        rms = np.sqrt(np.mean(np.square(samples, dtype=np.float64), axis=1))
-        for is_speech in (rms > self.behaviour.speech_rms).tolist():
+        for is_speech in blocks:
             await self._on_block(peer, is_speech)
 
     async def _on_block(self, peer: _Peer, is_speech: bool) -> None:

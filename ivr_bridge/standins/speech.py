@@ -27,3 +27,10 @@ def is_speech_pcm16(audio: bytes) -> bool:
     """Little-endian 16-bit samples; a trailing odd byte is ignored."""
     samples = np.frombuffer(audio[: len(audio) // 2 * 2], "<i2").astype(np.float64)
     return samples.size > 0 and float(np.dot(samples, samples)) > _ENERGY_LIMIT * samples.size
+
+
+def speech_blocks_pcm16(audio: bytes, block_samples: int, rms: float) -> list[bool]:
+    """For each whole block of 16-bit samples in `audio`: is its RMS above `rms`?"""
+    samples = np.frombuffer(audio, "<i2", count=len(audio) // 2 // block_samples * block_samples)
+    blocks = samples.astype(np.float64).reshape(-1, block_samples)
+    return (np.einsum("ij,ij->i", blocks, blocks) > rms * rms * block_samples).tolist()

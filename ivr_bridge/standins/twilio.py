@@ -36,7 +36,7 @@ import secrets
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -81,6 +81,16 @@ class _Audio:
 @dataclass(slots=True)
 class _Mark:
     name: str
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A message that could not be written at once (flow control); later ones queue behind it."""
+
+    event: str  # "media", or the name of a numbered event
+    body: Any  # media: the base64 payload; otherwise the event's body
+    scheduled_at: float = 0.0  # media: when it was due on the frame clock
+    done: Callable[[bool], None] | None = None  # told whether it was sent
 
 
 @dataclass(slots=True)
@@ -173,6 +183,7 @@ class TwilioCaller:
         self.continuous = continuous
         self.call_sid = call_sid or _sid("CA")
         self.stream_sid = stream_sid or _sid("MZ")
+        self._sid_json = json.dumps(self.stream_sid)
         self.account_sid = account_sid
         self.custom_parameters = dict(custom_parameters or {})
         self.headers = dict(headers or {})
@@ -195,12 +206,11 @@ class TwilioCaller:
         self._clock: FrameClock | None = None
         self._sequence = 0
         self._chunk = 0
-        # Messages are written at once when they can be; one that must wait for flow control
-        # takes the lock, and every later one queues behind it (`_backlog`), so that
-        # sequenceNumber order stays wire order.
-        self._send_lock = asyncio.Lock()
-        self._backlog = 0
-        self._tasks: set[asyncio.Task[Any]] = set()  # sends that had to wait, kept referenced
+        # Messages are written at once when they can be. One that must wait for flow control
+        # goes to the outbox, and every later one behind it, so sequenceNumber order stays
+        # wire order; one task drains the outbox.
+        self._outbox: deque[_Waiting] = deque()
+        self._drainer: asyncio.Task[None] | None = None
         self._media_lock = asyncio.Lock()  # say()/silence() calls take turns on one clock
         self._next_tick: int | None = None  # the frame clock's next frame, in ms
         self._frame_pending = False  # the next frame is scheduled on the clock, or being sent
@@ -360,14 +370,11 @@ class TwilioCaller:
             return
         assert self._next_tick is not None
         scheduled_at = self._next_tick / TICKS_PER_SECOND
-        sent = self._send_media_now(payload, scheduled_at)
+        sent = self._write_now("media", payload, scheduled_at)
         if sent is None:  # flow control: this frame waits, and the clock with it
-            self._spawn(self._send_media_later(speech, payload, scheduled_at))
+            self._wait_to_send(_Waiting("media", payload, scheduled_at, partial(self._frame_sent, speech)))
         else:
             self._frame_sent(speech, sent)
-
-    async def _send_media_later(self, speech: _Speech | None, payload: str, scheduled_at: float) -> None:
-        self._frame_sent(speech, await self._send_media(payload, scheduled_at))
 
     def _frame_sent(self, speech: _Speech | None, sent: bool) -> None:
         self._frame_pending = False
@@ -387,84 +394,70 @@ class TwilioCaller:
         if self._speech is not None or self._line_on:
             self._schedule_frame()
 
-    def _media_text(self, payload: str) -> str:
+    def _render(self, event: str, body: Any) -> str:
+        """The message's text, numbered next (only when it is written: numbers are wire order)."""
         self._sequence += 1
-        chunk = self._chunk + 1
-        sid = json.dumps(self.stream_sid)
-        return _MEDIA_TEMPLATE % (self._sequence, sid, chunk, 20 * (chunk - 1), payload)
-
-    def _send_media_now(self, payload: str, scheduled_at: float) -> bool | None:
-        """Write a media frame at once: True; False if the call is over; None if it must wait."""
-        if self._ws is None or self.closed.is_set():
-            return False
-        if self._backlog:
-            return None
-        text = self._media_text(payload)
-        sent_at = time.monotonic()
-        if not write_now(self._ws, text):
-            self._sequence -= 1
-            return None
-        self._chunk += 1
-        self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
-        return True
-
-    async def _send_media(self, payload: str, scheduled_at: float) -> bool:
-        self._backlog += 1
-        try:
-            async with self._send_lock:
-                if self._ws is None or self.closed.is_set():
-                    return False
-                text = self._media_text(payload)
-                sent_at = time.monotonic()
-                try:
-                    await self._ws.send(text)
-                except ConnectionClosed:
-                    return False
-                self._chunk += 1
-                self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
-                return True
-        finally:
-            self._backlog -= 1
-
-    def _event_text(self, event: str, body: dict[str, Any]) -> str:
-        self._sequence += 1
+        if event == "media":
+            chunk = self._chunk + 1
+            return _MEDIA_TEMPLATE % (self._sequence, self._sid_json, chunk, 20 * (chunk - 1), body)
         message = {"event": event, "sequenceNumber": str(self._sequence), "streamSid": self.stream_sid}
         message.update(body)
         return json.dumps(message)
 
-    def _send_event_now(self, event: str, body: dict[str, Any]) -> bool | None:
-        """Write a numbered message at once: True; False if the call is over; None: must wait."""
+    def _written(self, event: str, sent_at: float, scheduled_at: float) -> None:
+        if event == "media":
+            self._chunk += 1
+            self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
+
+    def _write_now(self, event: str, body: Any, scheduled_at: float = 0.0) -> bool | None:
+        """Write a message at once: True; False if the call is over; None if it must wait."""
         if self._ws is None or self.closed.is_set():
             return False
-        if self._backlog:
+        if self._outbox:
             return None
-        if not write_now(self._ws, self._event_text(event, body)):
+        text = self._render(event, body)
+        sent_at = time.monotonic()
+        if not write_now(self._ws, text):
             self._sequence -= 1
             return None
+        self._written(event, sent_at, scheduled_at)
         return True
+
+    def _wait_to_send(self, waiting: _Waiting) -> None:
+        self._outbox.append(waiting)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Send the outbox in order, the async way; while it is not empty nothing is written at once."""
+        while self._outbox:
+            waiting = self._outbox[0]
+            sent = False
+            if self._ws is not None and not self.closed.is_set():
+                text = self._render(waiting.event, waiting.body)
+                sent_at = time.monotonic()
+                with contextlib.suppress(ConnectionClosed):
+                    await self._ws.send(text)
+                    sent = True
+                if sent:
+                    self._written(waiting.event, sent_at, waiting.scheduled_at)
+            self._outbox.popleft()
+            if waiting.done is not None:
+                waiting.done(sent)
 
     async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
         """Send a numbered message; False if the call is already over."""
-        sent = self._send_event_now(event, body)
+        sent = self._write_now(event, body)
         if sent is not None:
             return sent
-        self._backlog += 1
-        try:
-            async with self._send_lock:
-                if self._ws is None or self.closed.is_set():
-                    return False
-                try:
-                    await self._ws.send(self._event_text(event, body))
-                except ConnectionClosed:
-                    return False
-                return True
-        finally:
-            self._backlog -= 1
+        result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-    def _spawn(self, send: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(send)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        def done(sent: bool) -> None:
+            if not result.done():  # not cancelled
+                result.set_result(sent)
+
+        self._wait_to_send(_Waiting(event, body, done=done))
+        return await result
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -673,8 +666,8 @@ class TwilioCaller:
                 self.marks_played.append(head.name)
                 self.marks_played_at.append(now)
                 body = {"mark": {"name": head.name}}
-                if self._send_event_now("mark", body) is None:
-                    self._spawn(self._send_event("mark", body))
+                if self._write_now("mark", body) is None:
+                    self._wait_to_send(_Waiting("mark", body))
                 self._notify()
                 continue
             if self._piece_start is None:  # the next piece starts playing
