@@ -7,19 +7,17 @@ option, or the webhook failing before any call began).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from ivr_bridge.event_loop import run
 from ivr_bridge.loadgen.scenario import Scenario, ScenarioError, load_scenario, one_turn
 from ivr_bridge.loadgen.webhook import CallDetails, WebhookError
 
-T = TypeVar("T")
 USAGE_ERROR = 2
 
 
@@ -113,16 +111,6 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     return load_scenario(args.scenario) if args.scenario is not None else one_turn(args.audio)
 
 
-def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    # uvloop (installed with uvicorn[standard]) measured ~10 % less generator CPU than asyncio.
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
-
-
 def _call(args: argparse.Namespace) -> int:
     from ivr_bridge.loadgen.report import call_json, call_text
     from ivr_bridge.loadgen.scripted_call import heard_wav, place_call
@@ -139,7 +127,7 @@ def _call(args: argparse.Namespace) -> int:
         return await place_call(args.webhook_url, scenario, details, args.auth_token, target=target)
 
     try:
-        report, caller = _run(call())
+        report, caller = run(call())
     except WebhookError as exc:
         return _fail(str(exc))
     print(json.dumps(call_json(report)) if args.json else call_text(report))
@@ -186,7 +174,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         bar.update(p.done - bar.n)
 
     try:
-        result = _run(run_load(plan, on_progress=progress, keep_timelines=args.timeline is not None))
+        result = run(run_load(plan, on_progress=progress, keep_timelines=args.timeline is not None))
     except WebhookError as exc:
         return _fail(str(exc))
     finally:

@@ -47,6 +47,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ivr_bridge import event_loop
 from ivr_bridge.audio import wav_bytes
 from ivr_bridge.standins.socket_server import close_sessions
 from ivr_bridge.standins.speech import speech_blocks_pcm16
@@ -695,7 +696,7 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # keep startup to one line
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(args.host, args.port, behaviour, args.timeline))
+        event_loop.run(_run(args.host, args.port, behaviour, args.timeline))
     return 0
 
 

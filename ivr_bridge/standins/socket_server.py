@@ -9,6 +9,8 @@ from typing import Self
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from ivr_bridge import event_loop
+
 
 class StandInServer:
     """A stand-in served on a port of its own: `async with`, or `start()` and `stop()`.
@@ -79,5 +81,5 @@ def serve_until_signalled(standin: StandInServer, host: str, port: int, banner: 
         await stop.wait()
         await standin.stop()
 
-    asyncio.run(serve_forever())
+    event_loop.run(serve_forever())
     return 0
