@@ -675,7 +675,9 @@ class TwilioCaller:
                 self._piece_start = self._playhead
                 self._piece_size = min(FRAME_BYTES, len(head.data) - head.pos)
             due = self._piece_start + self._piece_size / BYTES_PER_SECOND
-            if due > now:
+            # Within a tick of its time is on time: uvloop's timers, on a clock read once
+            # per loop turn, can fire a little early, and would otherwise be set again.
+            if due - now > 1 / TICKS_PER_SECOND:
                 assert self._clock is not None
                 self._step_pending = True
                 self._clock.at(_tick(due), partial(self._play_step, self._generation))
