@@ -430,20 +430,28 @@ class TwilioCaller:
 
     async def _drain(self) -> None:
         """Send the outbox in order, the async way; while it is not empty nothing is written at once."""
-        while self._outbox:
-            waiting = self._outbox[0]
-            sent = False
-            if self._ws is not None and not self.closed.is_set():
-                text = self._render(waiting.event, waiting.body)
-                sent_at = time.monotonic()
-                with contextlib.suppress(ConnectionClosed):
-                    await self._ws.send(text)
-                    sent = True
-                if sent:
-                    self._written(waiting.event, sent_at, waiting.scheduled_at)
-            self._outbox.popleft()
-            if waiting.done is not None:
-                waiting.done(sent)
+        try:
+            while self._outbox:
+                waiting = self._outbox[0]
+                sent = False
+                if self._ws is not None and not self.closed.is_set():
+                    text = self._render(waiting.event, waiting.body)
+                    sent_at = time.monotonic()
+                    with contextlib.suppress(ConnectionClosed):
+                        await self._ws.send(text)
+                        sent = True
+                    if sent:
+                        self._written(waiting.event, sent_at, waiting.scheduled_at)
+                self._outbox.popleft()
+                if waiting.done is not None:
+                    waiting.done(sent)
+        finally:
+            # Left early only by an unexpected error (which the task still raises): nothing
+            # can follow it in order, and no say() may wait on the outbox for ever.
+            while self._outbox:
+                waiting = self._outbox.popleft()
+                if waiting.done is not None:
+                    waiting.done(False)
 
     async def _send_event(self, event: str, body: dict[str, Any]) -> bool:
         """Send a numbered message; False if the call is already over."""
