@@ -1,7 +1,7 @@
-"""The realtime stand-ins' voice activity: is this appended audio speech?
+"""The voice API stand-ins' voice activity: is this audio the caller speaking?
 
 A stand-in hears 50 small messages a second per call, so the test is an energy sum against
-a threshold (RMS > SPEECH_RMS without the square root or the mean), and mu-law is read
+a threshold (RMS above the limit, without the square root or the mean), and mu-law is read
 through a table of each code's energy instead of being decoded first.
 """
 
