@@ -395,16 +395,18 @@ class TwilioCaller:
             self._schedule_frame()
 
     def _render(self, event: str, body: Any) -> str:
-        """The message's text, numbered next (only when it is written: numbers are wire order)."""
-        self._sequence += 1
+        """The message's text with the next numbers; `_written` takes them once it is sent,
+        so numbers are wire order."""
+        sequence = self._sequence + 1
         if event == "media":
             chunk = self._chunk + 1
-            return _MEDIA_TEMPLATE % (self._sequence, self._sid_json, chunk, 20 * (chunk - 1), body)
-        message = {"event": event, "sequenceNumber": str(self._sequence), "streamSid": self.stream_sid}
+            return _MEDIA_TEMPLATE % (sequence, self._sid_json, chunk, 20 * (chunk - 1), body)
+        message = {"event": event, "sequenceNumber": str(sequence), "streamSid": self.stream_sid}
         message.update(body)
         return json.dumps(message)
 
     def _written(self, event: str, sent_at: float, scheduled_at: float) -> None:
+        self._sequence += 1
         if event == "media":
             self._chunk += 1
             self.timeline.frame_sent(self._chunk, sent_at, scheduled_at)
@@ -415,10 +417,8 @@ class TwilioCaller:
             return False
         if self._outbox:
             return None
-        text = self._render(event, body)
         sent_at = time.monotonic()
-        if not write_now(self._ws, text):
-            self._sequence -= 1
+        if not write_now(self._ws, self._render(event, body)):
             return None
         self._written(event, sent_at, scheduled_at)
         return True
@@ -546,7 +546,7 @@ class TwilioCaller:
     async def _receive(self, ws: ClientConnection) -> None:
         try:
             async for message in ws:
-                await self._on_message(message)
+                self._on_message(message)
                 self._notify()
         except ConnectionClosed:
             pass
@@ -563,7 +563,7 @@ class TwilioCaller:
     def _violation(self, text: str) -> None:
         self.violations.append(text)
 
-    async def _on_message(self, raw: str | bytes) -> None:
+    def _on_message(self, raw: str | bytes) -> None:
         if isinstance(raw, bytes):
             self._violation(f"binary frame of {len(raw)} bytes (31950)")
             return
@@ -597,7 +597,7 @@ class TwilioCaller:
         elif event == "mark":
             self._on_mark(message["mark"])
         else:
-            await self._on_clear()
+            self._on_clear()
 
     def _on_media(self, media: Any) -> None:
         if not isinstance(media, dict) or set(media) != {"payload"}:
@@ -636,7 +636,7 @@ class TwilioCaller:
         self._queue.append(_Mark(mark["name"]))
         self._play()
 
-    async def _on_clear(self) -> None:
+    def _on_clear(self) -> None:
         self.clears += 1
         now = time.monotonic()
         self.timeline.clear(now)
@@ -655,10 +655,13 @@ class TwilioCaller:
         self._step_pending = False
         for name in flushed:
             self.marks_flushed.append(name)
-            await self._echo_mark(name)
+            self._echo_mark(name)
 
-    async def _echo_mark(self, name: str) -> None:
-        await self._send_event("mark", {"mark": {"name": name}})
+    def _echo_mark(self, name: str) -> None:
+        """Written at once, or queued behind what waits for flow control (order kept)."""
+        body = {"mark": {"name": name}}
+        if self._write_now("mark", body) is None:
+            self._wait_to_send(_Waiting("mark", body))
 
     # -- playout ------------------------------------------------------------------------
 
@@ -673,9 +676,7 @@ class TwilioCaller:
                 self._queue.popleft()
                 self.marks_played.append(head.name)
                 self.marks_played_at.append(now)
-                body = {"mark": {"name": head.name}}
-                if self._write_now("mark", body) is None:
-                    self._wait_to_send(_Waiting("mark", body))
+                self._echo_mark(head.name)
                 self._notify()
                 continue
             if self._piece_start is None:  # the next piece starts playing
