@@ -2,8 +2,13 @@
 #
 # Build stage: wheels of the bridge and every dependency (any compiler stays here).
 FROM python:3.11-slim AS build
+# A C compiler for the resampling kernel (setup.py); without it the bridge falls back to numpy.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY ivr_bridge ./ivr_bridge
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -40,6 +40,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
 
     from ivr_bridge.app import create_app
+    from ivr_bridge.audio import resample
     from ivr_bridge.connections import check_descriptor_limit
     from ivr_bridge.records import CallStore, RecordsError
     from ivr_bridge.server import BridgeServer, server_config
@@ -66,6 +67,11 @@ def serve(args: argparse.Namespace) -> int:
     shortfall = check_descriptor_limit(settings.max_calls, settings.max_pending_connections)
     if shortfall:
         log.warning("%s", shortfall)
+    if not resample.COMPILED:
+        log.warning(
+            "the C resampling kernel was not built (no C compiler at install): audio conversion "
+            "runs in numpy at about twice its CPU; reinstall with a C compiler to build it"
+        )
     if not settings.public_url.startswith("https://"):
         log.warning(
             "IVR_PUBLIC_URL is %s: Twilio needs a public https:// URL to reach the bridge",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import struct
 import warnings
 import wave
@@ -22,6 +23,7 @@ from ivr_bridge.audio import (
     Resampler,
     WavError,
     decode_tts_audio,
+    resample,
     ulaw_decode,
     ulaw_encode,
 )
@@ -223,6 +225,69 @@ def test_matches_direct_zero_stuff_filter_decimate(in_rate: int, out_rate: int) 
     x = np.random.default_rng(3).uniform(-30000, 30000, 2000)
     expected = _direct_reference(rs.filter_taps, out_rate // g, in_rate // g, x)
     np.testing.assert_allclose(rs.process_float(x), expected, atol=1e-6)
+
+
+BLOCK_PATHS = [(8000, r) for r in (16000, 22050, 24000, 32000, 44100, 48000)] + [
+    (r, 8000) for r in (16000, 22050, 24000, 32000, 44100, 48000)
+]
+needs_c_kernel = pytest.mark.skipif(not resample.COMPILED, reason="the C kernel was not built")
+
+
+def test_c_kernel_is_built_where_a_compiler_is() -> None:
+    # setup.py builds it as optional: a broken build would pass unnoticed but for this.
+    assert resample.COMPILED or not (shutil.which("cc") or shutil.which("gcc"))
+
+
+@needs_c_kernel
+@pytest.mark.parametrize(("in_rate", "out_rate"), BLOCK_PATHS)
+def test_c_kernel_gives_the_numpy_kernel_s_samples(in_rate: int, out_rate: int) -> None:
+    # Full scale with overshoot (saturation both ways), in random chunk sizes. (The kernel
+    # is shared by every resampler of the pair, so the two run one after the other.)
+    rng = np.random.default_rng(11)
+    x = np.clip(rng.normal(0, 20000, in_rate // 2), -32768, 32767).astype(np.int16)
+    x[100:140] = 32767  # a square edge: the filter rings past full scale
+    x[300:340] = -32768
+    c, py = Resampler(in_rate, out_rate), Resampler(in_rate, out_rate)
+    sizes = random_chunk_sizes(len(x), rng)
+    body = chunked(c, x, sizes)
+    assert len(body) == len(x) * out_rate // in_rate
+    got = np.concatenate((body, c.flush()))
+    try:
+        py._kernel.compiled = False
+        expected = np.concatenate((chunked(py, x, sizes), py.flush()))
+    finally:
+        py._kernel.compiled = True
+    assert len(got) == len(expected)
+    assert got.min() == -32768 and got.max() == 32767  # saturation was exercised
+    # The two sum in different orders: at most the last bit of a rounding can differ.
+    assert np.abs(got.astype(np.int32) - expected).max() <= 1
+
+
+@needs_c_kernel
+def test_caller_audio_bytes_are_the_same_from_either_kernel() -> None:
+    frames = [bytes(np.random.default_rng(n).integers(0, 256, 160, np.uint8)) for n in range(20)]
+    c, py = CallerAudio(), CallerAudio()
+    got_all = [c.process(f) for f in frames]
+    kernel = py._resampler._kernel  # type: ignore[union-attr]
+    kernel.compiled = False  # (shared by every 8 -> 24 kHz resampler)
+    try:
+        expected_all = [py.process(f) for f in frames]
+    finally:
+        kernel.compiled = True
+    for got, expected in zip(got_all, expected_all, strict=True):
+        diff = np.frombuffer(got, "<i2").astype(np.int32) - np.frombuffer(expected, "<i2")
+        assert len(got) == 960 and np.abs(diff).max() <= 1
+
+
+@needs_c_kernel
+def test_c_kernel_refuses_to_read_past_its_input() -> None:
+    kernel = Resampler(8000, 24000)._kernel
+    src = np.zeros(40)
+    with pytest.raises(ValueError, match="past the input"):
+        kernel.run_int16(src, kernel._m_lo, 0, 480)  # 480 outputs need 160 inputs, not 40
+    assert len(kernel.run_int16(src, kernel._m_lo, 0, 3)) == 6  # within it: fine
+    with pytest.raises(ValueError, match="negative"):
+        kernel.run_int16(src, 1000, 0, 3)
 
 
 def test_every_call_s_resampler_shares_one_filter_design() -> None:

@@ -43,6 +43,9 @@ def test_the_dockerfile_passes_hadolint_and_builds_in_two_stages() -> None:
     assert linted.returncode == 0, linted.stdout + linted.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM \S+ AS build$", text, flags=re.M) and "COPY --from=build" in text
+    # The build stage compiles the C resampling kernel (setup.py); the final stage has no compiler.
+    build = text.split("COPY --from=build")[0].split("FROM ")[1]
+    assert "setup.py" in build and re.search(r"apt-get install .*\bgcc\b", build.replace("\\\n", " "))
     stage = final_stage()
     assert not any("pytest" in run or "gcc" in run or "[test]" in run for run in stage["RUN"])
     [user] = stage["USER"]

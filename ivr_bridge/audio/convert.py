@@ -43,7 +43,7 @@ class CallerAudio:
         """Convert any number of mu-law bytes (none to convert when passing through)."""
         if self._resampler is None or not ulaw:
             return ulaw
-        return float_to_pcm16le(self._resampler.process_float(ulaw_to_float(ulaw)))
+        return self._resampler.process_pcm16le(ulaw_to_float(ulaw))
 
     def reset(self) -> None:
         """Forget the filter history (e.g. when the stream restarts)."""
