@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ivr_bridge.audio import BotAudio, CallerAudio, Pcm, Resampler, ulaw_encode
+from ivr_bridge.audio import BotAudio, CallerAudio, Pcm, Resampler, resample, ulaw_encode
 from ivr_bridge.audio import measure as m
-from ivr_bridge.audio.convert import float_to_pcm16le, ulaw_to_float
+from ivr_bridge.audio.convert import ulaw_to_float
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +51,15 @@ def median_us(fn: Callable[[], object], reps: int, warmup: int) -> float:
 
 
 def measure_cost(reps: int) -> dict[str, float]:
+    """Each figure with the C kernel (as shipped, where it was built) and, with `_numpy`,
+    with the numpy kernel it falls back to."""
+    cost: dict[str, float] = {}
+    for suffix, compiled in (("", resample.COMPILED), ("_numpy", False)):
+        cost |= {k + suffix: v for k, v in _measure_cost(reps, compiled).items()}
+    return cost
+
+
+def _measure_cost(reps: int, compiled: bool) -> dict[str, float]:
     rng = np.random.default_rng(0)
     warmup = max(reps // 10, 50)
     # Inbound: one 20 ms Twilio frame, timed whole and by stage.
@@ -58,24 +67,28 @@ def measure_cost(reps: int) -> dict[str, float]:
     caller = CallerAudio()
     up = Resampler(8000, 24000)
     x = ulaw_to_float(frame)
-    y = up.process_float(x)
     # Outbound: one 100 ms chunk from the voice API.
     chunk = (m.tone(300, 24000, 2400, 8000) + rng.integers(-500, 500, 2400, np.int16)).astype(np.int16)
     down = Resampler(24000, 8000)
     z = down.process(chunk)
     bot = BotAudio()
     pcm = Pcm(chunk, 24000)
-    return {
-        "inbound_total": median_us(lambda: caller.process(frame), reps, warmup),
-        "inbound_decode": median_us(lambda: ulaw_to_float(frame), reps, warmup),
-        "inbound_upsample": median_us(lambda: up.process_float(x), reps, warmup),
-        # float_to_pcm16le rounds y in place; re-rounding integers costs the same.
-        "inbound_tobytes": median_us(lambda: float_to_pcm16le(y), reps, warmup),
-        "outbound_total": median_us(lambda: ulaw_encode(down.process(chunk)), reps, warmup),
-        "outbound_downsample": median_us(lambda: down.process(chunk), reps, warmup),
-        "outbound_encode": median_us(lambda: ulaw_encode(z), reps, warmup),
-        "outbound_botaudio": median_us(lambda: bot.process(pcm), reps, warmup),
-    }
+    kernels = [up._kernel, down._kernel]  # shared by every resampler of their rate pair
+    for kernel in kernels:
+        kernel.compiled = compiled
+    try:
+        return {
+            "inbound_total": median_us(lambda: caller.process(frame), reps, warmup),
+            "inbound_decode": median_us(lambda: ulaw_to_float(frame), reps, warmup),
+            "inbound_upsample": median_us(lambda: up.process_pcm16le(x), reps, warmup),
+            "outbound_total": median_us(lambda: ulaw_encode(down.process(chunk)), reps, warmup),
+            "outbound_downsample": median_us(lambda: down.process(chunk), reps, warmup),
+            "outbound_encode": median_us(lambda: ulaw_encode(z), reps, warmup),
+            "outbound_botaudio": median_us(lambda: bot.process(pcm), reps, warmup),
+        }
+    finally:
+        for kernel in kernels:
+            kernel.compiled = resample.COMPILED
 
 
 def audioop_mismatches() -> int | None:
@@ -243,19 +256,19 @@ def print_rates(rows: list[dict[str, float]]) -> None:
 def print_report(cost: dict[str, float], q: dict[str, Any], checks: list[Check], reps: int) -> None:
     print(f"ivr_bridge.audio  (Python {platform.python_version()}, numpy {np.__version__})")
     print()
-    print(f"Cost, median of {reps} runs                              us")
+    kernel = "C kernel" if resample.COMPILED else "(C kernel not built)"
+    print(f"Cost, median of {reps} runs, us{'':24}{kernel:>12}{'numpy':>9}")
     rows = [
         ("inbound 20 ms frame: 160 B mu-law -> 24k PCM16", "inbound_total"),
         ("  mu-law decode", "inbound_decode"),
-        ("  resample 8k -> 24k", "inbound_upsample"),
-        ("  round + to bytes", "inbound_tobytes"),
+        ("  resample 8k -> 24k, to PCM16 bytes", "inbound_upsample"),
         ("outbound 100 ms chunk: 2400 @ 24k -> 8k mu-law", "outbound_total"),
         ("  resample 24k -> 8k", "outbound_downsample"),
         ("  mu-law encode", "outbound_encode"),
         ("  (BotAudio.process incl. framing)", "outbound_botaudio"),
     ]
     for label, key in rows:
-        print(f"  {label:<52}{cost[key]:7.1f}")
+        print(f"  {label:<52}{cost[key]:7.1f}{cost[key + '_numpy']:9.1f}")
     print()
     print(f"  {'check':<44}{'value':>10}  {'target':<10}{'':6}note")
     for c in checks:

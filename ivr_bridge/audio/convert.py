@@ -6,10 +6,10 @@ import numpy as np
 
 from .format import PCM16_24K, TWILIO_AUDIO, AudioFormat
 from .g711 import FRAME_BYTES, ULAW_SILENCE, ULAW_TO_PCM, ulaw_encode
-from .resample import Resampler, round_to_int16
+from .resample import Resampler
 from .wav import Pcm
 
-__all__ = ["BotAudio", "CallerAudio", "Ulaw", "float_to_pcm16le", "ulaw_to_float"]
+__all__ = ["BotAudio", "CallerAudio", "Ulaw", "ulaw_to_float"]
 
 TWILIO_RATE = TWILIO_AUDIO.rate
 
@@ -20,11 +20,6 @@ _ULAW_TO_FLOAT = ULAW_TO_PCM.astype(np.float64)
 def ulaw_to_float(ulaw: bytes) -> np.ndarray:
     """Decode mu-law bytes to float64 samples on the int16 scale."""
     return _ULAW_TO_FLOAT[np.frombuffer(ulaw, dtype=np.uint8)]
-
-
-def float_to_pcm16le(y: np.ndarray) -> bytes:
-    """Round and saturate float samples to PCM16 little-endian bytes (``y`` is clobbered)."""
-    return round_to_int16(y).astype("<i2", copy=False).tobytes()
 
 
 class CallerAudio:
