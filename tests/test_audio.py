@@ -6,6 +6,8 @@ import io
 import math
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 import wave
 
@@ -236,6 +238,28 @@ needs_c_kernel = pytest.mark.skipif(not resample.COMPILED, reason="the C kernel 
 def test_c_kernel_is_built_where_a_compiler_is() -> None:
     # setup.py builds it as optional: a broken build would pass unnoticed but for this.
     assert resample.COMPILED or not (shutil.which("cc") or shutil.which("gcc"))
+
+
+def test_without_the_c_kernel_numpy_does_the_same_work() -> None:
+    # Where no compiler was found at install: the module imports, says so, and converts.
+    script = """
+import sys
+sys.modules["ivr_bridge.audio._fir"] = None  # as if it had never been built
+import numpy as np
+from ivr_bridge.audio import BotAudio, CallerAudio, Pcm, resample
+assert not resample.COMPILED
+up = CallerAudio().process(bytes(range(160)))
+down = BotAudio().process(Pcm(np.arange(-2400, 2400, 2, dtype=np.int16), 24000))
+print(up.hex(), len(down))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    up_hex, down_bytes = done.stdout.split()
+    assert down_bytes == "800"  # 100 ms of reply: five whole frames
+    # The same samples as this process's kernel (C where built) gives, within a rounding.
+    here = np.frombuffer(CallerAudio().process(bytes(range(160))), "<i2").astype(np.int32)
+    there = np.frombuffer(bytes.fromhex(up_hex), "<i2")
+    assert len(there) == 480 and np.abs(there - here).max() <= 1
 
 
 @needs_c_kernel
