@@ -31,8 +31,9 @@ to_int16(double v)
     return v >= 32767.0 ? 32767 : v <= -32768.0 ? -32768 : (int16_t)v;
 }
 
-/* Runtime dispatch (GCC and Clang on x86-64 Linux): AVX2 where the CPU has it (FMA measured slower: its latency lengthens the dot products). */
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+/* AVX2 where the CPU has it, chosen when the module loads (GCC and Clang with glibc, whose
+ * ifunc this needs). FMA was measured slower: its latency lengthens the dot products. */
+#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
 #define FIR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FIR_CLONES
