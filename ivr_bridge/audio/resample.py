@@ -322,7 +322,8 @@ class Resampler:
         return np.empty(0) if y is None else y
 
     def process(self, samples: np.ndarray) -> np.ndarray:
-        """Resample a chunk of int16 samples; returns the int16 output due so far."""
+        """Resample a chunk of int16 samples; returns the int16 output due so far (read-only
+        when the C kernel made it: a view of its bytes, not a copy)."""
         if self._kernel is None:
             return np.array(samples, dtype=np.int16)
         if isinstance(self._kernel, _BlockKernel) and self._kernel.compiled:
