@@ -8,9 +8,10 @@ import sysconfig
 
 from setuptools import Extension, setup
 
-# GCC and Clang: let the FIR's dot products use vector lanes, which reorders their sums
-# (no NaN or infinity can occur: the inputs are audio samples).
-gnu = any(cc in (sysconfig.get_config_var("CC") or "") for cc in ("gcc", "clang", "cc"))
+# A Unix build names its C compiler (GCC or Clang in practice; MSVC builds name none): let
+# the FIR's dot products use vector lanes, which reorders their sums (no NaN or infinity can
+# occur: the inputs are audio samples).
+unix_cc = sysconfig.get_config_var("CC") is not None
 flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 
 setup(
@@ -18,7 +19,7 @@ setup(
         Extension(
             "ivr_bridge.audio._fir",
             ["ivr_bridge/audio/_fir.c"],
-            extra_compile_args=flags if gnu else [],
+            extra_compile_args=flags if unix_cc else [],
             optional=True,
         )
     ]

@@ -381,6 +381,8 @@ def test_same_rate_is_a_passthrough_copy() -> None:
     np.testing.assert_array_equal(y, x)
     assert y is not x and rs.delay_ms == 0.0
     assert rs.flush().shape == (0,)
+    with pytest.raises(ValueError, match="1-D"):
+        rs.process_float(np.zeros((2, 2)))
 
 
 def test_invalid_rates_rejected() -> None:

@@ -259,6 +259,13 @@ def _design(
     return h, kernel, high_rate, (taps - 1) / 2 / phases
 
 
+def _one_dimensional(samples: np.ndarray) -> np.ndarray:
+    x = np.asarray(samples)
+    if x.ndim != 1:
+        raise ValueError("expected a 1-D array of samples")
+    return x
+
+
 class Resampler:
     """Streaming rational-ratio resampler: int16 in, int16 out, any chunk sizes.
 
@@ -317,7 +324,7 @@ class Resampler:
     def process_float(self, samples: np.ndarray) -> np.ndarray:
         """Like :meth:`process` but float64 out, unrounded (input may be any real dtype)."""
         if self._kernel is None:
-            return np.asarray(samples).astype(np.float64)
+            return _one_dimensional(samples).astype(np.float64)
         y = self._step(samples, self._kernel.run)
         return np.empty(0) if y is None else y
 
@@ -341,9 +348,7 @@ class Resampler:
         """Append a chunk to the history buffer and `run` the kernel over the outputs it
         completes (None if it completes none)."""
         assert self._kernel is not None
-        x = np.asarray(samples)
-        if x.ndim != 1:
-            raise ValueError("expected a 1-D array of samples")
+        x = _one_dimensional(samples)
         n, history = len(x), self._history
         total = self._n_in + n
         k_end = total * self._up // self._down
