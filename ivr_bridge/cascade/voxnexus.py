@@ -58,7 +58,7 @@ from ivr_bridge.audio import Pcm, WavError
 from ivr_bridge.audio.wav import MAX_RATE, MIN_RATE, is_wav, parse_wav
 from ivr_bridge.cascade.engines import Heard
 from ivr_bridge.providers.base import setting
-from ivr_bridge.providers.websocket import MAX_MESSAGE_BYTES
+from ivr_bridge.providers.upstream import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """NextEVI speech-to-speech WebSocket API.
 
 `NextEviProtocol` is the sans-I/O half: server messages in, `VoiceEvent`s out, client
-messages built as text. `NextEviSession` runs it over a `websockets` connection.
+messages built as text. `NextEviSession` runs it over an `UpstreamSocket` (picows).
 Message shapes: `shared/reference/nextevi-websocket-reference.txt`.
 """
 
@@ -18,10 +18,6 @@ import uuid
 from base64 import b64decode
 from dataclasses import dataclass
 from urllib.parse import urlencode
-
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from ivr_bridge.audio import PCM16_24K, AudioFormat, WavError, decode_tts_audio
 from ivr_bridge.providers.base import (
@@ -41,7 +37,7 @@ from ivr_bridge.providers.base import (
     VoiceEvent,
     setting,
 )
-from ivr_bridge.providers.websocket import send_message
+from ivr_bridge.providers.upstream import UpstreamClosed, UpstreamSocket
 from ivr_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,7 +210,7 @@ def _score(value: object) -> float:
 
 
 class NextEviSession:
-    """A NextEVI session over `websockets`; the thin I/O edge around NextEviProtocol."""
+    """A NextEVI session over an `UpstreamSocket`; the thin I/O edge around NextEviProtocol."""
 
     name = "nextevi"
 
@@ -229,7 +225,7 @@ class NextEviSession:
         prefix = "".join(c for c in call_sid if c.isascii() and c.isalnum())[:40] or "ivr"
         self.connection_id = f"{prefix}-{uuid.uuid4()}"
         self.protocol = NextEviProtocol()
-        self._ws: ClientConnection | None = None
+        self._ws: UpstreamSocket | None = None
         self._events: list[VoiceEvent] = []
         self._closed: Closed | None = None
         self._last_send = time.monotonic()
@@ -238,21 +234,11 @@ class NextEviSession:
     async def connect(self) -> AudioFormat:
         s: NextEviSettings = self._settings.voice
         url = NextEviProtocol.url(s.url, self.connection_id, s.api_key, s.config_id, s.project_id)
-        try:
-            # No permessage-deflate: audio does not compress and it costs ~25 % CPU.
-            self._ws = await websockets.connect(
-                url, compression=None, max_size=MAX_MESSAGE_BYTES, open_timeout=10, ping_interval=20
-            )
-        except InvalidStatus as exc:
-            raise ConnectionError(
-                f"voice API refused the connection: HTTP {exc.response.status_code}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            # The message never includes the URL: it carries the API key.
-            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
+        # The error never includes the URL: it carries the API key.
+        self._ws = await UpstreamSocket.connect(url, max_message_bytes=MAX_MESSAGE_BYTES)
         # A session refused after the handshake (e.g. 4001) fails this send; receive()
         # then reports the close code.
-        with contextlib.suppress(ConnectionClosed):
+        with contextlib.suppress(UpstreamClosed):
             await self._ws.send(NextEviProtocol.session_settings())
         self._last_send = time.monotonic()
         self._keep_alive = asyncio.create_task(self._keep_alive_loop(), name="nextevi-keep-alive")
@@ -262,8 +248,8 @@ class NextEviSession:
         if self._ws is None or self._closed:
             return
         try:
-            await send_message(self._ws, pcm)
-        except ConnectionClosed:
+            await self._ws.send(pcm)
+        except UpstreamClosed:
             return  # receive() reports the close
         self._last_send = time.monotonic()
 
@@ -274,12 +260,10 @@ class NextEviSession:
             assert self._ws is not None, "receive() before connect()"
             try:
                 message = await self._ws.recv()
-            except ConnectionClosed as exc:
-                # A close the bridge itself sent (1009: a message over MAX_MESSAGE_BYTES)
-                # has no received frame; only a connection that just died has neither.
-                frame = exc.rcvd or exc.sent
-                code = frame.code if frame is not None else 1006
-                reason = frame.reason if frame is not None else ""
+            except UpstreamClosed as exc:
+                # The API's close, else the bridge's own (1009: a message over
+                # MAX_MESSAGE_BYTES), else 1006: a connection that just died.
+                code, reason = exc.code, exc.reason
                 # 4004 (rate limit) is worth a retry; 4001-4003 (credentials, config, access) not.
                 retry = True if code == RATE_LIMITED else False if code in (4001, 4002, 4003) else None
                 self._closed = Closed(code, reason[:120], retry)
@@ -305,7 +289,7 @@ class NextEviSession:
                 continue
             try:
                 await self._ws.send(NextEviProtocol.keep_alive())
-            except ConnectionClosed:
+            except UpstreamClosed:
                 return
             self._last_send = time.monotonic()
 

@@ -1,11 +1,11 @@
-"""The socket half shared by the realtime voice APIs (OpenAI, ElevenLabs, NavTalk).
+"""The session half shared by the realtime voice APIs (OpenAI, ElevenLabs, NavTalk).
 
 A provider supplies a sans-I/O protocol object (messages in, events out, `outbox` of
 messages to send in answer, `classify` of closes) and a small subclass saying where to
 connect and when the session is ready (the formats it acknowledged). This class does the
-rest the same way for all: connect without compression and with secret-free errors, send
-the opening messages, hold the events that arrive before the session is ready, answer
-from the outbox (pongs, tool results), and report one sticky `Closed`.
+rest the same way for all: connect (`upstream.py`: no compression, secret-free errors),
+send the opening messages, hold the events that arrive before the session is ready,
+answer from the outbox (pongs, tool results), and report one sticky `Closed`.
 """
 
 from __future__ import annotations
@@ -14,41 +14,11 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.protocol import State
-
 from ivr_bridge.audio import AudioFormat
 from ivr_bridge.providers.base import NORMAL_CLOSE, Closed, Ready, VoiceEvent
+from ivr_bridge.providers.upstream import UpstreamClosed, UpstreamSocket
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # generous for audio in base64 JSON; larger closes with 1009
 READY_TIMEOUT_S = 15.0
-
-
-def write_now(ws: ClientConnection, message: str | bytes) -> bool:
-    """Write `message` at once if nothing could make `ws.send()` wait; False if not written.
-
-    `send()` runs an async context manager and a drain for every message: at one message
-    per 20 ms per call that overhead is paid 50 times a second (BENCHMARKS.md, issue 14).
-    When the connection is open and its transport is not paused by flow control, the frame
-    goes straight through the connection's sans-I/O protocol to the transport, as `send()`
-    itself would put it. Nobody here sends fragmented messages, so none can be in progress."""
-    if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
-        return False
-    if isinstance(message, str):
-        ws.protocol.send_text(message.encode())
-    else:
-        ws.protocol.send_binary(message)
-    ws.send_data()
-    return True
-
-
-async def send_message(ws: ClientConnection, message: str | bytes) -> None:
-    """`ws.send(message)`, written at once when nothing could make it wait (`write_now`);
-    otherwise `send()` does everything (waits, raises ConnectionClosed)."""
-    if not write_now(ws, message):
-        await ws.send(message)
 
 
 class RealtimeProtocol(Protocol):
@@ -69,7 +39,7 @@ class WebSocketSession:
 
     def __init__(self, protocol: RealtimeProtocol) -> None:
         self.protocol = protocol
-        self._ws: ClientConnection | None = None
+        self._ws: UpstreamSocket | None = None
         self._pending: list[VoiceEvent] = []  # events not yet handed to the call
         self._closed: Closed | None = None
 
@@ -93,32 +63,16 @@ class WebSocketSession:
     # -- VoiceSession -----------------------------------------------------------------------
 
     async def connect(self) -> AudioFormat:
-        try:
-            self._ws = await websockets.connect(
-                await self._url(),
-                additional_headers=self._headers(),
-                compression=None,  # audio does not compress, and deflate costs CPU per frame
-                max_size=MAX_MESSAGE_BYTES,
-                open_timeout=10,
-                ping_interval=20,
-            )
-        except InvalidStatus as exc:
-            raise ConnectionError(
-                f"voice API refused the connection: HTTP {exc.response.status_code}"
-            ) from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            # The message never carries the URL: it may carry a key or a license.
-            raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
+        self._ws = await UpstreamSocket.connect(await self._url(), self._headers())
         try:
             for message in self._opening():
                 await self._ws.send(message)
             async with asyncio.timeout(READY_TIMEOUT_S):
                 while (ready := self._negotiated()) is None:
                     self._pending += await self._take(await self._ws.recv())
-        except ConnectionClosed as exc:
-            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+        except UpstreamClosed as exc:
             raise ConnectionError(
-                f"voice API closed the session at its start: {code} {reason[:80]}".strip()
+                f"voice API closed the session at its start: {exc.code} {exc.reason[:80]}".strip()
             ) from None
         except TimeoutError:
             raise ConnectionError(
@@ -134,9 +88,8 @@ class WebSocketSession:
             assert self._ws is not None, "receive() before connect()"
             try:
                 raw = await self._ws.recv()
-            except ConnectionClosed as exc:
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-                self._closed = self.protocol.classify(code, reason)
+            except UpstreamClosed as exc:
+                self._closed = self.protocol.classify(exc.code, exc.reason)
                 break
             self._pending += await self._take(raw)
         if self._pending:
@@ -162,5 +115,5 @@ class WebSocketSession:
     async def _send(self, message: str) -> None:
         if self._ws is None or self._closed is not None:
             return
-        with contextlib.suppress(ConnectionClosed):  # receive() reports the close
-            await send_message(self._ws, message)
+        with contextlib.suppress(UpstreamClosed):  # receive() reports the close
+            await self._ws.send(message)

@@ -44,8 +44,8 @@ from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
-from ivr_bridge.providers.websocket import write_now
 from ivr_bridge.standins.timeline import CallerTimeline
 
 FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
@@ -70,6 +70,24 @@ _EXPECTED_FIELDS: dict[str, frozenset[str]] = {
     "mark": frozenset({"event", "streamSid", "mark"}),
     "clear": frozenset({"event", "streamSid"}),
 }
+
+
+def write_now(ws: ClientConnection, message: str | bytes) -> bool:
+    """Write `message` at once if nothing could make `ws.send()` wait; False if not written.
+
+    `send()` runs an async context manager and a drain for every message: at one message
+    per 20 ms per caller that overhead is paid 50 times a second (BENCHMARKS.md, issue 14).
+    When the connection is open and its transport is not paused by flow control, the frame
+    goes straight through the connection's sans-I/O protocol to the transport, as `send()`
+    itself would put it. Nobody here sends fragmented messages, so none can be in progress."""
+    if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
+        return False
+    if isinstance(message, str):
+        ws.protocol.send_text(message.encode())
+    else:
+        ws.protocol.send_binary(message)
+    ws.send_data()
+    return True
 
 
 @dataclass(slots=True)
