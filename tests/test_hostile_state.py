@@ -342,7 +342,7 @@ async def test_debug_logs_keep_every_secret_and_cannot_be_forged(tmp_path: Path)
             log_file.close()
     text = (tmp_path / "serve.log").read_text("utf-8", "replace")
     assert "webhook refused" in text and "call started" in text, text[-3000:]
-    assert "websockets.client" in text  # DEBUG really was on: the client's handshake is logged
+    assert " DEBUG " in text  # DEBUG really was on
     for secret in (
         API_KEY,
         auth_token,

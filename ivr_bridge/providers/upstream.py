@@ -29,9 +29,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # generous for audio in base64 JSON; large
 ABNORMAL_CLOSURE = 1006  # no close frame either way: the connection just died
 NO_STATUS = 1005  # a close frame without a code
 
-# picows logs every connection and disconnection at INFO (two lines a call) and each pause
-# of flow control at WARNING; the sessions report what matters, their closes, themselves.
-logging.getLogger("picows").setLevel(logging.ERROR)
+# picows logs every connection and disconnection at INFO (two lines a call), each pause of
+# flow control at WARNING and what a peer got wrong at ERROR, none naming the call. Each
+# ends in a close that the session reports with the call's name (1006, 1009, 1011...).
+logging.getLogger("picows").setLevel(logging.CRITICAL)
 
 
 class UpstreamClosed(Exception):
@@ -70,7 +71,9 @@ class UpstreamSocket:
                     url,
                     extra_headers=headers,
                     websocket_handshake_timeout=OPEN_TIMEOUT_S,
-                    max_frame_size=max_message_bytes,
+                    # One over: a frame of exactly the limit, whole, is a message within it;
+                    # the listener closes with 1009 for more (and so does picows, far more).
+                    max_frame_size=max_message_bytes + 1,
                     enable_auto_ping=True,
                     auto_ping_idle_timeout=PING_IDLE_S,
                     auto_ping_reply_timeout=PING_IDLE_S,
@@ -182,7 +185,9 @@ class _Listener(WSListener):
         socket = self._socket
         kind = frame.msg_type
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-            if not frame.fin:
+            if frame.payload_size > socket._max_message_bytes:
+                socket._fail(transport, 1009)
+            elif not frame.fin:
                 socket._fragment(transport, frame, first=True)
             elif kind is WSMsgType.BINARY:
                 socket._arrived(frame.get_payload_as_bytes())
@@ -203,6 +208,10 @@ class _Listener(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._socket._disconnected(transport)
+        # picows keeps what made it disconnect (a peer's protocol error) for
+        # wait_disconnected(); taken here so asyncio does not log it as never retrieved.
+        waiting = asyncio.ensure_future(transport.wait_disconnected())
+        waiting.add_done_callback(_retrieve)
 
     def pause_writing(self) -> None:
         if self._socket._writable is None and self._socket.closed is None:
@@ -212,3 +221,8 @@ class _Listener(WSListener):
         writable, self._socket._writable = self._socket._writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
