@@ -4,6 +4,7 @@ on loopback: whole messages, closes and their codes, refusals without secrets, f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -260,3 +261,42 @@ async def test_a_held_send_ends_when_the_connection_does() -> None:
     with pytest.raises(UpstreamClosed) as closed:
         await asyncio.wait_for(held, TIMEOUT)
     assert closed.value.code == 1006
+
+
+async def test_the_proxy_the_environment_names_is_used(server: Server, monkeypatch) -> None:
+    """An HTTP CONNECT proxy named by HTTPS_PROXY carries the connection, as it did under
+    websockets' client (a deployment behind a corporate proxy keeps working)."""
+    tunnels: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(head.split(b"\r\n", 1)[0])
+        host, port = head.split()[1].decode().rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(await ws.recv())
+        await ws.wait_closed()
+
+    server.handler = handler
+    proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    async with proxy_server:
+        proxy_port = proxy_server.sockets[0].getsockname()[1]
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+        upstream = await UpstreamSocket.connect(server.url)
+        await upstream.send("through the proxy")
+        assert await asyncio.wait_for(upstream.recv(), TIMEOUT) == "through the proxy"
+        await upstream.close()
+    port = server.url.split(":")[2].split("/")[0]
+    assert tunnels == [f"CONNECT 127.0.0.1:{port} HTTP/1.1".encode()]

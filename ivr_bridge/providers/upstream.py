@@ -21,6 +21,8 @@ from collections import deque
 
 import picows
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 OPEN_TIMEOUT_S = 10.0  # TCP, TLS and the upgrade
 CLOSE_TIMEOUT_S = 5.0  # for the API to answer this side's close before the socket is cut
@@ -80,11 +82,18 @@ class UpstreamSocket:
                     # A voice API does not redirect its socket; following one would take the
                     # credentials in the headers to another host.
                     max_redirects=0,
+                    # The proxy the environment names (HTTPS_PROXY, NO_PROXY...), chosen as
+                    # websockets' client, which this replaced, chose it.
+                    proxy=get_proxy(parse_uri(url)),
+                    # The event loop's own transports (uvloop's, its TLS included) rather than
+                    # aiofastnet's, which picows would take if installed: measured the same
+                    # (1.01x, 0.96x, 1.02x the CPU at 50 calls), and the loop's are long proven.
+                    use_aiofastnet=False,
                 )
         except picows.WSInvalidStatusError as exc:
             status = exc.response.status if exc.response is not None else "?"
             raise ConnectionError(f"voice API refused the connection: HTTP {int(status)}") from None
-        except (OSError, TimeoutError, picows.WSError) as exc:
+        except (OSError, TimeoutError, ValueError, picows.WSError) as exc:  # ValueError: a bad proxy URL
             raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
         return socket
 
