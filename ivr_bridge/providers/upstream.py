@@ -1,9 +1,11 @@
 """The socket to a voice API: a WebSocket client on picows, as whole messages in and out.
 
 Every caller frame of every call is written here, so this is the hot path's one write.
-picows frames and masks in C and writes each message straight to the transport; websockets'
-client, which this replaced, costs its Python framing, a queue and a drain per message:
-the bridge measured 0.84-0.87x its CPU with picows (BENCHMARKS.md, issue 14, sixth round).
+picows frames and masks in C and writes each message straight to the transport; with
+websockets' client, which this replaced, each message went through Python framing and
+masking, and each received one through a queue: with picows the bridge took 0.89-0.95x the
+CPU on both audio paths (BENCHMARKS.md, issue 14, sixth round). It negotiates no
+compression, which audio would not repay.
 
 picows hands over frames through callbacks. `UpstreamSocket` makes of them what a voice
 session needs: `recv()` of whole messages (fragments joined, size bounded), `send()` that
@@ -103,7 +105,7 @@ class UpstreamSocket:
         while self._writable is not None:
             await asyncio.shield(self._writable)
         if self.closed is not None:
-            raise self.closed
+            raise self._closed_error()
         assert self._transport is not None
         if isinstance(message, str):
             self._transport.send(WSMsgType.TEXT, message.encode())
@@ -114,7 +116,7 @@ class UpstreamSocket:
         """The next whole message; UpstreamClosed once every message before the close is taken."""
         while not self._inbox:
             if self.closed is not None:
-                raise self.closed
+                raise self._closed_error()
             self._arrival = asyncio.get_running_loop().create_future()
             try:
                 await self._arrival
@@ -133,6 +135,11 @@ class UpstreamSocket:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await transport.wait_disconnected()
         transport.disconnect()
+
+    def _closed_error(self) -> UpstreamClosed:
+        # A new one each time: an exception object raised again grows its traceback.
+        assert self.closed is not None
+        return UpstreamClosed(self.closed.code, self.closed.reason)
 
     # -- from the listener ------------------------------------------------------------------
 
