@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -300,3 +302,31 @@ async def test_the_proxy_the_environment_names_is_used(server: Server, monkeypat
         await upstream.close()
     port = server.url.split(":")[2].split("/")[0]
     assert tunnels == [f"CONNECT 127.0.0.1:{port} HTTP/1.1".encode()]
+
+
+async def test_wss_checks_the_api_certificate(tmp_path, monkeypatch) -> None:
+    """Every real voice API is wss://: the socket verifies the API's certificate against the
+    system's trust store (here one that trusts a certificate made for the test)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+
+    async def echo(ws: ServerConnection) -> None:
+        await ws.send(await ws.recv())
+        await ws.wait_closed()
+
+    async with serve(echo, "127.0.0.1", 0, ssl=tls) as ws_server:
+        url = f"wss://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}/v1?key={SECRET}"
+        with pytest.raises(ConnectionError) as untrusted:
+            await UpstreamSocket.connect(url)
+        assert str(untrusted.value) == "voice API unreachable: SSLCertVerificationError"
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        upstream = await UpstreamSocket.connect(url)
+        await upstream.send("over TLS")
+        assert await asyncio.wait_for(upstream.recv(), TIMEOUT) == "over TLS"
+        await upstream.close()
