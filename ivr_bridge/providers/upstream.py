@@ -113,7 +113,8 @@ class UpstreamSocket:
             self._transport.send(WSMsgType.BINARY, message)
 
     async def recv(self) -> str | bytes:
-        """The next whole message; UpstreamClosed once every message before the close is taken."""
+        """The next whole message; UpstreamClosed once every message before the close is taken.
+        One reader at a time (a session's receive loop), as with websockets."""
         while not self._inbox:
             if self.closed is not None:
                 raise self._closed_error()
