@@ -330,3 +330,10 @@ async def test_wss_checks_the_api_certificate(tmp_path, monkeypatch) -> None:
         await upstream.send("over TLS")
         assert await asyncio.wait_for(upstream.recv(), TIMEOUT) == "over TLS"
         await upstream.close()
+
+
+@pytest.mark.parametrize("url", [f"http://127.0.0.1:9/v1?key={SECRET}", f"wss://[::1/v1?key={SECRET}"])
+async def test_a_url_that_is_no_websocket_url_is_one_line_without_the_url(url: str) -> None:
+    with pytest.raises(ConnectionError) as refused:
+        await UpstreamSocket.connect(url)
+    assert str(refused.value).startswith("voice API unreachable: ") and SECRET not in str(refused.value)

@@ -23,6 +23,7 @@ from collections import deque
 
 import picows
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from websockets.exceptions import InvalidURI
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
@@ -95,7 +96,8 @@ class UpstreamSocket:
         except picows.WSInvalidStatusError as exc:
             status = exc.response.status if exc.response is not None else "?"
             raise ConnectionError(f"voice API refused the connection: HTTP {int(status)}") from None
-        except (OSError, TimeoutError, ValueError, picows.WSError) as exc:  # ValueError: a bad proxy URL
+        # InvalidURI: no ws:// or wss:// URL; ValueError: a proxy URL picows cannot use.
+        except (OSError, TimeoutError, ValueError, InvalidURI, picows.WSError) as exc:
             raise ConnectionError(f"voice API unreachable: {type(exc).__name__}") from None
         return socket
 
