@@ -26,7 +26,7 @@ Handler = Callable[[ServerConnection], Awaitable[None]]
 
 
 class Server:
-    """A websockets server running `handler` for each connection; `seen` what the handler kept."""
+    """A websockets server running `handler` for each connection; `done` once one has ended."""
 
     def __init__(self) -> None:
         self.handler: Handler | None = None
@@ -41,6 +41,13 @@ class Server:
             await self.handler(ws)
         finally:
             self.done.set()
+
+
+async def close_after(upstream: UpstreamSocket) -> UpstreamClosed:
+    """How the socket closed, read as a session does: recv() until it raises."""
+    with pytest.raises(UpstreamClosed) as closed:
+        await asyncio.wait_for(upstream.recv(), TIMEOUT)
+    return closed.value
 
 
 @pytest.fixture
@@ -95,9 +102,8 @@ async def test_an_error_before_the_close_is_read_then_the_close_code(server: Ser
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url)
     assert await asyncio.wait_for(upstream.recv(), TIMEOUT) == '{"type":"error","message":"invalid key"}'
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert (closed.value.code, closed.value.reason) == (4001, "unauthorized")
+    closed = await close_after(upstream)
+    assert (closed.code, closed.reason) == (4001, "unauthorized")
     with pytest.raises(UpstreamClosed):  # sticky
         await upstream.recv()
 
@@ -110,9 +116,7 @@ async def test_a_close_without_a_code_is_1005(server: Server) -> None:
 
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url)
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert closed.value.code == 1005
+    assert (await close_after(upstream)).code == 1005
 
 
 async def test_a_connection_that_dies_is_1006(server: Server) -> None:
@@ -123,9 +127,7 @@ async def test_a_connection_that_dies_is_1006(server: Server) -> None:
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url)
     assert await asyncio.wait_for(upstream.recv(), TIMEOUT) == "last words"
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert closed.value.code == 1006
+    assert (await close_after(upstream)).code == 1006
 
 
 async def test_a_message_over_the_limit_closes_with_1009(server: Server) -> None:
@@ -135,9 +137,7 @@ async def test_a_message_over_the_limit_closes_with_1009(server: Server) -> None
 
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url, max_message_bytes=1000)
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert closed.value.code == 1009
+    assert (await close_after(upstream)).code == 1009
     await asyncio.wait_for(server.done.wait(), TIMEOUT)
     assert server.connections[0].close_code == 1009
 
@@ -149,9 +149,7 @@ async def test_one_frame_over_the_limit_closes_with_1009(server: Server) -> None
 
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url, max_message_bytes=1000)
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert closed.value.code == 1009
+    assert (await close_after(upstream)).code == 1009
 
 
 async def test_text_that_is_not_utf8_closes_with_1007(server: Server) -> None:
@@ -162,9 +160,7 @@ async def test_text_that_is_not_utf8_closes_with_1007(server: Server) -> None:
 
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url)
-    with pytest.raises(UpstreamClosed) as closed:
-        await asyncio.wait_for(upstream.recv(), TIMEOUT)
-    assert closed.value.code == 1007
+    assert (await close_after(upstream)).code == 1007
 
 
 async def test_pings_are_answered(server: Server) -> None:

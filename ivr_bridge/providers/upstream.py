@@ -158,7 +158,7 @@ class UpstreamSocket:
         self._fragments_size += frame.payload_size
         if self._fragments_size > self._max_message_bytes:
             self._fragments = []
-            self._fail(transport, 1009)
+            self._close_now(transport, 1009)
             return
         self._fragments.append(frame.get_payload_as_bytes())
         if frame.fin:
@@ -170,10 +170,11 @@ class UpstreamSocket:
             try:
                 self._arrived(data.decode())
             except UnicodeDecodeError:
-                self._fail(transport, 1007)
+                self._close_now(transport, 1007)
 
-    def _fail(self, transport: WSTransport, code: int) -> None:
-        """The API sent what no message may be: close the socket with `code`."""
+    def _close_now(self, transport: WSTransport, code: int) -> None:
+        """Close with `code` (unless a close went already) and let the connection go: the API
+        sent what no message may be, or its own close, which this answers."""
         if not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode(code))
         transport.disconnect()
@@ -205,7 +206,7 @@ class _Listener(WSListener):
         kind = frame.msg_type
         if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
             if frame.payload_size > socket._max_message_bytes:
-                socket._fail(transport, 1009)
+                socket._close_now(transport, 1009)
             elif not frame.fin:
                 socket._fragment(transport, frame, first=True)
             elif kind is WSMsgType.BINARY:
@@ -214,15 +215,12 @@ class _Listener(WSListener):
                 try:
                     socket._arrived(frame.get_payload_as_utf8_text())
                 except UnicodeDecodeError:
-                    socket._fail(transport, 1007)
+                    socket._close_now(transport, 1007)
         elif kind is WSMsgType.CONTINUATION:
             socket._fragment(transport, frame, first=False)
         elif kind is WSMsgType.CLOSE:
-            # picows recorded the code and reason (transport.close_handshake); answer, then
-            # let the connection go as RFC 6455 has the client do once both closes are sent.
-            if not transport.is_close_frame_sent:
-                transport.send_close(WSCloseCode(frame.get_close_code() or 1000))
-            transport.disconnect()
+            # picows recorded its code and reason (transport.close_handshake) for `closed`.
+            socket._close_now(transport, frame.get_close_code() or 1000)
         # PING is answered by picows (enable_auto_pong); PONG is its keepalive's.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
