@@ -83,11 +83,11 @@ async def test_sends_text_and_binary_and_closes_with_its_code(server: Server) ->
 
     server.handler = handler
     upstream = await UpstreamSocket.connect(server.url, {"Authorization": f"Bearer {SECRET}"})
-    await upstream.send('{"type":"hello"}')
+    await upstream.send('{"type":"hello","text":"déjà ✓"}')
     await upstream.send(b"\x01\x02\x03")
     await upstream.close(4000)
     await asyncio.wait_for(server.done.wait(), TIMEOUT)
-    assert got == ['{"type":"hello"}', b"\x01\x02\x03"]
+    assert got == ['{"type":"hello","text":"déjà ✓"}', b"\x01\x02\x03"]
     assert server.connections[0].request.headers["Authorization"] == f"Bearer {SECRET}"
     assert server.connections[0].close_code == 4000
     with pytest.raises(UpstreamClosed):

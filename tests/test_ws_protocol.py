@@ -239,3 +239,23 @@ async def test_the_fast_path_writes_the_frames_websockets_writes() -> None:
             frames.append(bytes(transport.written[start:]))
             protocol.connection_lost(None)
         assert frames[0] == frames[1], size
+
+
+async def test_data_frames_after_the_accept_never_reach_websockets_parser() -> None:
+    """The point of the fast path: websockets parses the control frames alone (both paths
+    give the same result, so only this shows which one read them)."""
+    received, protocol, transport = await accepted(StreamWebSocketProtocol)
+    parsed: list[bytes] = []
+    receive_data = protocol.conn.receive_data
+    protocol.conn.receive_data = lambda data: parsed.append(bytes(data)) or receive_data(data)  # type: ignore[method-assign]
+    ping = Frame(Opcode.PING, b"still there?").serialize(mask=True, extensions=[])
+    handshake = len(transport.written)
+    protocol.data_received(frame("one") + frame("two") + ping + frame("three"))
+    protocol.data_received(frame("four"))
+    await wait_for(lambda: len(received) == 4)
+    assert [message["text"] for message in received] == ["one", "two", "three", "four"]
+    assert parsed == [ping]
+    assert transport.written[handshake:] == Frame(Opcode.PONG, b"still there?").serialize(
+        mask=False, extensions=[]
+    )
+    protocol.connection_lost(None)

@@ -109,10 +109,8 @@ class UpstreamSocket:
         if self.closed is not None:
             raise self._closed_error()
         assert self._transport is not None
-        if isinstance(message, str):
-            self._transport.send(WSMsgType.TEXT, message.encode())
-        else:
-            self._transport.send(WSMsgType.BINARY, message)
+        # picows encodes text (a str) as UTF-8 itself.
+        self._transport.send(WSMsgType.TEXT if isinstance(message, str) else WSMsgType.BINARY, message)
 
     async def recv(self) -> str | bytes:
         """The next whole message; UpstreamClosed once every message before the close is taken.
