@@ -47,6 +47,7 @@ from ivr_bridge.security import (
 )
 from ivr_bridge.settings import Settings
 from ivr_bridge.web import Softphone, page_routes
+from ivr_bridge.ws_protocol import FRAME_SINK
 
 log = logging.getLogger("ivr_bridge")
 
@@ -73,11 +74,21 @@ class AsgiTwilioSocket:
     handlers wrap every send; the handshake goes through it, the 50 frames a second each
     way of an accepted stream do not."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, scope: Scope | None = None) -> None:
         self._receive = receive
         self._send = send
         self._closed = False
         self.close_code: int | None = None  # the code the socket closed with, once closed
+        # ws_protocol.py's read callback takes a sink for frames; another server has none.
+        self._set_sink = (scope or {}).get("extensions", {}).get(FRAME_SINK)
+
+    def set_sink(self, sink: Callable[[str], bool] | None) -> bool:
+        """Offer each text frame to `sink` in the read callback, before `receive()` sees it
+        (None: stop). False if this server cannot."""
+        if self._set_sink is None:
+            return False
+        self._set_sink(sink)
+        return True
 
     async def receive(self) -> str | bytes | None:
         if self._closed:
@@ -416,7 +427,7 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
                 )
                 await websocket.close(code=POLICY_VIOLATION)
                 return
-        await serve_stream(websocket, AsgiTwilioSocket(receive, send))
+        await serve_stream(websocket, AsgiTwilioSocket(receive, send, websocket.scope))
 
     async def phone_stream(websocket: WebSocket, receive: Receive, send: Send) -> None:
         """The softphone's Media Stream: a browser cannot sign the upgrade as Twilio does,
@@ -436,7 +447,9 @@ def create_app(settings: Settings, on_call_end: Callable[[Call], None] | None = 
             return
         # Spent here; with a fabric, spent for the fleet too when its `start` is admitted.
         spent = tokens.spent_key(token) if tokens is not None and token else (None, 0)
-        await serve_stream(websocket, AsgiTwilioSocket(receive, send), softphone=call_sid, spent=spent)
+        await serve_stream(
+            websocket, AsgiTwilioSocket(receive, send, websocket.scope), softphone=call_sid, spent=spent
+        )
 
     async def serve_stream(
         websocket: WebSocket,

@@ -185,6 +185,30 @@ class MediaStream:
             self._charge(len(text), frames=1)
         return event
 
+    def receive_media(self, text: str) -> MediaReceived | None:
+        """`receive` for a well-formed media frame; None, with nothing counted, for any other
+        frame (`receive` then parses it and raises or returns what it is).
+
+        The call's fast path takes caller audio with this from the socket's read callback,
+        where an error could not be handled."""
+        if self._flooded:
+            return None
+        try:
+            message = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(message, dict) or message.get("event") != "media":
+            return None
+        try:
+            event = self._media(message)
+        except MediaStreamError:  # nothing counted yet: `_media` checks every field first
+            return None
+        try:
+            self._charge(len(text), audio_bytes=len(event.payload))
+        except MediaStreamError:  # a flood: `receive` raises it, for this frame and every later one
+            return None
+        return event
+
     def _charge(self, size: int, *, frames: int = 0, audio_bytes: int = 0) -> None:
         if self._clock is None:
             return

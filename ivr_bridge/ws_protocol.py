@@ -12,6 +12,10 @@ pauses and resumes the socket for every message. Here, once the handshake is don
   else (a fragment, reserved bits, no mask, too large) together with all that follows, so
   websockets refuses it with the close code it always did;
 - a text or binary message from the app is written as one unmasked frame;
+- an app may take text messages in the read callback itself, through the ASGI extension
+  `FRAME_SINK`: the call sends a caller's audio on without a queue or a task switch per
+  frame. It is offered a message only when none waits in the queue, so none overtakes another,
+  and it may decline one (it is then queued as usual);
 - reading pauses only when `HIGH_WATER` messages wait unread (an app that fell behind, or a
   peer far faster than real time) and resumes, as in uvicorn, once the app has taken them
   all. The flood guard (`media_stream.py`) still bounds what a peer may send.
@@ -26,7 +30,9 @@ uvicorn has no setting for any of this; its protocol class is a documented one
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -37,6 +43,9 @@ try:  # as websockets itself imports it: the C version, else the pure-Python one
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
+# The ASGI extension (in `scope["extensions"]`) that sets, or with None unsets, the function
+# a text message is first offered to: `sink(text) -> bool`, True if it took the message.
+FRAME_SINK = "ivr.frame_sink"
 HIGH_WATER = 16  # messages; as websockets' own server queues (its max_queue default)
 
 TEXT, BINARY = 0x1, 0x2
@@ -47,6 +56,8 @@ _LENGTH64 = struct.Struct("!Q")
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 _MAX_CONTROL = 125  # RFC 6455 5.5: a control frame's payload
+
+logger = logging.getLogger(__name__)
 
 
 def frame_bytes(first: int, payload: bytes) -> bytes:
@@ -65,6 +76,15 @@ class StreamWebSocketProtocol(WebSocketsSansIOProtocol):
         self._frames_ours: bool | None = None  # None until the request head has been read
         self._unread = b""  # the start of a frame not yet whole
         self._max_size = self.config.ws_max_size
+        self._sink: Callable[[str], bool] | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        if self.handshake_initiated and not self.close_sent:  # an upgrade the app will see
+            self.scope["extensions"][FRAME_SINK] = self._set_sink
+
+    def _set_sink(self, sink: Callable[[str], bool] | None) -> None:
+        self._sink = sink
 
     # Receiving
 
@@ -136,24 +156,37 @@ class StreamWebSocketProtocol(WebSocketsSansIOProtocol):
             self._websockets_reads(data)
 
     def _deliver(self, opcode: int, payload: bytes) -> bool:
-        """Queue one message for the app; False once the connection is being refused."""
+        """Hand one message to the sink or queue it for the app; False once the connection
+        is being refused."""
         if self.close_sent:  # as uvicorn: past `websocket.close`, messages are discarded
             return True
         if opcode == TEXT:
             try:
-                self.queue.put_nowait({"type": "websocket.receive", "text": payload.decode()})
+                text = payload.decode()
             except UnicodeDecodeError:
                 self._frames_ours = False
                 if self.conn.state is State.OPEN:  # else a later frame's refusal is under way
                     self.conn.send_close(1007)
                     self.handle_parser_exception()
                 return False
+            if self._sink is not None and not self.queue.qsize() and self._offer(text):
+                return True
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
         else:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
         if not self.read_paused and self.queue.qsize() >= HIGH_WATER:
             self.read_paused = True
             self.transport.pause_reading()
         return True
+
+    def _offer(self, text: str) -> bool:
+        assert self._sink is not None
+        try:
+            return self._sink(text)
+        except Exception:  # a bug in the sink: logged, and the app reads the rest itself
+            logger.exception("a frame sink failed; its messages are queued from now on")
+            self._sink = None
+            return False
 
     def send_receive_event_to_app(self) -> None:
         """A message websockets read, queued by the same rules (uvicorn pauses after each)."""

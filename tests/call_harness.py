@@ -68,11 +68,14 @@ class FakeTwilio:
 
     def _frame(self, event: str, **body: Any) -> None:
         self._sequence += 1
-        self._inbound.put_nowait(
+        self._deliver(
             json.dumps(
                 {"event": event, "sequenceNumber": str(self._sequence), "streamSid": STREAM_SID, **body}
             )
         )
+
+    def _deliver(self, text: str) -> None:
+        self._inbound.put_nowait(text)
 
     def start(self, call_sid: str = CALL_SID, **parameters: str) -> None:
         self._frame(
@@ -166,10 +169,15 @@ class Harness:
     """One `Call` over a `FakeTwilio`, its voice sessions scripted; events collected."""
 
     def __init__(
-        self, settings: Settings | None = None, *, instant_playback: bool = True, **call: Any
+        self,
+        settings: Settings | None = None,
+        *,
+        instant_playback: bool = True,
+        twilio: FakeTwilio | None = None,
+        **call: Any,
     ) -> None:
         self.settings = settings or Settings(provider="echo", idle_timeout_s=60)
-        self.twilio = FakeTwilio(instant_playback=instant_playback)
+        self.twilio = twilio or FakeTwilio(instant_playback=instant_playback)
         self.sessions: list[ScriptedSession] = []
         self.prepared: list[ScriptedSession] = []  # handed out in order before fresh ones
         self.events: list[CallEvent] = []

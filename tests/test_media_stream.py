@@ -155,3 +155,48 @@ def test_outbound_media_must_be_whole_frames() -> None:
 def test_no_outbound_before_start() -> None:
     with pytest.raises(RuntimeError):
         MediaStream().clear()
+
+
+def test_receive_media_takes_media_as_receive_does_and_leaves_every_other_frame_untouched() -> None:
+    """The call's read-callback path offers each frame to `receive_media` first and hands
+    what it declines to `receive`: the stream must end exactly as if `receive` alone had
+    read every frame, the flood guard included."""
+    mark = json.dumps({"event": "mark", "sequenceNumber": "5", "streamSid": SID, "mark": {"name": "r1.1"}})
+    dtmf = json.dumps({"event": "dtmf", "sequenceNumber": "6", "streamSid": SID, "dtmf": {"digit": "4"}})
+    frames = [
+        media_frame(2, 1),
+        media_frame(4, 3, b"\x01" * 160),  # a message and a chunk lost before it
+        mark,
+        dtmf,
+        json.dumps({"event": "media", "sequenceNumber": "7", "streamSid": SID, "media": {"payload": "!"}}),
+        media_frame(8, 4, sid="MZwrong"),
+        media_frame(9, 5).replace('"timestamp": "80"', '"timestamp": "eighty"'),
+        "{not json",
+        "[]",
+        *(media_frame(10 + i, 6 + i) for i in range(200)),  # 4 s of audio at once: a flood
+    ]
+
+    def read(offer_first: bool) -> tuple[list[object], dict[str, object], int]:
+        clock = [0.0]
+        stream = MediaStream(clock=lambda: clock[0])
+        stream.receive(start_frame())
+        outcomes: list[object] = []
+        taken = 0
+        for frame in frames:
+            clock[0] += 0.001
+            if offer_first and (event := stream.receive_media(frame)) is not None:
+                outcomes.append(event)
+                taken += 1
+                continue
+            try:
+                outcomes.append(stream.receive(frame))
+            except MediaStreamError as exc:
+                outcomes.append((exc.kind, exc.fatal))
+        state = {name: value for name, value in vars(stream).items() if name != "_clock"}
+        return outcomes, state, taken
+
+    offered, state, taken = read(offer_first=True)
+    assert (offered, state) == read(offer_first=False)[:2]
+    assert ("flood", True) in offered and state["sequence_gaps"] == 4  # 3, and 7-9 refused
+    # Every media frame up to the flood went through `receive_media`, nothing else did.
+    assert taken == offered.index(("flood", True)) - 7

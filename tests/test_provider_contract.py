@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ivr_bridge.call import Call
 from ivr_bridge.providers.elevenlabs import ElevenLabsSettings
 from ivr_bridge.providers.navtalk import NavTalkSettings
 from ivr_bridge.providers.openai_realtime import OpenAiSettings
@@ -62,8 +63,23 @@ async def a_reply_heard(caller: TwilioCaller, whole_ms: int = 780) -> None:
     await caller.wait_for(lambda: len(caller.received) - before >= 8 * whole_ms and not caller.playing, 30)
 
 
+def count_taken_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the caller frames a call sent on from the socket's read callback."""
+    taken = [0]
+    take_now = Call._take_now
+
+    def counted(call: Call, frame: str) -> bool:
+        took = take_now(call, frame)
+        taken[0] += took
+        return took
+
+    monkeypatch.setattr(Call, "_take_now", counted)
+    return taken
+
+
 @pytest.mark.parametrize("name", PROVIDERS)
-async def test_a_turn(make_bridge, name: str) -> None:
+async def test_a_turn(make_bridge, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    taken = count_taken_at_once(monkeypatch)
     async with upstream(name, reply_ms=800) as (settings, _):
         bridge = make_bridge(settings)
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
@@ -79,6 +95,9 @@ async def test_a_turn(make_bridge, name: str) -> None:
     assert len(caller.received) % 160 == 0 or caller.received_total % 160 == 0  # whole frames
     [reply] = call.playback.responses[:1]
     assert not reply.interrupted and reply.heard_ms == reply.sent_ms > 0  # every mark played
+    # A session with a socket of its own takes the caller's frames from the read callback,
+    # once it is up (the first few, and any behind a queued mark, go through the reader).
+    assert taken[0] > call.stats.frames_in // 2 if name != "echo" else taken[0] == 0
 
 
 @pytest.mark.parametrize("name", PROVIDERS)

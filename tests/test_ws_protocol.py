@@ -14,7 +14,7 @@ import uvicorn
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from ivr_bridge.ws_protocol import HIGH_WATER, StreamWebSocketProtocol
+from ivr_bridge.ws_protocol import FRAME_SINK, HIGH_WATER, StreamWebSocketProtocol
 
 HANDSHAKE = (
     b"GET /media-stream HTTP/1.1\r\nHost: bridge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -259,3 +259,52 @@ async def test_data_frames_after_the_accept_never_reach_websockets_parser() -> N
         mask=False, extensions=[]
     )
     protocol.connection_lost(None)
+
+
+@pytest.mark.parametrize("protocol_class", [StreamWebSocketProtocol, WebsocketsReads])
+async def test_a_sink_is_offered_text_only_with_nothing_queued_and_may_decline(
+    protocol_class: type[StreamWebSocketProtocol], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The call's read-callback path (FRAME_SINK): a message overtakes none queued before
+    it, and what the sink declines, or cannot take, reaches `receive()` in order."""
+    offered: list[str] = []
+    reading = asyncio.Event()
+    received: list[Any] = []
+
+    def sink(text: str) -> bool:
+        offered.append(text)
+        if text == "boom":
+            raise RuntimeError("a bug in the sink")
+        return not text.startswith("no")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        scope["extensions"][FRAME_SINK](sink)
+        while True:
+            await reading.wait()
+            message = await receive()
+            received.append(message.get("text", message.get("bytes")))
+            if message["type"] == "websocket.disconnect":
+                return
+
+    protocol, _ = await opened(app, protocol_class)
+    await wait_for(lambda: protocol._sink is not None)
+    protocol.data_received(frame("a"))  # taken at once, from the read callback
+    assert offered == ["a"] and protocol.queue.qsize() == 0
+    protocol.data_received(frame("no: queued") + frame("b") + binary_frame(b"\x01"))
+    assert offered == ["a", "no: queued"]  # "b" waits behind it; binary is never offered
+    reading.set()
+    await wait_for(lambda: len(received) == 3)
+    protocol.data_received(frame("c"))
+    assert offered[-1] == "c" and received == ["no: queued", "b", b"\x01"]
+
+    protocol.data_received(frame("boom") + frame("d"))  # the failing sink is dropped, logged
+    await wait_for(lambda: len(received) == 5)
+    assert received[3:] == ["boom", "d"] and offered[-1] == "boom"
+    assert "a frame sink failed" in caplog.text
+    protocol.connection_lost(None)
+
+
+def binary_frame(data: bytes) -> bytes:
+    return Frame(Opcode.BINARY, data).serialize(mask=True, extensions=[])

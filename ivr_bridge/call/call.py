@@ -119,6 +119,8 @@ class Call:
         self._dtmf_sends: set[asyncio.Future[None]] = set()
         self._last_frame_at = 0.0
         self._sending_since: float | None = None  # when a send to Twilio still waiting began
+        self._reader_waiting = False  # `_read_twilio` waits for a frame, with none in hand
+        self._loop: asyncio.AbstractEventLoop | None = None  # the call's own, once it runs
 
     # -- what others read ----------------------------------------------------------------
 
@@ -300,10 +302,45 @@ class Call:
     # -- caller -> voice API -------------------------------------------------------------
 
     async def _from_twilio(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        set_sink = getattr(self.twilio, "set_sink", None)
+        if set_sink is not None:
+            set_sink(self._take_now)
+        try:
+            await self._read_twilio()
+        finally:
+            self._reader_waiting = False
+            if set_sink is not None:
+                set_sink(None)
+
+    def _take_now(self, frame: str) -> bool:
+        """A caller frame straight from the socket's read callback: media goes on to the
+        voice session at once, without a task switch; False leaves the frame to
+        `_read_twilio`. Taken only while the reader waits with no frame in hand, so frames
+        keep their order, and only if the session can send without waiting."""
+        if not self._reader_waiting:
+            return False
+        session = self.keeper.session
+        audio_sender = getattr(session, "audio_sender", None)
+        send = audio_sender() if audio_sender is not None else None
+        if send is None:
+            return False
+        event = self.stream.receive_media(frame)
+        if event is None:
+            return False
+        self._last_frame_at = self._loop.time()  # type: ignore[union-attr]
+        self.report.stats.frames_in += 1
+        for chunk in self.uplink.feed(event.payload):
+            send(chunk)
+        return True
+
+    async def _read_twilio(self) -> None:
         loop = asyncio.get_running_loop()
         stats, feed = self.report.stats, self.uplink.feed  # every 20 ms: no lookups through the call
         while True:
+            self._reader_waiting = True
             frame = await self.twilio.receive()
+            self._reader_waiting = False
             self._last_frame_at = loop.time()
             if frame is None:
                 self.lifecycle.stream_over(Outcome.CALLER_HUNG_UP)

@@ -190,6 +190,11 @@ class VoiceSession(Protocol):
     async def send_audio(self, pcm: bytes) -> None:
         """Caller speech, in the negotiated format."""
 
+    # Optional, found with getattr: `audio_sender() -> Callable[[bytes], None] | None`, a
+    # function that sends caller speech as `send_audio` does but at once, returned only
+    # while the session can send without waiting (connected, not held by flow control).
+    # It lets the call send a caller's frame from the socket's read callback.
+
     async def receive(self) -> VoiceEvent:
         """The next event. Safe to cancel. Returns Closed once, then keeps returning it."""
 

@@ -16,6 +16,7 @@ import math
 import time
 import uuid
 from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -251,6 +252,17 @@ class NextEviSession:
             await self._ws.send(pcm)
         except UpstreamClosed:
             return  # receive() reports the close
+        self._last_send = time.monotonic()
+
+    def audio_sender(self) -> Callable[[bytes], None] | None:
+        ws = self._ws
+        if ws is None or self._closed or not ws.sends_now:
+            return None
+        return self._send_audio_now
+
+    def _send_audio_now(self, pcm: bytes) -> None:
+        assert self._ws is not None
+        self._ws.send_now(pcm)
         self._last_send = time.monotonic()
 
     async def receive(self) -> VoiceEvent:

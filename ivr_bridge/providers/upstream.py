@@ -108,8 +108,16 @@ class UpstreamSocket:
             await asyncio.shield(self._writable)
         if self.closed is not None:
             raise self._closed_error()
+        self.send_now(message)  # picows encodes text (a str) as UTF-8 itself
+
+    @property
+    def sends_now(self) -> bool:
+        """True when `send_now` may be used: open, and not held by flow control."""
+        return self._writable is None and self.closed is None and self._transport is not None
+
+    def send_now(self, message: str | bytes) -> None:
+        """Write one message at once; only while `sends_now`."""
         assert self._transport is not None
-        # picows encodes text (a str) as UTF-8 itself.
         self._transport.send(WSMsgType.TEXT if isinstance(message, str) else WSMsgType.BINARY, message)
 
     async def recv(self) -> str | bytes:

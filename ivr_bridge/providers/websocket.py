@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 from ivr_bridge.audio import AudioFormat
@@ -82,6 +83,16 @@ class WebSocketSession:
 
     async def send_audio(self, audio: bytes) -> None:
         await self._send(self.protocol.audio_message(audio))
+
+    def audio_sender(self) -> Callable[[bytes], None] | None:
+        ws = self._ws
+        if ws is None or self._closed is not None or not ws.sends_now:
+            return None
+        return self._send_audio_now
+
+    def _send_audio_now(self, audio: bytes) -> None:
+        assert self._ws is not None
+        self._ws.send_now(self.protocol.audio_message(audio))
 
     async def receive(self) -> VoiceEvent:
         while not self._pending and self._closed is None:
