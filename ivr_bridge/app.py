@@ -82,13 +82,11 @@ class AsgiTwilioSocket:
         # ws_protocol.py's read callback takes a sink for frames; another server has none.
         self._set_sink = (scope or {}).get("extensions", {}).get(FRAME_SINK)
 
-    def set_sink(self, sink: Callable[[str], bool] | None) -> bool:
+    def set_sink(self, sink: Callable[[str], bool] | None) -> None:
         """Offer each text frame to `sink` in the read callback, before `receive()` sees it
-        (None: stop). False if this server cannot."""
-        if self._set_sink is None:
-            return False
-        self._set_sink(sink)
-        return True
+        (None: stop), where the server can (else `receive()` gets every frame)."""
+        if self._set_sink is not None:
+            self._set_sink(sink)
 
     async def receive(self) -> str | bytes | None:
         if self._closed:

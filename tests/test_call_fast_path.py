@@ -24,9 +24,8 @@ class OfferingTwilio(FakeTwilio):
         self.sink: Callable[[str], bool] | None = None
         self.taken = 0
 
-    def set_sink(self, sink: Callable[[str], bool] | None) -> bool:
+    def set_sink(self, sink: Callable[[str], bool] | None) -> None:
         self.sink = sink
-        return True
 
     def _deliver(self, text: str) -> None:
         if self.sink is not None and self._inbound.empty() and self.sink(text):
