@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -120,7 +121,7 @@ class Call:
         self._last_frame_at = 0.0
         self._sending_since: float | None = None  # when a send to Twilio still waiting began
         self._reader_waiting = False  # `_read_twilio` waits for a frame, with none in hand
-        self._loop: asyncio.AbstractEventLoop | None = None  # the call's own, once it runs
+        self._loop_time: Callable[[], float] = time.monotonic  # the call's loop's, once it runs
 
     # -- what others read ----------------------------------------------------------------
 
@@ -302,7 +303,7 @@ class Call:
     # -- caller -> voice API -------------------------------------------------------------
 
     async def _from_twilio(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop_time = asyncio.get_running_loop().time  # the clock `_last_frame_at` is read on
         set_sink = getattr(self.twilio, "set_sink", None)
         if set_sink is not None:
             set_sink(self._take_now)
@@ -328,7 +329,7 @@ class Call:
         event = self.stream.receive_media(frame)
         if event is None:
             return False
-        self._last_frame_at = self._loop.time()  # type: ignore[union-attr]
+        self._last_frame_at = self._loop_time()
         self.report.stats.frames_in += 1
         for chunk in self.uplink.feed(event.payload):
             send(chunk)
