@@ -74,13 +74,13 @@ class AsgiTwilioSocket:
     handlers wrap every send; the handshake goes through it, the 50 frames a second each
     way of an accepted stream do not."""
 
-    def __init__(self, receive: Receive, send: Send, scope: Scope | None = None) -> None:
+    def __init__(self, receive: Receive, send: Send, scope: Scope) -> None:
         self._receive = receive
         self._send = send
         self._closed = False
         self.close_code: int | None = None  # the code the socket closed with, once closed
         # ws_protocol.py's read callback takes a sink for frames; another server has none.
-        self._set_sink = (scope or {}).get("extensions", {}).get(FRAME_SINK)
+        self._set_sink = (scope.get("extensions") or {}).get(FRAME_SINK)
 
     def set_sink(self, sink: Callable[[str], bool] | None) -> None:
         """Offer each text frame to `sink` in the read callback, before `receive()` sees it

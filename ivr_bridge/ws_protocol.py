@@ -80,7 +80,7 @@ class StreamWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        if self.handshake_initiated and not self.close_sent:  # an upgrade the app will see
+        if self.response.status_code == 101:  # an upgrade the app will see (not a refusal)
             self.scope["extensions"][FRAME_SINK] = self._set_sink
 
     def _set_sink(self, sink: Callable[[str], bool] | None) -> None:
