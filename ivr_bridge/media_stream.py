@@ -42,6 +42,10 @@ MAX_COUNTER = 2**31 - 1
 # A call sid as the bridge takes it from a peer: Twilio's are "CA" + 32 hex digits; tests
 # and stand-ins use shorter ones. Nothing that could change a URL path, a log line or XML.
 _CALL_SID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# json.loads' C scanner without the two Python layers around it (1.2 us of 2.7 per media
+# frame). It parses a value at an index: a frame it does not span exactly (whitespace
+# around it, trailing data) is left to `receive`, which gives the usual answer.
+_scan_json = json.JSONDecoder().scan_once
 
 # Why a frame was rejected: a fixed set, so it can label a metric.
 BAD_FRAME_KINDS = (
@@ -194,10 +198,10 @@ class MediaStream:
         if self._flooded:
             return None
         try:
-            message = json.loads(text)
-        except (ValueError, RecursionError):
+            message, end = _scan_json(text, 0)
+        except (ValueError, StopIteration, RecursionError):  # StopIteration: no value at 0
             return None
-        if not isinstance(message, dict) or message.get("event") != "media":
+        if end != len(text) or not isinstance(message, dict) or message.get("event") != "media":
             return None
         try:
             event = self._media(message)

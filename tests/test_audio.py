@@ -292,15 +292,76 @@ def test_caller_audio_bytes_are_the_same_from_either_kernel() -> None:
     frames = [bytes(np.random.default_rng(n).integers(0, 256, 160, np.uint8)) for n in range(20)]
     c, py = CallerAudio(), CallerAudio()
     got_all = [c.process(f) for f in frames]
-    kernel = py._resampler._kernel  # type: ignore[union-attr]
+    kernel = Resampler(8000, 24000)._kernel
     kernel.compiled = False  # (shared by every 8 -> 24 kHz resampler)
     try:
+        py = CallerAudio()
         expected_all = [py.process(f) for f in frames]
     finally:
         kernel.compiled = True
     for got, expected in zip(got_all, expected_all, strict=True):
         diff = np.frombuffer(got, "<i2").astype(np.int32) - np.frombuffer(expected, "<i2")
         assert len(got) == 960 and np.abs(diff).max() <= 1
+
+
+@needs_c_kernel
+@pytest.mark.parametrize(("in_rate", "out_rate"), BLOCK_PATHS)
+def test_a_compiled_stream_gives_the_resampler_s_samples(in_rate: int, out_rate: int) -> None:
+    # One C object per call (history and counts in C, G.711 fused in) against a Resampler
+    # on the same C kernel: identical, over random chunk sizes, a reset mid-way and the
+    # flush, with mu-law on the 8 kHz side as a call has it.
+    rng = np.random.default_rng(in_rate + out_rate)
+    x = np.clip(rng.normal(0, 12000, in_rate // 2), -32768, 32767).astype(np.int16)
+    sizes = random_chunk_sizes(len(x), rng)
+    ref = Resampler(in_rate, out_rate)
+    if in_rate == 8000:
+        stream = resample.compiled_stream(8000, out_rate, decode=ULAW_TO_PCM.astype(np.float64))
+        data, step = ulaw_encode(x), (lambda chunk: ref.process(ulaw_decode(chunk)).tobytes())
+        tail = lambda: ref.flush().tobytes()  # noqa: E731
+    else:
+        stream = resample.compiled_stream(in_rate, 8000, encode=PCM_TO_ULAW)
+        data, step = x.tobytes(), (lambda chunk: ulaw_encode(ref.process(np.frombuffer(chunk, np.int16))))
+        tail = lambda: ulaw_encode(ref.flush())  # noqa: E731
+    assert stream is not None
+    width = 1 if in_rate == 8000 else 2
+    got, expected, start = [], [], 0
+    for n, size in enumerate(sizes):
+        chunk = data[start * width : (start + size) * width]
+        start += size
+        got.append(stream.process(chunk))
+        expected.append(step(chunk))
+        if n == len(sizes) // 2:
+            stream.reset()
+            ref.reset()
+    got.append(stream.flush())
+    expected.append(tail())
+    assert got == expected
+    assert stream.flush() == b"" == tail()  # nothing since the last flush: nothing more
+
+
+@needs_c_kernel
+def test_a_compiled_stream_refuses_what_it_cannot_use() -> None:
+    kernel = Resampler(8000, 24000)._kernel
+    geometry = (kernel._phases, kernel._lo, kernel._taps, 3, 1, kernel._m_lo, kernel.history, 100)
+    with pytest.raises(ValueError, match="decode must be 2048 bytes"):
+        resample._fir.Stream(*geometry, decode=np.zeros(255))
+    with pytest.raises(ValueError, match="encode must be 65536 bytes"):
+        resample._fir.Stream(*geometry, encode=bytes(100))
+    with pytest.raises(ValueError, match="negative"):
+        resample._fir.Stream(kernel._phases, kernel._lo, kernel._taps, 3, 1, kernel._m_lo, kernel.history, -1)
+    with pytest.raises(ValueError, match="lo must be"):
+        resample._fir.Stream(kernel._phases, kernel._lo, kernel._taps, 2, 1, kernel._m_lo, kernel.history, 0)
+    # Too little history for the filter: refused per chunk, never read out of bounds.
+    short = resample._fir.Stream(kernel._phases, kernel._lo, kernel._taps, 3, 1, kernel._m_lo, 2, 0)
+    with pytest.raises(ValueError, match="past the input"):
+        short.process(bytes(320))
+    with pytest.raises(ValueError, match="whole number"):
+        resample._fir.Stream(*geometry).process(bytes(3))
+    table = bytearray(2048)
+    held = resample._fir.Stream(*geometry, decode=table)
+    with pytest.raises(BufferError):  # the stream holds its tables: they cannot move
+        table.extend(b"x")
+    assert len(held.process(bytes(160))) == 960
 
 
 @needs_c_kernel

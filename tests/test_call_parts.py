@@ -10,7 +10,7 @@ from base64 import b64decode
 import numpy as np
 import pytest
 
-from ivr_bridge.audio import PCM16_24K, TWILIO_AUDIO, AudioFormat, Encoding, Pcm, Ulaw
+from ivr_bridge.audio import PCM16_24K, TWILIO_AUDIO, AudioFormat, CallerAudio, Encoding, Pcm, Ulaw
 from ivr_bridge.call import CallState, CallStats, Handoff, Outcome
 from ivr_bridge.call.downlink import TAIL_IDLE_S, Downlink
 from ivr_bridge.call.state import SHOWN_STATES, TRANSITIONS, Lifecycle
@@ -75,11 +75,30 @@ def test_uplink_holds_early_audio_up_to_the_cap_then_sends_it_in_chunks() -> Non
 def test_uplink_passes_mulaw_byte_for_byte_and_converts_pcm_at_the_acknowledged_rate() -> None:
     up = Uplink(20, CallStats())
     up.open(TWILIO_AUDIO)
-    assert up.feed(FRAME) == [FRAME]
+    assert list(up.feed(FRAME)) == [FRAME]
     up16 = Uplink(20, CallStats())
     up16.open(AudioFormat(Encoding.PCM16, 16000))
     [chunk] = up16.feed(FRAME)
     assert len(chunk) == 160 * 2 * 2  # 20 ms at 16 kHz, 2 bytes a sample
+
+
+def test_uplink_sends_the_same_audio_whether_frames_come_whole_or_not() -> None:
+    # Whole 20 ms frames take a shortcut past the buffer; odd sizes go through it.
+    up = Uplink(20, CallStats())
+    up.open(PCM16_24K)
+    sizes = [160, 160, 80, 160, 240, 160, 160, 1, 159, 160]
+    audio = bytes(range(256)) * 8
+    sent, start = [], 0
+    for size in sizes:
+        chunks = up.feed(audio[start : start + size])
+        assert all(len(chunk) <= 960 for chunk in chunks)
+        sent += chunks
+        start += size
+    assert up.pending_bytes == 0
+    got = np.frombuffer(b"".join(sent), "<i2").astype(np.int32)
+    expected = np.frombuffer(CallerAudio(PCM16_24K).process(audio[:start]), "<i2")
+    # (Bit-identical with the C kernel; numpy's sums may round a last bit differently.)
+    assert len(got) == len(expected) == 3 * start and np.abs(got - expected).max() <= 1
 
 
 def test_uplink_drops_the_gap_between_sessions_and_starts_clean() -> None:

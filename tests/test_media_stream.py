@@ -173,7 +173,11 @@ def test_receive_media_takes_media_as_receive_does_and_leaves_every_other_frame_
         media_frame(9, 5).replace('"timestamp": "80"', '"timestamp": "eighty"'),
         "{not json",
         "[]",
-        *(media_frame(10 + i, 6 + i) for i in range(200)),  # 4 s of audio at once: a flood
+        "",
+        " " + media_frame(10, 6),  # whitespace around a frame: valid JSON, left to `receive`
+        media_frame(11, 7) + "\n",
+        media_frame(12, 8) + "{}",  # trailing data: refused
+        *(media_frame(13 + i, 9 + i) for i in range(200)),  # 4 s of audio at once: a flood
     ]
 
     def read(offer_first: bool) -> tuple[list[object], dict[str, object], int]:
@@ -197,6 +201,6 @@ def test_receive_media_takes_media_as_receive_does_and_leaves_every_other_frame_
 
     offered, state, taken = read(offer_first=True)
     assert (offered, state) == read(offer_first=False)[:2]
-    assert ("flood", True) in offered and state["sequence_gaps"] == 4  # 3, and 7-9 refused
+    assert ("flood", True) in offered and state["sequence_gaps"] == 5  # 3, 7-9 and 12 refused
     # Every media frame up to the flood went through `receive_media`, nothing else did.
-    assert taken == offered.index(("flood", True)) - 7
+    assert taken == offered.index(("flood", True)) - 11

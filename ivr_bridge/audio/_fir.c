@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BLOCK 256 /* outputs of one phase summed together (the accumulators stay in L1) */
 
@@ -156,6 +157,264 @@ release_src:
     return out;
 }
 
+/* Stream: one call's resampler in one object, so a 20 ms chunk is one C call. It holds the
+ * filter history and the sample counts that resample.py's `Resampler._step` keeps in
+ * Python, and runs the same fir_run, so its samples are those of `fir_int16`. Optionally
+ * it decodes its input through a table (mu-law bytes -> float64[256]) and encodes its
+ * output through one (int16 read as uint16 -> uint8[65536]): the G.711 step of a call's
+ * conversion without an array in between.
+ *
+ * Stream(coef, lo, taps, up, down, m_lo, history, flush_zeros, decode=None, encode=None)
+ *   coef, lo, taps, up, down: as fir_int16; m_lo: the oldest input a row's window reads,
+ *   relative to its first output's; history: inputs kept between chunks; flush_zeros: the
+ *   zeros that push the last input through the filter. The tables must not change or move
+ *   (bytes, or numpy arrays made read-only).
+ * process(data) -> bytes: native int16 in, or bytes through `decode`; every output the
+ *   input completes, native int16 or through `encode`.
+ * flush() -> bytes: the filter tail (what flush_zeros complete), then reset; nothing, and
+ *   only the reset, when no input came since the last one.
+ * reset(): forget the history and the counts.
+ */
+typedef struct {
+    PyObject_HEAD
+    /* Held for the Stream's life, so the tables can neither change size nor be freed. */
+    Py_buffer coef, lo, taps, decode, encode; /* decode.obj, encode.obj: NULL when absent */
+    Py_ssize_t k_max, up, down, m_lo, history, flush_zeros;
+    double *buf; /* history, then the chunk's input */
+    Py_ssize_t cap;
+    long long n_in, n_out;
+} Stream;
+
+static void
+stream_release(Stream *self)
+{
+    Py_buffer *views[] = {&self->coef, &self->lo, &self->taps, &self->decode, &self->encode};
+    for (size_t i = 0; i < sizeof(views) / sizeof(views[0]); i++)
+        if (views[i]->obj != NULL)
+            PyBuffer_Release(views[i]);
+    PyMem_Free(self->buf);
+    self->buf = NULL;
+}
+
+static int
+hold(PyObject *obj, Py_buffer *view, Py_ssize_t len, const char *name)
+{
+    if (get_buffer(obj, view, 1, name) < 0)
+        return -1;
+    if (len >= 0 && view->len != len) {
+        PyErr_Format(PyExc_ValueError, "Stream: %s must be %zd bytes, not %zd", name, len, view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+Stream_init(Stream *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"coef", "lo", "taps", "up", "down", "m_lo", "history", "flush_zeros",
+                             "decode", "encode", NULL};
+    PyObject *coef, *lo, *taps, *decode = Py_None, *encode = Py_None;
+    Py_ssize_t up, down, m_lo, history, flush_zeros;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOnnnnn|OO", kwlist, &coef, &lo, &taps, &up, &down, &m_lo,
+                                     &history, &flush_zeros, &decode, &encode))
+        return -1;
+    stream_release(self); /* a second __init__ starts afresh */
+    if (up <= 0 || down <= 0 || history < 0 || flush_zeros < 0) {
+        PyErr_SetString(PyExc_ValueError, "Stream: negative or empty geometry");
+        return -1;
+    }
+    if (hold(coef, &self->coef, -1, "coef") < 0 || hold(lo, &self->lo, (Py_ssize_t)sizeof(int32_t) * up, "lo") < 0 ||
+        hold(taps, &self->taps, (Py_ssize_t)sizeof(int32_t) * up, "taps") < 0 ||
+        (decode != Py_None && hold(decode, &self->decode, 256 * (Py_ssize_t)sizeof(double), "decode") < 0) ||
+        (encode != Py_None && hold(encode, &self->encode, 65536, "encode") < 0))
+        goto fail;
+    if (self->coef.len % ((Py_ssize_t)sizeof(double) * up)) {
+        PyErr_SetString(PyExc_ValueError, "Stream: coefficient shapes do not match `up`");
+        goto fail;
+    }
+    self->k_max = self->coef.len / (Py_ssize_t)sizeof(double) / up;
+    const int32_t *lo_f = self->lo.buf, *taps_f = self->taps.buf;
+    for (Py_ssize_t f = 0; f < up; f++) {
+        if (lo_f[f] < 0 || taps_f[f] < 0 || taps_f[f] > self->k_max) {
+            PyErr_SetString(PyExc_ValueError, "Stream: a phase's taps lie outside its window");
+            goto fail;
+        }
+    }
+    self->up = up;
+    self->down = down;
+    self->m_lo = m_lo;
+    self->history = history;
+    self->flush_zeros = flush_zeros;
+    self->cap = history + 480; /* a 20 ms chunk at 24 kHz without growing */
+    self->buf = PyMem_Calloc(self->cap, sizeof(double));
+    if (self->buf == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    self->n_in = self->n_out = 0;
+    return 0;
+fail:
+    stream_release(self);
+    return -1;
+}
+
+static void
+Stream_dealloc(Stream *self)
+{
+    stream_release(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+
+static void
+stream_reset(Stream *self)
+{
+    for (Py_ssize_t i = 0; i < self->history; i++)
+        self->buf[i] = 0.0;
+    self->n_in = self->n_out = 0;
+}
+
+/* Append n inputs (filled by the caller into buf + history) and return their outputs. */
+static PyObject *
+stream_run(Stream *self, Py_ssize_t n)
+{
+    const Py_ssize_t up = self->up, down = self->down, history = self->history;
+    const long long total = self->n_in + n;
+    const long long k_end = total * up / down;
+    const long long base = total - (history + n); /* input index of buf[0] */
+    const Py_ssize_t count = (Py_ssize_t)(k_end - self->n_out);
+    const double *coef = self->coef.buf;
+    const int32_t *lo = self->lo.buf, *taps = self->taps.buf;
+    const uint8_t *encode = self->encode.buf; /* NULL when absent */
+    const size_t out_size = encode != NULL ? 1 : sizeof(int16_t);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, count * (Py_ssize_t)out_size);
+    if (out == NULL)
+        return NULL;
+    if (count > 0) {
+        const long long k0 = self->n_out - self->n_out % up; /* the row phase pattern's start */
+        const Py_ssize_t offset = (Py_ssize_t)((k0 / up) * down + self->m_lo - base);
+        const Py_ssize_t first = (Py_ssize_t)(self->n_out - k0);
+        for (Py_ssize_t f = 0; f < up; f++) {
+            Py_ssize_t q0 = f >= first ? 0 : (first - f + up - 1) / up;
+            Py_ssize_t q1 = (first + count - f + up - 1) / up;
+            if (q1 > q0 && (offset + lo[f] < 0 || offset + lo[f] + (q1 - 1) * down + taps[f] > history + n)) {
+                Py_DECREF(out);
+                PyErr_SetString(PyExc_ValueError, "Stream: an output reads past the input");
+                return NULL;
+            }
+        }
+        if (encode == NULL) {
+            fir_run(self->buf, coef, lo, taps, self->k_max, up, down, offset, first, count,
+                    (int16_t *)PyBytes_AS_STRING(out));
+        } else {
+            int16_t *pcm = PyMem_Malloc(count * sizeof(int16_t));
+            if (pcm == NULL) {
+                Py_DECREF(out);
+                return PyErr_NoMemory();
+            }
+            fir_run(self->buf, coef, lo, taps, self->k_max, up, down, offset, first, count, pcm);
+            uint8_t *y = (uint8_t *)PyBytes_AS_STRING(out);
+            for (Py_ssize_t i = 0; i < count; i++)
+                y[i] = encode[(uint16_t)pcm[i]];
+            PyMem_Free(pcm);
+        }
+    }
+    /* The newest inputs are the next chunk's history. */
+    memmove(self->buf, self->buf + n, history * sizeof(double));
+    self->n_in = total;
+    self->n_out = k_end;
+    return out;
+}
+
+static int
+stream_reserve(Stream *self, Py_ssize_t n)
+{
+    if (self->history + n <= self->cap)
+        return 0;
+    double *grown = PyMem_Realloc(self->buf, (self->history + n) * sizeof(double));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->buf = grown;
+    self->cap = self->history + n;
+    return 0;
+}
+
+static PyObject *
+Stream_process(Stream *self, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    const double *decode = self->decode.buf; /* NULL when absent */
+    Py_ssize_t n = decode != NULL ? view.len : view.len / (Py_ssize_t)sizeof(int16_t);
+    if (decode == NULL && view.len % (Py_ssize_t)sizeof(int16_t)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "Stream.process: not a whole number of int16 samples");
+        return NULL;
+    }
+    if (stream_reserve(self, n) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    double *x = self->buf + self->history;
+    if (decode != NULL) {
+        const uint8_t *in = view.buf;
+        for (Py_ssize_t i = 0; i < n; i++)
+            x[i] = decode[in[i]];
+    } else {
+        const int16_t *in = view.buf;
+        for (Py_ssize_t i = 0; i < n; i++)
+            x[i] = (double)in[i];
+    }
+    PyBuffer_Release(&view);
+    return stream_run(self, n);
+}
+
+static PyObject *
+Stream_flush(Stream *self, PyObject *Py_UNUSED(ignored))
+{
+    const Py_ssize_t zeros = self->flush_zeros;
+    if (self->n_in == 0) {
+        stream_reset(self);
+        return PyBytes_FromStringAndSize(NULL, 0);
+    }
+    if (stream_reserve(self, zeros) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < zeros; i++)
+        self->buf[self->history + i] = 0.0;
+    PyObject *out = stream_run(self, zeros);
+    stream_reset(self);
+    return out;
+}
+
+static PyObject *
+Stream_reset(Stream *self, PyObject *Py_UNUSED(ignored))
+{
+    stream_reset(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Stream_methods[] = {
+    {"process", (PyCFunction)Stream_process, METH_O, "Resample a chunk (see the module source)."},
+    {"flush", (PyCFunction)Stream_flush, METH_NOARGS, "The filter tail, then a reset."},
+    {"reset", (PyCFunction)Stream_reset, METH_NOARGS, "Forget the history and the counts."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ivr_bridge.audio._fir.Stream",
+    .tp_basicsize = sizeof(Stream),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A streaming polyphase FIR (see the module source).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Stream_init,
+    .tp_dealloc = (destructor)Stream_dealloc,
+    .tp_methods = Stream_methods,
+};
+
 static PyMethodDef methods[] = {
     {"fir_int16", fir_int16, METH_VARARGS, "Polyphase FIR outputs as int16 (see the module source)."},
     {NULL, NULL, 0, NULL},
@@ -166,5 +425,16 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fir", NULL, -1, met
 PyMODINIT_FUNC
 PyInit__fir(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&StreamType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&StreamType);
+    if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) {
+        Py_DECREF(&StreamType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -27,7 +27,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - only where no compiler was found at in
     _fir = None
 COMPILED = _fir is not None
 
-__all__ = ["Resampler", "round_to_int16"]
+__all__ = ["Resampler", "Stream", "compiled_stream", "round_to_int16"]
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _Out = TypeVar("_Out", np.ndarray, bytes)
@@ -259,6 +259,48 @@ def _design(
     return h, kernel, high_rate, (taps - 1) / 2 / phases
 
 
+def _flush_zeros(delay_in: float, up: int, down: int) -> int:
+    # Output k sits at input time (k*M + M - 1)/L; these zeros push the last output past the
+    # final input by the full filter span, twice the group delay.
+    return math.ceil(2 * delay_in + down / up)
+
+
+class Stream(Protocol):
+    """A resampler that takes and returns bytes (see `compiled_stream`)."""
+
+    def process(self, data: bytes | np.ndarray) -> bytes: ...
+    def flush(self) -> bytes: ...
+    def reset(self) -> None: ...
+
+
+def compiled_stream(
+    in_rate: int, out_rate: int, *, decode: np.ndarray | None = None, encode: np.ndarray | None = None
+) -> Stream | None:
+    """A `Resampler` for one call's hot path as one C object (`_fir.Stream`): its samples,
+    one call per chunk, with a G.711 table lookup fused in where given (`decode`: float64
+    per input byte; `encode`: a byte per int16 sample read as uint16). Its `process` takes
+    and returns bytes (native int16 where no table is given); `flush` and `reset` are
+    `Resampler`'s. None where the C kernel is not built or the rate pair has no block kernel
+    (the caller then uses a `Resampler`)."""
+    g = math.gcd(in_rate, out_rate)
+    _, kernel, _, delay_in = _design(in_rate, out_rate)
+    if not isinstance(kernel, _BlockKernel) or not kernel.compiled or not _LITTLE_ENDIAN:
+        return None
+    up, down = out_rate // g, in_rate // g
+    return _fir.Stream(  # type: ignore[union-attr]
+        kernel._phases,
+        kernel._lo,
+        kernel._taps,
+        up,
+        down,
+        kernel._m_lo,
+        kernel.history,
+        _flush_zeros(delay_in, up, down),
+        decode,
+        encode,
+    )
+
+
 def _one_dimensional(samples: np.ndarray) -> np.ndarray:
     x = np.asarray(samples)
     if x.ndim != 1:
@@ -374,9 +416,6 @@ class Resampler:
         if self._kernel is None or self._n_in == 0:
             self.reset()
             return np.zeros(0, dtype=np.int16)
-        # Output k sits at input time (k*M + M - 1)/L; these zeros push the last output
-        # past the final input by the full span 2*delay.
-        zeros = math.ceil(2 * self._delay_in + self._down / self._up)
-        tail = self.process(np.zeros(zeros, dtype=np.int16))
+        tail = self.process(np.zeros(_flush_zeros(self._delay_in, self._up, self._down), dtype=np.int16))
         self.reset()
         return tail
