@@ -64,19 +64,19 @@ def _measure_cost(reps: int, compiled: bool) -> dict[str, float]:
     warmup = max(reps // 10, 50)
     # Inbound: one 20 ms Twilio frame, timed whole and by stage.
     frame = ulaw_encode(m.tone(440, 8000, 160, 8000) + rng.integers(-500, 500, 160, np.int16))
-    caller = CallerAudio()
     up = Resampler(8000, 24000)
     x = ulaw_to_float(frame)
     # Outbound: one 100 ms chunk from the voice API.
     chunk = (m.tone(300, 24000, 2400, 8000) + rng.integers(-500, 500, 2400, np.int16)).astype(np.int16)
     down = Resampler(24000, 8000)
     z = down.process(chunk)
-    bot = BotAudio()
     pcm = Pcm(chunk, 24000)
     kernels = [up._kernel, down._kernel]  # shared by every resampler of their rate pair
     for kernel in kernels:
         kernel.compiled = compiled
     try:
+        # A call's converters, made as a call makes them: one C object each where built.
+        caller, bot = CallerAudio(), BotAudio()
         return {
             "inbound_total": median_us(lambda: caller.process(frame), reps, warmup),
             "inbound_decode": median_us(lambda: ulaw_to_float(frame), reps, warmup),
