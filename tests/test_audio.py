@@ -357,6 +357,9 @@ def test_a_compiled_stream_refuses_what_it_cannot_use() -> None:
         short.process(bytes(320))
     with pytest.raises(ValueError, match="whole number"):
         resample._fir.Stream(*geometry).process(bytes(3))
+    bare = resample._fir.Stream.__new__(resample._fir.Stream)
+    with pytest.raises(ValueError, match="not initialised"):
+        bare.process(bytes(160))
     table = bytearray(2048)
     held = resample._fir.Stream(*geometry, decode=table)
     with pytest.raises(BufferError):  # the stream holds its tables: they cannot move

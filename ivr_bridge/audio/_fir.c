@@ -167,8 +167,8 @@ release_src:
  * Stream(coef, lo, taps, up, down, m_lo, history, flush_zeros, decode=None, encode=None)
  *   coef, lo, taps, up, down: as fir_int16; m_lo: the oldest input a row's window reads,
  *   relative to its first output's; history: inputs kept between chunks; flush_zeros: the
- *   zeros that push the last input through the filter. The tables must not change or move
- *   (bytes, or numpy arrays made read-only).
+ *   zeros that push the last input through the filter. Every buffer given is held for the
+ *   Stream's life (none can be resized or freed under it).
  * process(data) -> bytes: native int16 in, or bytes through `decode`; every output the
  *   input completes, native int16 or through `encode`.
  * flush() -> bytes: the filter tail (what flush_zeros complete), then reset; nothing, and
@@ -342,9 +342,20 @@ stream_reserve(Stream *self, Py_ssize_t n)
     return 0;
 }
 
+static int
+stream_ready(Stream *self)
+{
+    if (self->buf != NULL)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "Stream: not initialised");
+    return -1;
+}
+
 static PyObject *
 Stream_process(Stream *self, PyObject *data)
 {
+    if (stream_ready(self) < 0)
+        return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
@@ -376,6 +387,8 @@ Stream_process(Stream *self, PyObject *data)
 static PyObject *
 Stream_flush(Stream *self, PyObject *Py_UNUSED(ignored))
 {
+    if (stream_ready(self) < 0)
+        return NULL;
     const Py_ssize_t zeros = self->flush_zeros;
     if (self->n_in == 0) {
         stream_reset(self);
@@ -393,6 +406,8 @@ Stream_flush(Stream *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Stream_reset(Stream *self, PyObject *Py_UNUSED(ignored))
 {
+    if (stream_ready(self) < 0)
+        return NULL;
     stream_reset(self);
     Py_RETURN_NONE;
 }

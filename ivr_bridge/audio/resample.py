@@ -282,11 +282,10 @@ def compiled_stream(
     and returns bytes (native int16 where no table is given); `flush` and `reset` are
     `Resampler`'s. None where the C kernel is not built or the rate pair has no block kernel
     (the caller then uses a `Resampler`)."""
-    g = math.gcd(in_rate, out_rate)
     _, kernel, _, delay_in = _design(in_rate, out_rate)
     if not isinstance(kernel, _BlockKernel) or not kernel.compiled or not _LITTLE_ENDIAN:
         return None
-    up, down = out_rate // g, in_rate // g
+    up, down = kernel._up, kernel._down
     return _fir.Stream(  # type: ignore[union-attr]
         kernel._phases,
         kernel._lo,
