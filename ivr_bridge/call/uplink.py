@@ -24,7 +24,6 @@ class Uplink:
         # one conversion of 5 frames costs far less than five.
         self._ulaw = bytearray()
         self._mode = "hold"  # "hold" (connecting), "open", or "drop" (between sessions)
-        self._step = 0  # bytes of converted audio in one upstream message, while open
 
     @property
     def pending_bytes(self) -> int:
@@ -41,8 +40,6 @@ class Uplink:
         if self._mode == "drop":
             self._ulaw.clear()
         self._mode = "open"
-        # A mu-law byte becomes 1 byte (passed through) to 12 (PCM16 at 48 kHz).
-        self._step = int(self._chunk_bytes * self._audio.bytes_per_ulaw_byte)
 
     def drop(self) -> None:
         """The session is being replaced: the caller's speech from the gap would reach the
@@ -59,8 +56,9 @@ class Uplink:
             converted = self._audio.process(bytes(self._ulaw))
             self._ulaw.clear()
             # Usually one chunk; after a connect or a large frame several, each within the
-            # voice API's message size limit.
-            step = self._step
+            # voice API's message size limit. A mu-law byte becomes 1 byte (passed
+            # through) to 12 (PCM16 at 48 kHz).
+            step = int(self._chunk_bytes * self._audio.bytes_per_ulaw_byte)
             if len(converted) <= step:
                 return (converted,)
             return [converted[start : start + step] for start in range(0, len(converted), step)]
