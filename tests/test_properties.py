@@ -140,7 +140,10 @@ def test_flood_guard_trips_only_above_real_time() -> None:
             assert exc.fatal and exc.kind == "flood"
             tripped = i
             break
-    assert tripped is not None and 100 <= tripped <= 150  # ~2.5 s of audio in 0.5 s
+    # On the frame that takes the lead past 2 s, not later: after n frames the lead is
+    # n x (20 - 4 x 1.02) ms, past 2,000 ms first at n = 126 (the limits the guard keeps
+    # between clock readings must not let a frame through).
+    assert tripped == 125
     try:
         flood.receive(media_frame(bytes(160)))
         raise AssertionError("a flooded stream must stay refused")

@@ -23,7 +23,8 @@ import binascii
 import json
 import logging
 import re
-from base64 import b64decode, b64encode
+from base64 import b64decode
+from binascii import b2a_base64  # base64.b64encode is a Python layer over it
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -96,7 +97,7 @@ class ElevenLabsProtocol:
 
     @staticmethod
     def audio_message(audio: bytes) -> str:
-        return f'{{"user_audio_chunk":"{b64encode(audio).decode("ascii")}"}}'
+        return f'{{"user_audio_chunk":"{b2a_base64(audio, newline=False).decode("ascii")}"}}'
 
     # -- from the API -------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import binascii
 import json
 import logging
-from base64 import b64decode, b64encode
+from base64 import b64decode
+from binascii import b2a_base64  # base64.b64encode is a Python layer over it
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -143,7 +144,8 @@ class OpenAiRealtimeProtocol:
 
     @staticmethod
     def audio_message(audio: bytes) -> str:
-        return f'{{"type":"input_audio_buffer.append","audio":"{b64encode(audio).decode("ascii")}"}}'
+        encoded = b2a_base64(audio, newline=False).decode("ascii")
+        return f'{{"type":"input_audio_buffer.append","audio":"{encoded}"}}'
 
     def truncate(self, reply: int, heard_ms: int) -> str | None:
         """`conversation.item.truncate` for what the caller heard of `reply`, clamped to the
