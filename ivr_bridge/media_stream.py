@@ -125,6 +125,8 @@ def is_call_sid(value: str) -> bool:
 def _int(value: object, what: str) -> int:
     """A counter from the peer, as an integer from 0 to `MAX_COUNTER`. Twilio sends them as
     strings of digits; whole JSON numbers are taken too rather than dropping audio."""
+    if value.__class__ is str and len(value) < 10 and value.isdigit() and value.isascii():
+        return int(value)  # Twilio's, every frame: at most 9 digits is within range
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
         number = int(value)
     elif isinstance(value, int) and not isinstance(value, bool):
@@ -181,12 +183,12 @@ class MediaStream:
         try:
             event = self._parse(text)
         except MediaStreamError:
-            self._charge(len(text), frames=1)
+            self._charge_frame(len(text))
             raise
         if isinstance(event, MediaReceived):
-            self._charge(len(text), audio_bytes=len(event.payload))
+            self._charge_media(len(text), len(event.payload))
         else:
-            self._charge(len(text), frames=1)
+            self._charge_frame(len(text))
         return event
 
     def receive_media(self, text: str) -> MediaReceived | None:
@@ -211,22 +213,25 @@ class MediaStream:
         except MediaStreamError:  # nothing counted yet: `_media` checks every field first
             return None
         try:
-            self._charge(len(text), audio_bytes=len(event.payload))
+            self._charge_media(len(text), len(event.payload))
         except MediaStreamError:  # a flood: `receive` raises it, for this frame and every later one
             return None
         return event
 
-    def _charge(self, size: int, *, frames: int = 0, audio_bytes: int = 0) -> None:
+    def _charge_media(self, size: int, audio_bytes: int) -> None:
         if self._clock is None:
             return
         self._bytes += size
-        self._frames += frames
         self._audio_bytes += audio_bytes
-        if (
-            self._audio_bytes > self._audio_limit
-            or self._frames > self._frame_limit
-            or self._bytes > self._byte_limit
-        ):
+        if self._audio_bytes > self._audio_limit or self._bytes > self._byte_limit:
+            self._check_pace(self._clock() - self._opened_at)
+
+    def _charge_frame(self, size: int) -> None:
+        if self._clock is None:
+            return
+        self._bytes += size
+        self._frames += 1
+        if self._frames > self._frame_limit or self._bytes > self._byte_limit:
             self._check_pace(self._clock() - self._opened_at)
 
     def _check_pace(self, elapsed: float) -> None:
@@ -339,9 +344,10 @@ class MediaStream:
         chunk = _int(media.get("chunk", self._last_chunk + 1), "media.chunk")
         timestamp = _int(media.get("timestamp", 0), "media.timestamp")
         self._track_sequence(message)
-        if chunk > self._last_chunk + 1 and self._last_chunk:
-            self.chunk_gaps += chunk - self._last_chunk - 1
-        self._last_chunk = max(chunk, self._last_chunk)
+        if chunk > self._last_chunk:
+            if self._last_chunk:
+                self.chunk_gaps += chunk - self._last_chunk - 1
+            self._last_chunk = chunk
         self.media_in += 1
         return MediaReceived(payload, chunk, timestamp)
 
@@ -356,9 +362,10 @@ class MediaStream:
         if raw is None:
             return
         sequence = _int(raw, "sequenceNumber")
-        if sequence > self._last_sequence + 1 and self._last_sequence:
-            self.sequence_gaps += sequence - self._last_sequence - 1
-        self._last_sequence = max(sequence, self._last_sequence)
+        if sequence > self._last_sequence:
+            if self._last_sequence:
+                self.sequence_gaps += sequence - self._last_sequence - 1
+            self._last_sequence = sequence
 
     # -- outbound ------------------------------------------------------------------------
 

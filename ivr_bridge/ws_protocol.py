@@ -169,8 +169,13 @@ class StreamWebSocketProtocol(WebSocketsSansIOProtocol):
                     self.conn.send_close(1007)
                     self.handle_parser_exception()
                 return False
-            if self._sink is not None and not self.queue.qsize() and self._offer(text):
-                return True
+            if self._sink is not None and not self.queue.qsize():
+                try:
+                    if self._sink(text):
+                        return True
+                except Exception:  # a bug in the sink: logged, and the app reads the rest itself
+                    logger.exception("a frame sink failed; its messages are queued from now on")
+                    self._sink = None
             self.queue.put_nowait({"type": "websocket.receive", "text": text})
         else:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
@@ -178,15 +183,6 @@ class StreamWebSocketProtocol(WebSocketsSansIOProtocol):
             self.read_paused = True
             self.transport.pause_reading()
         return True
-
-    def _offer(self, text: str) -> bool:
-        assert self._sink is not None
-        try:
-            return self._sink(text)
-        except Exception:  # a bug in the sink: logged, and the app reads the rest itself
-            logger.exception("a frame sink failed; its messages are queued from now on")
-            self._sink = None
-            return False
 
     def send_receive_event_to_app(self) -> None:
         """A message websockets read, queued by the same rules (uvicorn pauses after each)."""
