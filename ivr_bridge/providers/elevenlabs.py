@@ -24,7 +24,6 @@ import json
 import logging
 import re
 from base64 import b64decode
-from binascii import b2a_base64  # base64.b64encode is a Python layer over it
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -97,7 +96,7 @@ class ElevenLabsProtocol:
 
     @staticmethod
     def audio_message(audio: bytes) -> str:
-        return f'{{"user_audio_chunk":"{b2a_base64(audio, newline=False).decode("ascii")}"}}'
+        return f'{{"user_audio_chunk":"{binascii.b2a_base64(audio, newline=False).decode("ascii")}"}}'
 
     # -- from the API -------------------------------------------------------------------------
 

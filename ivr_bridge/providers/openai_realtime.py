@@ -21,7 +21,6 @@ import binascii
 import json
 import logging
 from base64 import b64decode
-from binascii import b2a_base64  # base64.b64encode is a Python layer over it
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -144,7 +143,7 @@ class OpenAiRealtimeProtocol:
 
     @staticmethod
     def audio_message(audio: bytes) -> str:
-        encoded = b2a_base64(audio, newline=False).decode("ascii")
+        encoded = binascii.b2a_base64(audio, newline=False).decode("ascii")
         return f'{{"type":"input_audio_buffer.append","audio":"{encoded}"}}'
 
     def truncate(self, reply: int, heard_ms: int) -> str | None:
