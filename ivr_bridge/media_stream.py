@@ -224,7 +224,7 @@ class MediaStream:
         self._bytes += size
         self._audio_bytes += audio_bytes
         if self._audio_bytes > self._audio_limit or self._bytes > self._byte_limit:
-            self._check_pace(self._clock() - self._opened_at)
+            self._check_pace()
 
     def _charge_frame(self, size: int) -> None:
         if self._clock is None:
@@ -232,9 +232,11 @@ class MediaStream:
         self._bytes += size
         self._frames += 1
         if self._frames > self._frame_limit or self._bytes > self._byte_limit:
-            self._check_pace(self._clock() - self._opened_at)
+            self._check_pace()
 
-    def _check_pace(self, elapsed: float) -> None:
+    def _check_pace(self) -> None:
+        assert self._clock is not None
+        elapsed = self._clock() - self._opened_at
         self._audio_limit = (MAX_AUDIO_LEAD_MS + elapsed * 1000 * AUDIO_CLOCK_SLACK) * BYTES_PER_MS
         self._frame_limit = MAX_FRAME_BURST + elapsed * MAX_FRAMES_PER_S + self._marks_sent
         self._byte_limit = MAX_BYTES_BURST + elapsed * MAX_BYTES_PER_S
