@@ -281,11 +281,7 @@ class NextEviStandIn:
         await session.closed.wait()
 
     async def send_raw(self, session: Session, message: str | bytes) -> None:
-        """Send `message` as it is. A bridge may close the socket while it is still being
-        written (one over its size limit is refused from its header): the send then ends
-        quietly, and the session's close code tells what the bridge did."""
-        with contextlib.suppress(ConnectionClosed):
-            await self._peers[session].ws.send(message)
+        await self._peers[session].ws.send(message)
 
     # -- connection handling ------------------------------------------------------------
 
