@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import http
+import itertools
 import json
 import re
 import secrets
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -115,7 +118,7 @@ class OpenAiRealtimeStandIn(StandInServer):
         await self._send(peer, "session.created", session=session)
         try:
             async for raw in ws:
-                await self._on_message(peer, json.loads(raw))
+                await self._on_message(peer, orjson.loads(raw))
         except ConnectionClosed:
             pass
         finally:
@@ -181,12 +184,13 @@ class OpenAiRealtimeStandIn(StandInServer):
 
     async def _append(self, peer: _Peer, audio: bytes) -> None:
         peer.appended += audio
+        # Read in the format in force now: early mu-law under the PCM default is misread.
+        ulaw = self._format(peer, "input") == "audio/pcmu"
         if peer.timeline is not None:
             peer.timeline["audio_at"].append(time.monotonic())
             peer.timeline["audio_bytes"].append(len(peer.appended))
-            peer.timeline["frame_bytes"] = 160 if self._format(peer, "input") == "audio/pcmu" else 960
-        # Read in the format in force now: early mu-law under the PCM default is misread.
-        if self._format(peer, "input") == "audio/pcmu":
+            peer.timeline["frame_bytes"] = 160 if ulaw else 960
+        if ulaw:
             loud, ms = is_speech_ulaw(audio), len(audio) / 8
         else:
             loud, ms = is_speech_pcm16(audio), len(audio) / 48
@@ -233,9 +237,7 @@ class OpenAiRealtimeStandIn(StandInServer):
                     break
                 late -= 1  # already on the wire when the caller spoke
             ms = min(b.delta_ms, b.reply_ms - start)
-            t = np.arange(ms * 24) / 24000
-            tone = (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-            audio = ulaw_encode(tone[::3]) if pcmu else tone.astype("<i2").tobytes()
+            audio, encoded = _tone(ms, pcmu)
             peer.items[item] += ms
             peer.deltas.append(audio)
             if peer.timeline is not None and not peer.cancelled:  # stale deltas: the bridge drops them
@@ -244,7 +246,7 @@ class OpenAiRealtimeStandIn(StandInServer):
                 peer.timeline["tts_ms"].append(ms)
             await self._send(
                 peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
-                content_index=0, delta=b64encode(audio).decode(),
+                content_index=0, delta=encoded,
             )  # fmt: skip
             await asyncio.sleep(b.delta_ms / 1000 / (1 if b.pace else 5))  # (faster than real time)
         status = "cancelled" if peer.cancelled else "completed"
@@ -293,12 +295,28 @@ class OpenAiRealtimeStandIn(StandInServer):
         )
 
     async def _send(self, peer: _Peer, kind: str, **body: Any) -> None:
+        message = orjson.dumps({"type": kind, "event_id": _id("event"), **body})
         with contextlib.suppress(ConnectionClosed):
-            await peer.ws.send(json.dumps({"type": kind, "event_id": _id("event"), **body}))
+            await peer.ws.send(message, text=True)
+
+
+# Ids unique in this process, as the service's are; a counter, not os.urandom per event
+# (a stand-in under load sends a dozen events a second per call).
+_ID_PREFIX = secrets.token_hex(4)
+_ID_COUNTER = itertools.count(1)
 
 
 def _id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
+    return f"{prefix}_{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+@functools.cache
+def _tone(ms: int, pcmu: bool) -> tuple[bytes, str]:
+    """`ms` of the reply's 440 Hz tone, and its base64: the same for every delta, made once."""
+    t = np.arange(ms * 24) / 24000
+    tone = (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    audio = ulaw_encode(tone[::3]) if pcmu else tone.astype("<i2").tobytes()
+    return audio, b64encode(audio).decode()
 
 
 def run(args: argparse.Namespace) -> int:
