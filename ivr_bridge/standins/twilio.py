@@ -42,6 +42,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -586,8 +587,8 @@ class TwilioCaller:
             self._violation(f"binary frame of {len(raw)} bytes (31950)")
             return
         try:
-            message = json.loads(raw)
-        except json.JSONDecodeError:
+            message = orjson.loads(raw)  # strict JSON, as Twilio reads it, and cheaper than json's
+        except orjson.JSONDecodeError:
             self._violation(f"invalid JSON: {raw[:80]!r}")
             return
         if not isinstance(message, dict):
