@@ -38,7 +38,11 @@ websockets, no filtering), and prints them side by side with the CPU ratios:
 
 `--provider nextevi` (the default) is the converted path: PCM16 24 kHz up, WAV chunks down.
 `--provider openai` is the pass-through path: the caller's mu-law goes up untouched and the
-stand-in's `audio/pcmu` deltas come down only re-framed.
+stand-in's `audio/pcmu` deltas come down only re-framed. `--provider both` runs every level
+on each path, one after the other, and prints the pass-through path's CPU against the 24 kHz
+path's (issue 10's measure, "in the same run"):
+
+    .venv/bin/python scripts/bench.py --provider both --levels 100 --chunk-ms 20 --rounds 3
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level (--lim
 HOOK_SECRET = "bench-hook-secret"
 
 
+PATHS = {"openai": "pass-through", "nextevi": "24 kHz"}  # --provider both runs each, in this order first
 PEERS = ("pipecat", "relay")  # --peer pipecat runs both beside ivr-bridge
 BEFORE = "before"  # --against: ivr-bridge from another checkout, the unchanged code
 OWN = ("ivr-bridge", BEFORE)
@@ -83,6 +88,7 @@ PEER_VENV = ROOT / ".bench" / "pipecat-venv"  # made on first use (about 530 MB)
 class Level:
     concurrency: int
     bridge: str = "ivr-bridge"  # or one of PEERS
+    provider: str = "nextevi"  # the voice API's stand-in, so the audio path (PATHS)
     limit_ms: float = LIMIT_MS
     calls_ok: int = 0
     calls_failed: int = 0
@@ -291,7 +297,7 @@ def spawn_peer(name: str, provider: str, port: int, standin_port: int, log: Path
 def run_level(
     concurrency: int, args: argparse.Namespace, workdir: Path, bridge_name: str = "ivr-bridge"
 ) -> Level:
-    level = Level(concurrency, bridge_name, args.limit_ms)
+    level = Level(concurrency, bridge_name, args.provider, args.limit_ms)
     standin_port, bridge_port = free_port(), free_port()
     if bridge_name == "relay":
         while True:  # the relay serves its streams on the next port
@@ -516,6 +522,34 @@ def side_by_side(levels: list[Level]) -> str:
     return "\n".join(rows)
 
 
+def paths_side_by_side(levels: list[Level]) -> str:
+    """One concurrency level on each path (PATHS), and the pass-through path's CPU against the
+    24 kHz path's."""
+    by_path = {lv.provider: lv for lv in levels}
+
+    def p(d: dict[str, float], key: str) -> str:
+        return f"{d[key]:.1f}" if key in d else "-"
+
+    rows = [f"{levels[0].concurrency} calls: path  ok/fail  CPU s/call-min  in p50/p99 ms  out p50/p99 ms"]
+    for provider, name in PATHS.items():
+        lv = by_path[provider]
+        rows.append(
+            f"  {name:>16}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
+            f"{p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms, 'p99'):<6}  "
+            f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms, 'p99'):<6}"
+        )
+    ratio = path_ratio(levels)
+    if ratio is not None:
+        rows.append(f"  pass-through / 24 kHz CPU: {ratio:.2f}x")
+    return "\n".join(rows)
+
+
+def path_ratio(levels: list[Level]) -> float | None:
+    """The pass-through path's CPU per call-minute against the 24 kHz path's, one level each."""
+    cpu = {lv.provider: lv.cpu_per_call_minute for lv in levels}
+    return cpu["openai"] / cpu["nextevi"] if cpu["nextevi"] else None
+
+
 def rss_slope(levels: list[Level]) -> float | None:
     """Memory per call: the least-squares slope of peak RSS over concurrency (MB per call),
     free of the fixed cost that `rss_per_call_mb` spreads over each level's calls."""
@@ -536,9 +570,9 @@ def main() -> int:
     parser.add_argument("--levels", default="25,50,100,150,200,250,300", help="concurrent calls per level")
     parser.add_argument(
         "--provider",
-        choices=["nextevi", "openai"],
+        choices=["nextevi", "openai", "both"],
         default="nextevi",
-        help="nextevi: the 24 kHz converted path; openai: mu-law passed through",
+        help="nextevi: the 24 kHz converted path; openai: mu-law passed through; both: each, side by side",
     )
     parser.add_argument("--scenario", type=Path, default=SCENARIO)
     parser.add_argument("--reply-ms", type=int, default=2000, help="stand-in reply length")
@@ -568,14 +602,29 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.provider == "both" and (args.peer or args.against):
+        parser.error("--provider both compares the two paths of this bridge: without --peer or --against")
 
     levels: list[Level] = []
     peers: list[Level] = []
+    ratios: list[float] = []  # --provider both: pass-through / 24 kHz, each run
     with tempfile.TemporaryDirectory(prefix="ivr-bench-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         bridges = ["ivr-bridge", *(PEERS if args.peer else ()), *((BEFORE,) if args.against else ())]
         for concurrency, round_ in itertools.product(map(int, args.levels.split(",")), range(args.rounds)):
+            if args.provider == "both":
+                paths = list(PATHS) if round_ % 2 == 0 else list(PATHS)[::-1]  # which goes first turns
+                group = [
+                    run_level(concurrency, argparse.Namespace(**{**vars(args), "provider": path}), workdir)
+                    for path in paths
+                ]
+                levels.extend(group)
+                if (ratio := path_ratio(group)) is not None:
+                    ratios.append(ratio)
+                if not args.json:
+                    print(paths_side_by_side(group), flush=True)
+                continue
             if len(bridges) > 1:
                 # The same callers and stand-in, one bridge after another; the order turns
                 # each round, so no bridge always runs on a machine warmed by the others.
@@ -592,22 +641,32 @@ def main() -> int:
             levels.append(run_level(concurrency, args, workdir))
             if not args.json:
                 print(table(levels[-1:]).splitlines()[-1] if len(levels) > 1 else table(levels), flush=True)
-    capacity = max((lv.concurrency for lv in levels if lv.within_limits), default=0)
-    slope = rss_slope(levels)
-    if args.json:
-        report = {
-            "levels": [asdict(lv) for lv in levels],
+    reports = []
+    for provider in dict.fromkeys(lv.provider for lv in levels):  # each path run, in order
+        mine = [lv for lv in levels if lv.provider == provider]
+        capacity = max((lv.concurrency for lv in mine if lv.within_limits), default=0)
+        slope = rss_slope(mine)
+        reports.append({
+            "provider": provider,
+            "levels": [asdict(lv) for lv in mine],
             "peers": [asdict(lv) for lv in peers],
             "capacity": capacity,
             "rss_mb_per_call": slope,
-        }
-        print(json.dumps(report, indent=2))
-    else:
+        })  # fmt: skip
+        if args.json:
+            continue
+        path = f", {PATHS[provider]}" if args.provider == "both" else ""
         if slope is not None:
-            print(f"\nmemory per call (peak RSS slope, {levels[0].concurrency} -> {levels[-1].concurrency} "
+            print(f"\nmemory per call{path} (peak RSS slope, {mine[0].concurrency} -> {mine[-1].concurrency} "
                   f"calls): {slope:.3f} MB")  # fmt: skip
-        print(f"\nhighest concurrency within limits (all calls complete, p99 added <= {args.limit_ms:g} ms "
-              f"each way, no frame lost): {capacity or 'none'}")  # fmt: skip
+        print(f"\nhighest concurrency within limits{path} (all calls complete, p99 added "
+              f"<= {args.limit_ms:g} ms each way, no frame lost): {capacity or 'none'}")  # fmt: skip
+    if args.json:
+        both = {"paths": reports, "pass_through_to_24khz_cpu": [round(r, 3) for r in ratios]}
+        print(json.dumps(both if args.provider == "both" else reports[0], indent=2))
+    elif ratios:
+        print(f"\npass-through / 24 kHz CPU, {len(ratios)} runs: {min(ratios):.2f}-{max(ratios):.2f}x, "
+              f"mean {sum(ratios) / len(ratios):.2f}x")  # fmt: skip
     return 0
 
 
