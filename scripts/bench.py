@@ -467,10 +467,12 @@ def summarise(
 # -- output ------------------------------------------------------------------------------
 
 
-def table(levels: list[Level]) -> str:
-    def p(d: dict[str, float], key: str = "p99") -> str:
-        return f"{d[key]:.1f}" if key in d else "-"
+def p(percentiles: dict[str, float], key: str = "p99") -> str:
+    """One percentile in ms for the tables, or "-" when the level measured none."""
+    return f"{percentiles[key]:.1f}" if key in percentiles else "-"
 
+
+def table(levels: list[Level]) -> str:
     def in_bridge(lv: Level) -> str:
         at_most = lv.clear_in_bridge_p99_ms_at_most
         return f"<= {at_most:g} ms" if at_most is not None else "-"
@@ -504,9 +506,6 @@ def side_by_side(levels: list[Level]) -> str:
             else "-"
         )
 
-    def p(d: dict[str, float], key: str) -> str:
-        return f"{d[key]:.1f}" if key in d else "-"
-
     rows = [
         f"{levels[0].concurrency} calls: bridge   ok/fail  CPU s/call-min  vs Pipecat  vs floor  "
         "in p50/p99 ms  out p50/p99 ms  reply audio  peak RSS MB" + ("  vs before" if before else ""),
@@ -526,9 +525,6 @@ def paths_side_by_side(levels: list[Level]) -> str:
     """One concurrency level on each path (PATHS), and the pass-through path's CPU against the
     24 kHz path's."""
     by_path = {lv.provider: lv for lv in levels}
-
-    def p(d: dict[str, float], key: str) -> str:
-        return f"{d[key]:.1f}" if key in d else "-"
 
     rows = [f"{levels[0].concurrency} calls: path  ok/fail  CPU s/call-min  in p50/p99 ms  out p50/p99 ms"]
     for provider, name in PATHS.items():
