@@ -8,7 +8,14 @@ import asyncio
 
 from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Ulaw
 from ivr_bridge.call import MAX_EARLY_AUDIO_MS, Outcome
-from ivr_bridge.providers.base import AssistantAudio, AssistantText, Closed, Interruption, UserTranscript
+from ivr_bridge.providers.base import (
+    AssistantAudio,
+    AssistantText,
+    Closed,
+    Interruption,
+    TurnEvent,
+    UserTranscript,
+)
 from ivr_bridge.settings import Settings
 from tests.call_harness import CALL_SID, Harness, ScriptedSession, caller_audio, speech, until
 
@@ -191,3 +198,27 @@ async def test_a_format_the_bridge_cannot_carry_ends_the_call_with_one_line(capl
     assert call.outcome == Outcome.VOICE_API_FAILED
     [line] = [r.getMessage() for r in caplog.records if "cannot convert" in r.getMessage()]
     assert "scripted" in line and "mulaw 16000 Hz" in line
+
+
+async def test_words_transcribed_apart_from_the_reply_leave_the_reply_and_the_turn_alone() -> None:
+    """OpenAI transcribes the caller apart from its reply, so the words may arrive while the
+    reply plays. The turn ended at the API's own turn end: late words neither flush the
+    reply's converter mid-sentence (a click in the caller's ear) nor start a reply latency."""
+
+    async def reply(late_words: bool) -> tuple[bytes, int, int]:
+        h = Harness()
+        h.run()
+        h.twilio.start()
+        session = await h.session()
+        session.emit(TurnEvent("end"), AssistantAudio(speech(200), response=1))
+        if late_words:
+            session.emit(UserTranscript("hello", final=True, ends_turn=False))
+        session.emit(AssistantAudio(speech(200, hz=300), response=1))
+        await until(lambda: len(h.twilio.audio()) >= 8 * 390 and not h.call.downlink.tail_pending)
+        h.twilio.stop()
+        call = await h.ended()
+        return h.twilio.audio(), call.stats.turns, len(call.stats.reply_ms)
+
+    heard, turns, latencies = await reply(late_words=True)
+    assert (turns, latencies) == (1, 1)  # one turn, timed from its end to the reply's first audio
+    assert heard == (await reply(late_words=False))[0]  # the same audio, without a break

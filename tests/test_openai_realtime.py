@@ -11,7 +11,7 @@ from base64 import b64encode
 import pytest
 
 from ivr_bridge.audio import TWILIO_AUDIO, Pcm, Ulaw
-from ivr_bridge.providers.base import AssistantAudio, Interruption, ProviderError
+from ivr_bridge.providers.base import AssistantAudio, Interruption, ProviderError, TurnEvent, UserTranscript
 from ivr_bridge.providers.openai_realtime import OpenAiRealtimeProtocol, OpenAiSettings
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.openai_realtime import OpenAiRealtimeStandIn, RealtimeBehaviour
@@ -98,8 +98,9 @@ def openai_settings(standin: OpenAiRealtimeStandIn, **more: object) -> Settings:
     )
 
 
-async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> None:
-    async with OpenAiRealtimeStandIn() as standin:
+@pytest.mark.parametrize("transcript_first", [False, True])  # the service sends it either side
+async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge, transcript_first: bool) -> None:
+    async with OpenAiRealtimeStandIn(RealtimeBehaviour(transcript_first=transcript_first)) as standin:
         bridge = make_bridge(openai_settings(standin))
         said = tone_ulaw(600, hz=500)
         details = {"From": "+15550001111"}
@@ -115,6 +116,16 @@ async def test_a_turn_passes_mulaw_through_untouched_both_ways(make_bridge) -> N
     assert call.outcome == "stream_stopped" and call.provider == "openai"
     assert standin.session_updates[0]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
     assert "caller number: +15550001111" in standin.session_updates[0]["instructions"]  # the call's details
+    # Wherever the transcript came, one turn, timed from speech_stopped to the reply's first audio.
+    assert call.stats.turns == 1 and len(call.stats.reply_ms) == 1
+
+
+def test_the_callers_words_arrive_apart_from_the_end_of_the_turn() -> None:
+    protocol = OpenAiRealtimeProtocol()
+    stopped = json.dumps({"type": "input_audio_buffer.speech_stopped", "item_id": "item_1"})
+    words = {"type": "conversation.item.input_audio_transcription.completed", "transcript": "hi"}
+    assert protocol.receive(stopped) == [TurnEvent("end", "item_1")]
+    assert protocol.receive(json.dumps(words)) == [UserTranscript("hi", final=True, ends_turn=False)]
 
 
 def test_the_sixty_minute_close_is_a_renewal_and_other_closes_are_not() -> None:

@@ -432,8 +432,9 @@ class Call:
                 self.downlink.caller_took_turn()
         elif isinstance(event, UserTranscript):
             if event.final:
-                await self._finish_reply()
-                report.turn_ended(now)
+                if event.ends_turn:
+                    await self._finish_reply()
+                    report.turn_ended(now)
                 self.stats.turns += 1
                 report.line(self.words.user(event.text))
         elif isinstance(event, AssistantText):

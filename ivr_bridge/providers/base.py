@@ -45,8 +45,13 @@ class Interruption:
 
 @dataclass(frozen=True, slots=True)
 class UserTranscript:
+    """The caller's words. A final one ends the caller's turn, unless the API marks the
+    turn's end itself (`TurnEvent("end")`) and transcribes apart from its reply, so that the
+    words may arrive while the reply plays (OpenAI Realtime, NavTalk): `ends_turn=False`."""
+
     text: str
     final: bool
+    ends_turn: bool = True
 
 
 @dataclass(frozen=True, slots=True)

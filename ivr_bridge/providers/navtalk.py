@@ -126,7 +126,9 @@ class NavTalkProtocol:
                 return [AssistantText(text, True, response, self.reply)]
             return []
         if kind == "realtime.conversation.item.input_audio_transcription.completed":
-            return [UserTranscript(str(_field(message, "content", "transcript") or ""), True)]
+            # Realtime's transcription, apart from the reply: the turn ended at speech_stopped.
+            text = str(_field(message, "content", "transcript") or "")
+            return [UserTranscript(text, True, ends_turn=False)]
         if kind == "realtime.session.updated":
             self.ready = True
             return [Ready("ready")]

@@ -189,7 +189,9 @@ class OpenAiRealtimeProtocol:
             reply = self._reply(response)
             return [AssistantText(str(message.get("transcript", "")), True, response, reply.number)]
         if kind == "conversation.item.input_audio_transcription.completed":
-            return [UserTranscript(str(message.get("transcript", "")), final=True)]
+            # Transcribed apart from the response, "before or after the Response events":
+            # the turn ended at speech_stopped.
+            return [UserTranscript(str(message.get("transcript", "")), final=True, ends_turn=False)]
         if kind == "input_audio_buffer.speech_stopped":
             return [TurnEvent("end", str(message.get("item_id", "")))]
         if kind == "error":

@@ -8,9 +8,11 @@ lists, the awkward parts included:
   `error`, the session staying open), answered by `session.updated`; `lie_about_format`
   keeps PCM output whatever was asked, to prove the bridge checks `session.updated`;
 - appended audio read in the format in force at the time of the append;
-- server VAD by energy: `speech_started`, `speech_stopped` after 500 ms of silence, a
-  transcript, then a response: the whole event ladder, output deltas of a tone (100 ms
-  each) faster than real time;
+- server VAD by energy: `speech_started`, `speech_stopped` after 500 ms of silence, then a
+  response: the whole event ladder, output deltas of a tone (100 ms each) faster than real
+  time. The caller's transcript comes after the response's first delta: transcription runs
+  apart from the response, and its result "may come before or after the Response events";
+  `transcript_first` sends it before the response instead;
 - speech during a response cancels it (`interrupt_response`), yet a few deltas already
   queued still arrive after `speech_started`, then `response.done` `cancelled`;
 - `conversation.item.truncate` checked against the item's audio (the "already shorter"
@@ -59,6 +61,7 @@ class RealtimeBehaviour:
     tool_after_reply: tuple[str, dict[str, Any]] | None = None  # (name, arguments) called after the reply
     think_ms: int = 0  # between the caller's turn ending and the response
     pace: bool = False  # deltas in real time (as the service streams them), not faster
+    transcript_first: bool = False  # the caller's transcript before the response, not during it
 
 
 @dataclass
@@ -208,19 +211,23 @@ class OpenAiRealtimeStandIn(StandInServer):
                 item = _id("item")
                 await self._send(peer, "input_audio_buffer.speech_stopped", audio_end_ms=0, item_id=item)
                 await self._send(peer, "input_audio_buffer.committed", item_id=item)
-                await self._send(
-                    peer,
-                    "conversation.item.input_audio_transcription.completed",
-                    item_id=item,
-                    transcript="hello",
-                )
+                if self.behaviour.transcript_first:
+                    await self._transcript(peer, item)
                 peer.cancelled = False
-                peer.response = asyncio.create_task(self._respond(peer))
+                peer.response = asyncio.create_task(self._respond(peer, heard=item))
         elif loud:
             peer.silence_ms = 0.0
 
-    async def _respond(self, peer: _Peer) -> None:
+    async def _transcript(self, peer: _Peer, item: str) -> None:
+        await self._send(
+            peer, "conversation.item.input_audio_transcription.completed", item_id=item, transcript="hello"
+        )
+
+    async def _respond(self, peer: _Peer, heard: str) -> None:
+        """A response to the caller's item `heard`, whose transcript comes after its first
+        delta (unless `transcript_first`)."""
         b = self.behaviour
+        transcript_due = not b.transcript_first
         if b.think_ms:
             await asyncio.sleep(b.think_ms / 1000)
         response, item = _id("resp"), _id("item")
@@ -248,7 +255,12 @@ class OpenAiRealtimeStandIn(StandInServer):
                 peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
                 content_index=0, delta=encoded,
             )  # fmt: skip
+            if transcript_due:
+                transcript_due = False
+                await self._transcript(peer, heard)
             await asyncio.sleep(b.delta_ms / 1000 / (1 if b.pace else 5))  # (faster than real time)
+        if transcript_due:
+            await self._transcript(peer, heard)
         status = "cancelled" if peer.cancelled else "completed"
         if status == "completed":
             words = "Hello from the stand-in."
