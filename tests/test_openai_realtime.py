@@ -65,21 +65,37 @@ def test_deltas_are_numbered_per_response_and_truncation_is_clamped() -> None:
     assert protocol.receive(json.dumps({"type": "input_audio_buffer.speech_started"})) == [
         Interruption("caller speech (server VAD)")
     ]
-    cut = json.loads(protocol.truncate(1, heard_ms=150) or "{}")
+    [cut] = [json.loads(m) for m in protocol.heard(1, heard_ms=150)]
     assert cut == {
         "type": "conversation.item.truncate",
         "item_id": "item_a",
         "content_index": 0,
         "audio_end_ms": 150,
     }
-    assert (
-        json.loads(protocol.truncate(1, heard_ms=5000) or "{}")["audio_end_ms"] == 200
-    )  # never past what came
-    assert protocol.truncate(1, heard_ms=0) is None  # nothing heard: the API refuses a truncate at 0
+    [cut] = [json.loads(m) for m in protocol.heard(1, heard_ms=5000)]
+    assert cut["audio_end_ms"] == 200  # never past what came
+    assert protocol.heard(1, heard_ms=0) == []  # nothing heard: the API refuses a truncate at 0
     benign = {"type": "error", "error": {"code": "response_cancel_not_active", "message": "x"}}
     assert protocol.receive(json.dumps(benign)) == []
     real = {"type": "error", "error": {"code": "invalid_value", "message": "bad"}}
     assert protocol.receive(json.dumps(real)) == [ProviderError("invalid_value", "bad")]
+
+
+def test_a_reply_of_several_items_is_cut_where_the_caller_was_in_it() -> None:
+    protocol = OpenAiRealtimeProtocol()
+    protocol.receive(updated({"type": "audio/pcmu"}))
+    protocol.receive(delta("resp_a", "preamble", b"\x01" * 4800))  # 600 ms
+    protocol.receive(delta("resp_a", "answer", b"\x02" * 8000))  # 1000 ms
+    in_answer = [json.loads(m) for m in protocol.heard(1, heard_ms=1000)]
+    assert in_answer == [
+        {"type": "conversation.item.truncate", "item_id": "answer", "content_index": 0, "audio_end_ms": 400}
+    ]
+    in_preamble = [json.loads(m) for m in protocol.heard(1, heard_ms=250)]
+    assert [(m["type"], m["item_id"]) for m in in_preamble] == [
+        ("conversation.item.truncate", "preamble"),
+        ("conversation.item.delete", "answer"),  # none of it was heard
+    ]
+    assert in_preamble[0]["audio_end_ms"] == 250
 
 
 def test_pcm_from_a_server_that_ignored_the_request_is_converted_not_played_as_mulaw() -> None:
@@ -170,6 +186,35 @@ async def test_barge_in_drops_late_deltas_and_truncates_at_what_was_heard(make_b
     assert reply.interrupted and abs(cut["audio_end_ms"] - reply.heard_ms) <= 1
     # The late deltas of the cut response were not played: nothing of reply 1 after the clear.
     assert call.stats.barge_ins == 1
+
+
+@pytest.mark.parametrize("in_preamble", [False, True])
+async def test_a_reply_in_two_items_is_cut_in_the_item_being_heard(make_bridge, in_preamble: bool) -> None:
+    # A spoken preamble, then the answer, in one response (sent faster than real time, so
+    # both have arrived when the caller talks over the preamble).
+    preamble_ms = 2000 if in_preamble else 600
+    behaviour = RealtimeBehaviour(preamble_ms=preamble_ms, reply_ms=3000, late_deltas=3)
+    async with OpenAiRealtimeStandIn(behaviour) as standin:
+        bridge = make_bridge(openai_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.say(tone_ulaw(600, hz=500))
+            await caller.wait_for(lambda: len(caller.marks_played) >= 10, 20)  # a second heard
+            await caller.say(tone_ulaw(400, hz=700))
+            await caller.wait_for(lambda: len(standin.truncations) == 1 or bool(standin.errors_sent), 20)
+            await until(lambda: len(standin.deleted) == in_preamble, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [peer] = standin.peers
+    preamble, answer = list(peer.items)[:2]
+    [cut] = standin.truncations
+    [reply] = call.playback.responses[:1]
+    assert reply.interrupted and standin.errors_sent == []
+    if in_preamble:  # the answer went unheard: out of the model's context
+        assert reply.heard_ms < preamble_ms and standin.deleted == [answer]
+        assert cut["item_id"] == preamble and abs(cut["audio_end_ms"] - reply.heard_ms) <= 1
+    else:  # the offset is the answer's own
+        assert reply.heard_ms > preamble_ms and standin.deleted == []
+        assert cut["item_id"] == answer and abs(cut["audio_end_ms"] - (reply.heard_ms - preamble_ms)) <= 1
 
 
 @pytest.mark.parametrize("lie", [True])

@@ -10,7 +10,11 @@ The facts it is built on are in `shared/reference/providers.md` §2:
   itself). Deltas of the cancelled response still arriving carry its reply number, which
   the call drops. What the caller heard of the cut reply goes back as
   `conversation.item.truncate`, clamped to the audio received for that item and skipped
-  when none of it played; an error there is logged, never fatal.
+  when none of it played; an error there is logged, never fatal. A reply may speak
+  several items (a preamble, then the answer): the one being heard is truncated at the
+  caller's place in it, and the later ones, unheard, are deleted.
+- The caller's transcript is made apart from the reply and may arrive during it: the
+  turn ends at `speech_stopped`.
 - The beta names and values (`response.audio.delta`, `g711_ulaw`) are refused by the
   service and not used.
 """
@@ -21,7 +25,7 @@ import binascii
 import json
 import logging
 from base64 import b64decode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -92,8 +96,9 @@ def _format(spec: object) -> AudioFormat | None:
 @dataclass(slots=True)
 class _Reply:
     number: int
-    item_id: str = ""
-    received_bytes: int = 0  # audio of `item_id` received, in the output format
+    # Audio received per item, in the output format and in order: a response may speak
+    # several items (a preamble, then the answer), each truncated on its own clock.
+    items: dict[str, int] = field(default_factory=dict)
 
 
 class OpenAiRealtimeProtocol:
@@ -146,25 +151,35 @@ class OpenAiRealtimeProtocol:
         encoded = binascii.b2a_base64(audio, newline=False).decode("ascii")
         return f'{{"type":"input_audio_buffer.append","audio":"{encoded}"}}'
 
-    def truncate(self, reply: int, heard_ms: int) -> str | None:
-        """`conversation.item.truncate` for what the caller heard of `reply`, clamped to the
-        audio received for its item; None when nothing of it played (the API refuses a
-        truncate at 0) or its item is unknown."""
+    def heard(self, reply: int, heard_ms: int) -> list[str]:
+        """What the caller heard of `reply`, for the model's context: a
+        `conversation.item.truncate` of the item they were hearing, at their place in that
+        item (clamped to the audio received), and a `conversation.item.delete` of each later
+        item of the reply, none of which they heard. Nothing when nothing of the reply played
+        (the API refuses a truncate at 0) or it is unknown."""
         cut = self._numbers.get(reply)
-        if cut is None or not cut.item_id or heard_ms <= 0 or self.receive_format is None:
-            return None
-        received_ms = _duration_ms(cut.received_bytes, self.receive_format)
-        end_ms = min(heard_ms, received_ms)
-        if end_ms <= 0:
-            return None
-        return json.dumps(
-            {
-                "type": "conversation.item.truncate",
-                "item_id": cut.item_id,
-                "content_index": 0,
-                "audio_end_ms": end_ms,
-            }
-        )
+        if cut is None or not cut.items or heard_ms <= 0 or self.receive_format is None:
+            return []
+        items = list(cut.items.items())
+        start_ms = 0  # where each item begins in the reply
+        for index, (item, received) in enumerate(items):
+            item_ms = _duration_ms(received, self.receive_format)
+            if heard_ms <= start_ms + item_ms or index == len(items) - 1:  # the one they were hearing
+                end_ms = min(heard_ms - start_ms, item_ms)
+                if end_ms <= 0:
+                    return []
+                truncate = {
+                    "type": "conversation.item.truncate",
+                    "item_id": item,
+                    "content_index": 0,
+                    "audio_end_ms": end_ms,
+                }
+                unheard = [
+                    {"type": "conversation.item.delete", "item_id": later} for later, _ in items[index + 1 :]
+                ]
+                return [json.dumps(message) for message in [truncate, *unheard]]
+            start_ms += item_ms
+        return []
 
     # -- from the API -------------------------------------------------------------------------
 
@@ -224,9 +239,7 @@ class OpenAiRealtimeProtocol:
             return [self._skip("output_audio.delta is not base64", "bad_base64")]
         reply = self._reply(str(message.get("response_id", "")))
         item = str(message.get("item_id", ""))
-        if item != reply.item_id:  # a response may speak several items: truncation is per item
-            reply.item_id, reply.received_bytes = item, 0
-        reply.received_bytes += len(audio)
+        reply.items[item] = reply.items.get(item, 0) + len(audio)
         if self.receive_format == TWILIO_AUDIO:
             return [AssistantAudio(Ulaw(audio), reply.number)]
         rate = self.receive_format.rate if self.receive_format else PCM16_24K.rate
@@ -305,9 +318,9 @@ class OpenAiRealtimeSession(WebSocketSession):
         return self.protocol.send_format  # as session.updated confirmed it
 
     async def reply_heard(self, reply: int, heard_ms: int) -> None:
-        """The caller talked over `reply` after hearing `heard_ms` of it: truncate the item."""
-        message = self.protocol.truncate(reply, heard_ms)
-        if message is not None:
+        """The caller talked over `reply` after hearing `heard_ms` of it: the model's context
+        keeps only that."""
+        for message in self.protocol.heard(reply, heard_ms):
             await self._send(message)
 
 

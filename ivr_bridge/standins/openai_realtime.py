@@ -12,7 +12,8 @@ lists, the awkward parts included:
   response: the whole event ladder, output deltas of a tone (100 ms each) faster than real
   time. The caller's transcript comes after the response's first delta: transcription runs
   apart from the response, and its result "may come before or after the Response events";
-  `transcript_first` sends it before the response instead;
+  `transcript_first` sends it before the response instead. With `preamble_ms`, a response
+  speaks two audio items (a spoken preamble, then the answer), as gpt-realtime may;
 - speech during a response cancels it (`interrupt_response`), yet a few deltas already
   queued still arrive after `speech_started`, then `response.done` `cancelled`;
 - `conversation.item.truncate` checked against the item's audio (the "already shorter"
@@ -33,6 +34,7 @@ import re
 import secrets
 import time
 from base64 import b64decode, b64encode
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,7 @@ class RealtimeBehaviour:
     think_ms: int = 0  # between the caller's turn ending and the response
     pace: bool = False  # deltas in real time (as the service streams them), not faster
     transcript_first: bool = False  # the caller's transcript before the response, not during it
+    preamble_ms: int = 0  # > 0: each response speaks a preamble item of this length, then the reply's
 
 
 @dataclass
@@ -92,6 +95,7 @@ class OpenAiRealtimeStandIn(StandInServer):
         self.truncations: list[dict[str, Any]] = []
         self.session_updates: list[dict[str, Any]] = []
         self.items_created: list[dict[str, Any]] = []  # e.g. function_call_output
+        self.deleted: list[str] = []  # items deleted by the bridge
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         if not request.path.startswith(PATH + "?model="):
@@ -139,6 +143,13 @@ class OpenAiRealtimeStandIn(StandInServer):
             await self._append(peer, b64decode(message["audio"]))
         elif kind == "conversation.item.truncate":
             await self._truncate(peer, message)
+        elif kind == "conversation.item.delete":
+            item = str(message.get("item_id"))
+            if item not in peer.items or item in self.deleted:
+                await self._error(peer, "item_not_found", f"Item with item_id not found: {item}")
+            else:
+                self.deleted.append(item)
+                await self._send(peer, "conversation.item.deleted", item_id=item)
         elif kind == "conversation.item.create":
             self.items_created.append(message.get("item") or {})
         elif kind == "response.cancel":
@@ -230,20 +241,23 @@ class OpenAiRealtimeStandIn(StandInServer):
         transcript_due = not b.transcript_first
         if b.think_ms:
             await asyncio.sleep(b.think_ms / 1000)
-        response, item = _id("resp"), _id("item")
+        response = _id("resp")
         await self._send(peer, "response.created", response={"id": response, "status": "in_progress"})
-        await self._send(
-            peer, "response.output_item.added", response_id=response, item={"id": item, "type": "message"}
-        )
-        peer.items[item] = 0
         pcmu = self._format(peer, "output") == "audio/pcmu"
         late = b.late_deltas
-        for start in range(0, b.reply_ms, b.delta_ms):
+        item, output_index = "", -1
+        for opens_item, ms in self._deltas():
             if peer.cancelled:
                 if late <= 0:
                     break
                 late -= 1  # already on the wire when the caller spoke
-            ms = min(b.delta_ms, b.reply_ms - start)
+            if opens_item:
+                item, output_index = _id("item"), output_index + 1
+                peer.items[item] = 0
+                await self._send(
+                    peer, "response.output_item.added", response_id=response, output_index=output_index,
+                    item={"id": item, "type": "message"},
+                )  # fmt: skip
             audio, encoded = _tone(ms, pcmu)
             peer.items[item] += ms
             peer.deltas.append(audio)
@@ -252,8 +266,8 @@ class OpenAiRealtimeStandIn(StandInServer):
                 peer.timeline["tts_at"].append(time.monotonic())
                 peer.timeline["tts_ms"].append(ms)
             await self._send(
-                peer, "response.output_audio.delta", response_id=response, item_id=item, output_index=0,
-                content_index=0, delta=encoded,
+                peer, "response.output_audio.delta", response_id=response, item_id=item,
+                output_index=output_index, content_index=0, delta=encoded,
             )  # fmt: skip
             if transcript_due:
                 transcript_due = False
@@ -283,9 +297,16 @@ class OpenAiRealtimeStandIn(StandInServer):
             peer, "response.done", response={"id": response, "status": status, "status_details": details}
         )
 
+    def _deltas(self) -> Iterator[tuple[bool, int]]:
+        """(opens an item, ms) for each delta of a response: the preamble's item first."""
+        b = self.behaviour
+        for length in [b.preamble_ms, b.reply_ms] if b.preamble_ms else [b.reply_ms]:
+            for start in range(0, length, b.delta_ms):
+                yield start == 0, min(b.delta_ms, length - start)
+
     async def _truncate(self, peer: _Peer, message: dict[str, Any]) -> None:
         item, end_ms = str(message.get("item_id")), message.get("audio_end_ms")
-        if item not in peer.items or not peer.items[item]:
+        if item not in peer.items or item in self.deleted or not peer.items[item]:
             await self._error(peer, "invalid_value", "Only model output audio messages can be truncated")
             return
         if not isinstance(end_ms, int) or end_ms > peer.items[item]:
