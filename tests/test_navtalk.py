@@ -46,6 +46,18 @@ def test_fields_in_data_or_at_the_top_and_stale_deltas_after_speech() -> None:
     assert busy.classify(1006, "").retryable is True
 
 
+def test_a_replys_words_are_kept_as_they_come_for_a_reply_cut_before_its_done() -> None:
+    protocol = NavTalkProtocol()
+    words = {"type": "realtime.response.audio_transcript.delta", "data": {"content": "Hi", "id": "r1"}}
+    [first] = protocol.receive(json.dumps(words))  # ahead of its speech
+    [audio] = protocol.receive(json.dumps({"type": "realtime.response.audio.delta", "data": {"delta": PCM}}))
+    more = {"type": "realtime.response.audio_transcript.delta", "delta": " there", "response_id": "r1"}
+    [second] = protocol.receive(json.dumps(more))
+    assert isinstance(first, AssistantText) and isinstance(second, AssistantText)
+    assert (first.text, second.text, second.final) == ("Hi", "Hi there", False)
+    assert first.response == audio.response == second.response == 1
+
+
 def navtalk_settings(standin: NavTalkStandIn, **more: str) -> Settings:
     base = {"license": standin.behaviour.license, "character": "Sophia", "url": standin.url}
     return Settings(provider="navtalk", voice=NavTalkSettings(**(base | more)))

@@ -81,6 +81,19 @@ def test_deltas_are_numbered_per_response_and_truncation_is_clamped() -> None:
     assert protocol.receive(json.dumps(real)) == [ProviderError("invalid_value", "bad")]
 
 
+def test_a_replys_words_are_kept_as_they_come_for_a_reply_cut_before_its_done() -> None:
+    protocol = OpenAiRealtimeProtocol()
+    protocol.receive(updated({"type": "audio/pcmu"}))
+    pieces = [
+        {"type": "response.output_audio_transcript.delta", "response_id": "resp_a", "delta": d}
+        for d in ("Hi", " there")
+    ]
+    texts = [event for piece in pieces for event in protocol.receive(json.dumps(piece))]
+    assert [(t.text, t.final, t.response) for t in texts] == [("Hi", False, 1), ("Hi there", False, 1)]
+    [audio] = protocol.receive(delta("resp_a", "item_a", b"\x01" * 160))
+    assert audio.response == 1
+
+
 def test_a_reply_of_several_items_is_cut_where_the_caller_was_in_it() -> None:
     protocol = OpenAiRealtimeProtocol()
     protocol.receive(updated({"type": "audio/pcmu"}))

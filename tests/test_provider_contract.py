@@ -114,6 +114,10 @@ async def test_a_barge_in(make_bridge, name: str) -> None:
     [cut] = call.playback.responses[:1]
     assert cut.interrupted and 0 < cut.heard_ms < 4000
     assert call.stats.barge_ins >= 1 and call.outcome == "stream_stopped"
+    if name != "echo":  # what the caller heard of the cut reply's words (echo's replies have none)
+        line = next(line for line in call.transcript if line.role == "assistant")
+        assert line.interrupted and line.heard_ms == cut.heard_ms
+        assert line.text and line.heard_text is not None and line.text.startswith(line.heard_text)
 
 
 @pytest.mark.parametrize("name", NETWORKED)

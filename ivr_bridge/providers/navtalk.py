@@ -76,6 +76,7 @@ class NavTalkProtocol:
         self._cut_id = ""  # the response the caller talked over, when it had an id
         self._response_id = ""
         self._new_reply = True  # the next audio starts a reply
+        self._words, self._words_reply = "", 0  # the transcript so far, and its reply's number
         self.outbox: list[str] = []  # nothing is answered on this socket (the interface has it)
 
     @staticmethod
@@ -121,10 +122,16 @@ class NavTalkProtocol:
                 self.muted = False
             if response and response != self._response_id:
                 self._new_reply, self._response_id = True, response
+            # The words come ahead of their speech: they belong to the reply that opens next.
+            number = self.reply + 1 if self._new_reply else self.reply
+            if number != self._words_reply:
+                self._words, self._words_reply = "", number
             if kind.endswith(".done"):
                 text = str(_field(message, "transcript", "content", "delta") or "")
-                return [AssistantText(text, True, response, self.reply)]
-            return []
+                return [AssistantText(text, True, response, number)]
+            # Kept as they come: a cut reply gets no `.done`, and its words are on record.
+            self._words += str(_field(message, "delta", "content", "transcript") or "")
+            return [AssistantText(self._words, False, response, number)]
         if kind == "realtime.conversation.item.input_audio_transcription.completed":
             # Realtime's transcription, apart from the reply: the turn ended at speech_stopped.
             text = str(_field(message, "content", "transcript") or "")

@@ -99,6 +99,7 @@ class _Reply:
     # Audio received per item, in the output format and in order: a response may speak
     # several items (a preamble, then the answer), each truncated on its own clock.
     items: dict[str, int] = field(default_factory=dict)
+    words: str = ""  # its transcript so far: a cut reply may never get its `.done`
 
 
 class OpenAiRealtimeProtocol:
@@ -199,6 +200,11 @@ class OpenAiRealtimeProtocol:
             return self._audio(message)
         if kind == "input_audio_buffer.speech_started":
             return [Interruption("caller speech (server VAD)")]
+        if kind == "response.output_audio_transcript.delta":
+            response = str(message.get("response_id", ""))
+            reply = self._reply(response)
+            reply.words += str(message.get("delta", ""))
+            return [AssistantText(reply.words, False, response, reply.number)]
         if kind == "response.output_audio_transcript.done":
             response = str(message.get("response_id", ""))
             reply = self._reply(response)

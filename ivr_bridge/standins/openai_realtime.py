@@ -50,6 +50,7 @@ from ivr_bridge.standins.speech import is_speech_pcm16, is_speech_ulaw
 
 PATH = "/v1/realtime"
 SILENCE_TO_END_MS = 500
+REPLY_WORDS = "Hello from the stand-in."
 _CALL_SID = re.compile(r"call sid: (CA[0-9A-Za-z]+)")
 
 
@@ -246,6 +247,7 @@ class OpenAiRealtimeStandIn(StandInServer):
         pcmu = self._format(peer, "output") == "audio/pcmu"
         late = b.late_deltas
         item, output_index = "", -1
+        words = iter(re.findall(r" ?\S+", REPLY_WORDS))  # with the first deltas, as the model's come
         for opens_item, ms in self._deltas():
             if peer.cancelled:
                 if late <= 0:
@@ -257,6 +259,12 @@ class OpenAiRealtimeStandIn(StandInServer):
                 await self._send(
                     peer, "response.output_item.added", response_id=response, output_index=output_index,
                     item={"id": item, "type": "message"},
+                )  # fmt: skip
+            word = None if peer.cancelled else next(words, None)
+            if word is not None:
+                await self._send(
+                    peer, "response.output_audio_transcript.delta", response_id=response, item_id=item,
+                    output_index=output_index, content_index=0, delta=word,
                 )  # fmt: skip
             audio, encoded = _tone(ms, pcmu)
             peer.items[item] += ms
@@ -277,13 +285,12 @@ class OpenAiRealtimeStandIn(StandInServer):
             await self._transcript(peer, heard)
         status = "cancelled" if peer.cancelled else "completed"
         if status == "completed":
-            words = "Hello from the stand-in."
             await self._send(
                 peer,
                 "response.output_audio_transcript.done",
                 response_id=response,
                 item_id=item,
-                transcript=words,
+                transcript=REPLY_WORDS,
             )
             await self._send(peer, "response.output_audio.done", response_id=response, item_id=item)
         if status == "completed" and b.tool_after_reply is not None:
