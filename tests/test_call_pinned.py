@@ -222,3 +222,28 @@ async def test_words_transcribed_apart_from_the_reply_leave_the_reply_and_the_tu
     heard, turns, latencies = await reply(late_words=True)
     assert (turns, latencies) == (1, 1)  # one turn, timed from its end to the reply's first audio
     assert heard == (await reply(late_words=False))[0]  # the same audio, without a break
+
+
+async def test_words_the_caller_says_while_the_bot_is_heard_do_not_end_its_reply() -> None:
+    """A backchannel ("uh-huh") the API transcribes without cutting the bot off (ElevenLabs'
+    ignored terms, an API that chose not to interrupt): the reply plays on unbroken, and no
+    reply latency is timed from words said in the middle of it."""
+
+    async def reply(words: bool) -> tuple[bytes, int]:
+        h = Harness(instant_playback=False)  # the first chunk is still playing at the handset
+        h.run()
+        h.twilio.start()
+        session = await h.session()
+        session.emit(AssistantAudio(speech(200), response=1))
+        if words:
+            session.emit(UserTranscript("uh-huh", final=True))
+        session.emit(AssistantAudio(speech(200, hz=300), response=1))
+        await until(lambda: len(h.twilio.audio()) >= 8 * 390 and not h.call.downlink.tail_pending)
+        h.twilio.play()
+        h.twilio.stop()
+        call = await h.ended()
+        return h.twilio.audio(), len(call.stats.reply_ms)
+
+    heard, latencies = await reply(words=True)
+    assert latencies == 0
+    assert heard == (await reply(words=False))[0]

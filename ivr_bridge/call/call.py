@@ -432,7 +432,9 @@ class Call:
                 self.downlink.caller_took_turn()
         elif isinstance(event, UserTranscript):
             if event.final:
-                if event.ends_turn:
+                # Words said while the bot is heard, and not taken as a barge-in (a
+                # backchannel), leave its reply playing: they end no turn.
+                if event.ends_turn and not self.downlink.audible:
                     await self._finish_reply()
                     report.turn_ended(now)
                 self.stats.turns += 1
