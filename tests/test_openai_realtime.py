@@ -212,6 +212,7 @@ async def test_a_reply_in_two_items_is_cut_in_the_item_being_heard(make_bridge, 
         async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
             await caller.say(tone_ulaw(600, hz=500))
             await caller.wait_for(lambda: len(caller.marks_played) >= 10, 20)  # a second heard
+            await until(lambda: len(standin.peers[0].items) == 2, 20)  # the answer is under way
             await caller.say(tone_ulaw(400, hz=700))
             await caller.wait_for(lambda: len(standin.truncations) == 1 or bool(standin.errors_sent), 20)
             await until(lambda: len(standin.deleted) == in_preamble, 20)
