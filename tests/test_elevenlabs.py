@@ -65,7 +65,8 @@ async def test_greeting_and_a_turn_pass_mulaw_through_untouched(make_bridge) -> 
         said = tone_ulaw(600, hz=500)
         details = {"From": "+15550001111", "Language": "fr"}
         async with TwilioCaller(bridge.stream_url, continuous=True, custom_parameters=details) as caller:
-            await caller.wait_for(lambda: len(caller.received) >= 8 * 500, 20)  # the greeting, unasked
+            # The greeting, unasked, played out (speech during it would be a barge-in).
+            await caller.wait_for(lambda: len(caller.received) >= 8 * 500 and not caller.playing, 20)
             await caller.say(said)
             await caller.wait_for(lambda: len(caller.received) >= 8 * 1800, 20)  # and the reply
             await caller.hang_up()
@@ -105,6 +106,23 @@ async def test_barge_in_drops_the_stale_chunks_of_the_cut_turn(make_bridge) -> N
     assert greeting.interrupted and call.stats.barge_ins == 1
     # The stale chunks sent after the interruption never reached the caller.
     assert caller.received_total < sum(len(c) for c in standin.peers[0].chunks)
+
+
+async def test_speech_late_in_a_turn_the_agent_has_finished_sending_is_still_a_barge_in(make_bridge) -> None:
+    # The agent sends its turn faster than real time; it is speaking until the caller has
+    # heard it all, and interrupts on speech until then.
+    async with ElevenLabsStandIn(AgentBehaviour(greeting_ms=3000)) as standin:
+        bridge = make_bridge(agent_settings(standin))
+        async with TwilioCaller(bridge.stream_url, continuous=True) as caller:
+            await caller.wait_for(lambda: len(caller.marks_played) >= 6, 20)
+            sent = sum(len(c) for c in standin.peers[0].chunks)
+            await caller.wait_for(lambda: caller.received_total >= sent, 20)  # all of it sent
+            await caller.say(tone_ulaw(400, hz=700))
+            await caller.wait_for(lambda: caller.clears >= 1, 20)
+            await caller.hang_up()
+        [call] = await bridge.wait_for_calls(1)
+    [greeting] = call.playback.responses[:1]
+    assert greeting.interrupted and 0 < greeting.heard_ms < 3000
 
 
 @pytest.mark.parametrize("formats", [("pcm_16000", "pcm_16000"), ("ulaw_8000", "pcm_24000")])

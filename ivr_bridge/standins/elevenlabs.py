@@ -8,8 +8,9 @@
   chunks of odd sizes, faster than real time;
 - caller audio decoded in the declared input format; energy VAD; `user_transcript`, then the
   next turn with a larger `event_id`;
-- speech over the agent: `interruption {event_id}`, then more chunks of the cut turn
-  (stale audio the bridge must drop);
+- speech over the agent, until its turn has played out at the caller (not just until
+  the last chunk went): `interruption {event_id}`, then more chunks of the cut turn, if any
+  were still to go (stale audio the bridge must drop);
 - `ping {event_id}` on a timer, each `pong` checked against it;
 - an `error` event before a close.
 """
@@ -63,6 +64,9 @@ class _Peer:
     silence_ms: float = 0.0
     agent: asyncio.Task[None] | None = None
     interrupted: bool = False
+    # When the caller will have heard the agent's turn (loop clock): its chunks go faster
+    # than real time, but the agent is speaking, and interruptible, until then.
+    speaking_until: float = 0.0
     appended: bytearray = field(default_factory=bytearray)
     chunks: list[bytes] = field(default_factory=list)  # decoded audio sent, in order
     pings: dict[int, bool] = field(default_factory=dict)  # ping event_id -> pong received
@@ -151,7 +155,7 @@ class ElevenLabsStandIn(StandInServer):
             loud, ms = is_speech_pcm16(audio), len(audio) / 2 / rate * 1000
         else:
             loud, ms = is_speech_ulaw(audio), len(audio) / 8
-        busy = peer.agent is not None and not peer.agent.done()
+        busy = asyncio.get_running_loop().time() < peer.speaking_until
         if loud and not peer.speaking:
             peer.speaking, peer.silence_ms = True, 0.0
             if busy and not peer.interrupted:
@@ -176,6 +180,7 @@ class ElevenLabsStandIn(StandInServer):
         b = self.behaviour
         peer.turn += 1
         peer.interrupted = False
+        peer.speaking_until = asyncio.get_running_loop().time() + ms / 1000
         turn = peer.turn
         await self._send(peer, "agent_response", agent_response=text, event_id=turn)
         rate = int(b.output_format.split("_")[1])
