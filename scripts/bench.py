@@ -43,6 +43,11 @@ on each path, one after the other, and prints the pass-through path's CPU agains
 path's (issue 10's measure, "in the same run"):
 
     .venv/bin/python scripts/bench.py --provider both --levels 100 --chunk-ms 20 --rounds 3
+
+Those two paths are two voice APIs, each with its own messages. `--provider elevenlabs`
+(the agent's format `ulaw_8000`, passed through) and `--provider elevenlabs-pcm24`
+(`pcm_24000` both ways, converted) are one protocol at two formats, and
+`--provider elevenlabs-both` compares them as `both` does: only the audio path differs.
 """
 
 from __future__ import annotations
@@ -73,7 +78,15 @@ LIMIT_MS = 20.0  # p99 bridge-added latency allowed at the capacity level (--lim
 HOOK_SECRET = "bench-hook-secret"
 
 
-PATHS = {"openai": "pass-through", "nextevi": "24 kHz"}  # --provider both runs each, in this order first
+# Each --provider: the bridge's IVR_PROVIDER, the stand-in's options, and the path it is.
+PROVIDERS = {
+    "nextevi": ("nextevi", ["--api-key", API_KEY, "--config-id", CONFIG_ID], "24 kHz"),
+    "openai": ("openai", ["--api-key", API_KEY], "pass-through"),
+    "elevenlabs": ("elevenlabs", ["--agent-format", "ulaw_8000"], "pass-through (ElevenLabs)"),
+    "elevenlabs-pcm24": ("elevenlabs", ["--agent-format", "pcm_24000"], "24 kHz (ElevenLabs)"),
+}
+# The paths compared side by side: (pass-through, 24 kHz), run in this order first.
+PAIRS = {"both": ("openai", "nextevi"), "elevenlabs-both": ("elevenlabs", "elevenlabs-pcm24")}
 PEERS = ("pipecat", "relay")  # --peer pipecat runs both beside ivr-bridge
 BEFORE = "before"  # --against: ivr-bridge from another checkout, the unchanged code
 OWN = ("ivr-bridge", BEFORE)
@@ -88,7 +101,7 @@ PEER_VENV = ROOT / ".bench" / "pipecat-venv"  # made on first use (about 530 MB)
 class Level:
     concurrency: int
     bridge: str = "ivr-bridge"  # or one of PEERS
-    provider: str = "nextevi"  # the voice API's stand-in, so the audio path (PATHS)
+    provider: str = "nextevi"  # the voice API's stand-in, so the audio path (PROVIDERS)
     limit_ms: float = LIMIT_MS
     calls_ok: int = 0
     calls_failed: int = 0
@@ -310,13 +323,13 @@ def run_level(
     tag = f"{bridge_name}-{concurrency}-{next(RUNS)}"  # each run its own timelines and logs
     standin_timeline = workdir / f"standin-{tag}.jsonl"
     caller_timeline = workdir / f"callers-{tag}.jsonl"
+    provider, standin_options, _ = PROVIDERS[args.provider]
     standin = spawn(
         [
             "stub-voice-api",
-            "--provider", args.provider,
+            "--provider", provider,
             "--port", str(standin_port),
-            "--api-key", API_KEY,
-            "--config-id", CONFIG_ID,
+            *standin_options,
             "--reply-ms", str(args.reply_ms),
             "--think-ms", str(args.think_ms),
             "--timeline", str(standin_timeline),
@@ -333,7 +346,11 @@ def run_level(
             "OPENAI_REALTIME_URL": f"ws://127.0.0.1:{standin_port}/v1/realtime",
             "OPENAI_API_KEY": API_KEY,
         },
-    }[args.provider]
+        "elevenlabs": {
+            "ELEVENLABS_URL": f"ws://127.0.0.1:{standin_port}/v1/convai/conversation",
+            "ELEVENLABS_AGENT_ID": "agent_test",  # the stand-in's agent
+        },
+    }[provider]
     hooks: dict[str, str] = {}
     receiver = None
     if args.hooks:
@@ -350,7 +367,7 @@ def run_level(
             env={
                 **hooks,
                 "IVR_DATABASE_PATH": str(database),
-                "IVR_PROVIDER": args.provider,
+                "IVR_PROVIDER": provider,
                 **voice_api,
                 "IVR_UPSTREAM_CHUNK_MS": str(args.chunk_ms),
                 "IVR_MAX_CALLS": str(max(concurrency, 10)),  # the default cap would refuse the rest
@@ -522,15 +539,14 @@ def side_by_side(levels: list[Level]) -> str:
 
 
 def paths_side_by_side(levels: list[Level]) -> str:
-    """One concurrency level on each path (PATHS), and the pass-through path's CPU against the
-    24 kHz path's."""
-    by_path = {lv.provider: lv for lv in levels}
-
+    """One concurrency level on each path of a pair (PAIRS), and the pass-through path's CPU
+    against the 24 kHz path's."""
     rows = [f"{levels[0].concurrency} calls: path  ok/fail  CPU s/call-min  in p50/p99 ms  out p50/p99 ms"]
-    for provider, name in PATHS.items():
-        lv = by_path[provider]
+    first = {provider: place for pair in PAIRS.values() for place, provider in enumerate(pair)}
+    for lv in sorted(levels, key=lambda lv: first[lv.provider]):  # pass-through first
+        name = PROVIDERS[lv.provider][2]
         rows.append(
-            f"  {name:>16}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
+            f"  {name:>25}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
             f"{p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms, 'p99'):<6}  "
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms, 'p99'):<6}"
         )
@@ -541,9 +557,13 @@ def paths_side_by_side(levels: list[Level]) -> str:
 
 
 def path_ratio(levels: list[Level]) -> float | None:
-    """The pass-through path's CPU per call-minute against the 24 kHz path's, one level each."""
+    """The pass-through path's CPU per call-minute against the 24 kHz path's, one level each
+    of a pair (PAIRS)."""
     cpu = {lv.provider: lv.cpu_per_call_minute for lv in levels}
-    return cpu["openai"] / cpu["nextevi"] if cpu["nextevi"] else None
+    for passed_through, converted in PAIRS.values():
+        if cpu.get(passed_through) is not None and cpu.get(converted):
+            return cpu[passed_through] / cpu[converted]
+    return None
 
 
 def rss_slope(levels: list[Level]) -> float | None:
@@ -566,9 +586,10 @@ def main() -> int:
     parser.add_argument("--levels", default="25,50,100,150,200,250,300", help="concurrent calls per level")
     parser.add_argument(
         "--provider",
-        choices=["nextevi", "openai", "both"],
+        choices=[*PROVIDERS, *PAIRS],
         default="nextevi",
-        help="nextevi: the 24 kHz converted path; openai: mu-law passed through; both: each, side by side",
+        help="nextevi: the 24 kHz converted path; openai: mu-law passed through; both: each, side by "
+        "side; elevenlabs, elevenlabs-pcm24, elevenlabs-both: the same, on one protocol",
     )
     parser.add_argument("--scenario", type=Path, default=SCENARIO)
     parser.add_argument("--reply-ms", type=int, default=2000, help="stand-in reply length")
@@ -598,19 +619,24 @@ def main() -> int:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.provider == "both" and (args.peer or args.against):
-        parser.error("--provider both compares the two paths of this bridge: without --peer or --against")
+    if args.provider in PAIRS and (args.peer or args.against):
+        parser.error(
+            f"--provider {args.provider} compares two paths of this bridge: without --peer or --against"
+        )
+    if args.peer and PROVIDERS[args.provider][0] not in ("nextevi", "openai"):
+        parser.error("the peers speak NextEVI and OpenAI Realtime only")
 
     levels: list[Level] = []
     peers: list[Level] = []
-    ratios: list[float] = []  # --provider both: pass-through / 24 kHz, each run
+    ratios: list[float] = []  # --provider both (PAIRS): pass-through / 24 kHz, each run
     with tempfile.TemporaryDirectory(prefix="ivr-bench-") as tmp:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         bridges = ["ivr-bridge", *(PEERS if args.peer else ()), *((BEFORE,) if args.against else ())]
         for concurrency, round_ in itertools.product(map(int, args.levels.split(",")), range(args.rounds)):
-            if args.provider == "both":
-                paths = list(PATHS) if round_ % 2 == 0 else list(PATHS)[::-1]  # which goes first turns
+            if args.provider in PAIRS:
+                pair = PAIRS[args.provider]
+                paths = list(pair) if round_ % 2 == 0 else list(pair)[::-1]  # which goes first turns
                 group = [
                     run_level(concurrency, argparse.Namespace(**{**vars(args), "provider": path}), workdir)
                     for path in paths
@@ -651,7 +677,7 @@ def main() -> int:
         })  # fmt: skip
         if args.json:
             continue
-        path = f", {PATHS[provider]}" if args.provider == "both" else ""
+        path = f", {PROVIDERS[provider][2]}" if args.provider in PAIRS else ""
         if slope is not None:
             print(f"\nmemory per call{path} (peak RSS slope, {mine[0].concurrency} -> {mine[-1].concurrency} "
                   f"calls): {slope:.3f} MB")  # fmt: skip
@@ -659,7 +685,7 @@ def main() -> int:
               f"<= {args.limit_ms:g} ms each way, no frame lost): {capacity or 'none'}")  # fmt: skip
     if args.json:
         both = {"paths": reports, "pass_through_to_24khz_cpu": [round(r, 3) for r in ratios]}
-        print(json.dumps(both if args.provider == "both" else reports[0], indent=2))
+        print(json.dumps(both if args.provider in PAIRS else reports[0], indent=2))
     elif ratios:
         print(f"\npass-through / 24 kHz CPU, {len(ratios)} runs: {min(ratios):.2f}-{max(ratios):.2f}x, "
               f"mean {sum(ratios) / len(ratios):.2f}x")  # fmt: skip

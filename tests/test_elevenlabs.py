@@ -5,9 +5,15 @@ converted, a private agent reached through a signed URL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
+from base64 import b64encode
+from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from ivr_bridge.audio import TWILIO_AUDIO, AudioFormat, Encoding, Ulaw
 from ivr_bridge.providers.base import AssistantAudio, Interruption
@@ -15,7 +21,10 @@ from ivr_bridge.providers.elevenlabs import ElevenLabsProtocol, ElevenLabsSettin
 from ivr_bridge.settings import Settings
 from ivr_bridge.standins.elevenlabs import AgentBehaviour, ElevenLabsStandIn
 from ivr_bridge.standins.twilio import TwilioCaller
+from tests.call_harness import until
 from tests.test_end_to_end import tone_ulaw
+from tests.test_hostile_state import free_port
+from tests.test_try_each_provider import listening
 
 
 def event(kind: str, **body: object) -> str:
@@ -178,3 +187,35 @@ async def test_the_agent_ends_the_call_after_its_sentence(make_bridge, twilio_re
     assert call.outcome == "hung_up"
     [result] = standin.tool_results
     assert result["is_error"] is False and result["tool_call_id"].startswith("toolu_")
+
+
+async def test_the_stand_in_from_the_command_line_speaks_the_agent_format_and_records_a_timeline(
+    tmp_path: Path,
+) -> None:
+    timeline, port = tmp_path / "timeline.jsonl", free_port()
+    standin = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ivr_bridge", "stub-voice-api", "--provider", "elevenlabs", "--port", str(port),
+        "--agent-format", "pcm_24000", "--timeline", str(timeline), stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await listening(port)
+        async with connect(f"ws://127.0.0.1:{port}/v1/convai/conversation?agent_id=agent_test") as ws:
+            initiation = {
+                "type": "conversation_initiation_client_data",
+                "dynamic_variables": {"call_sid": "CA1"},
+            }
+            await ws.send(json.dumps(initiation))
+            metadata = json.loads(await ws.recv())["conversation_initiation_metadata_event"]
+            assert metadata["user_input_audio_format"] == metadata["agent_output_audio_format"] == "pcm_24000"
+            greeting = [json.loads(await ws.recv()) for _ in range(3)]  # its text, then audio
+            await ws.send(json.dumps({"user_audio_chunk": b64encode(b"\0\0" * 480).decode()}))  # 20 ms
+        await until(
+            lambda: timeline.exists() and timeline.read_text().endswith("\n"), 20
+        )  # at the session's end
+    finally:
+        standin.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(standin.wait(), 20) == 0
+    assert [m["type"] for m in greeting] == ["agent_response", "audio", "audio"]
+    [session] = [json.loads(line) for line in timeline.read_text().splitlines()]
+    assert session["connection_id"].startswith("CA1-") and session["frame_bytes"] == 960  # 20 ms at 24 kHz
+    assert session["audio_bytes"] == [960] and len(session["tts_at"]) == len(session["tts_ms"]) >= 2

@@ -13,6 +13,9 @@
   were still to go (stale audio the bridge must drop);
 - `ping {event_id}` on a timer, each `pong` checked against it;
 - an `error` event before a close.
+
+With a timeline path, each session's timings are appended there when it ends, in the
+NextEVI stand-in's format (read by scripts/bench.py, `--provider elevenlabs`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import http
 import json
 import secrets
+import time
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +43,7 @@ from ivr_bridge.standins.socket_server import StandInServer, serve_until_signall
 from ivr_bridge.standins.speech import is_speech_pcm16, is_speech_ulaw
 
 PATH = "/v1/convai/conversation"
+AGENT_FORMATS = ("ulaw_8000", "pcm_8000", "pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100", "pcm_48000")
 SILENCE_TO_END_MS = 500
 
 
@@ -50,7 +55,9 @@ class AgentBehaviour:
     output_format: str = "ulaw_8000"
     greeting_ms: int = 600
     reply_ms: int = 1500
-    chunk_sizes: tuple[int, ...] = (733, 1601, 977)  # bytes (mu-law) / samples (PCM), in turn
+    # Odd sizes, in turn, as mu-law bytes (8 kHz samples); PCM at another rate in chunks of
+    # the same durations.
+    chunk_sizes: tuple[int, ...] = (733, 1601, 977)
     stale_chunks: int = 3  # chunks of a cut turn still sent after the interruption
     ping_every_s: float = 0.5
     tool_after_reply: tuple[str, dict[str, Any]] | None = None  # a client tool called after each reply
@@ -70,14 +77,16 @@ class _Peer:
     appended: bytearray = field(default_factory=bytearray)
     chunks: list[bytes] = field(default_factory=list)  # decoded audio sent, in order
     pings: dict[int, bool] = field(default_factory=dict)  # ping event_id -> pong received
+    timeline: dict[str, Any] | None = None  # send/receive times, when the stand-in records them
 
 
 class ElevenLabsStandIn(StandInServer):
     path = PATH
 
-    def __init__(self, behaviour: AgentBehaviour | None = None) -> None:
+    def __init__(self, behaviour: AgentBehaviour | None = None, timeline_path: str | None = None) -> None:
         super().__init__()
         self.behaviour = behaviour or AgentBehaviour()
+        self.timeline_path = timeline_path
         self.peers: list[_Peer] = []
         self.initiations: list[dict[str, Any]] = []
         self._tokens: set[str] = set()
@@ -109,6 +118,14 @@ class ElevenLabsStandIn(StandInServer):
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = _Peer(ws)
+        if self.timeline_path:
+            heard = self.behaviour.input_format
+            frame_bytes = _rate(heard) // 50 * (2 if self._pcm(heard) else 1)  # 20 ms of the caller
+            peer.timeline = {
+                "event": "session", "connection_id": "", "opened_at": time.monotonic(), "audio_at": [],
+                "audio_bytes": [], "frame_bytes": frame_bytes, "tts_at": [], "tts_ms": [],
+                "interruptions_at": [],
+            }  # fmt: skip
         self.peers.append(peer)
         pinger = asyncio.create_task(self._ping(peer))
         try:
@@ -116,6 +133,9 @@ class ElevenLabsStandIn(StandInServer):
                 message = json.loads(raw)
                 if message.get("type") == "conversation_initiation_client_data":
                     self.initiations.append(message)
+                    if peer.timeline is not None:  # the bridge's dynamic variables name the call
+                        sid = (message.get("dynamic_variables") or {}).get("call_sid", "unknown")
+                        peer.timeline["connection_id"] = f"{sid}-{secrets.token_hex(4)}"
                     await self._send(
                         peer,
                         "conversation_initiation_metadata",
@@ -136,6 +156,9 @@ class ElevenLabsStandIn(StandInServer):
             pinger.cancel()
             if peer.agent is not None:
                 peer.agent.cancel()
+            if peer.timeline is not None and self.timeline_path:
+                with open(self.timeline_path, "a", encoding="utf-8") as out:
+                    out.write(json.dumps(peer.timeline) + "\n")
 
     async def _ping(self, peer: _Peer) -> None:
         n = 0
@@ -150,6 +173,9 @@ class ElevenLabsStandIn(StandInServer):
 
     async def _hear(self, peer: _Peer, audio: bytes) -> None:
         peer.appended += audio
+        if peer.timeline is not None:
+            peer.timeline["audio_at"].append(time.monotonic())
+            peer.timeline["audio_bytes"].append(len(peer.appended))
         if self._pcm(self.behaviour.input_format):
             rate = int(self.behaviour.input_format.split("_")[1])
             loud, ms = is_speech_pcm16(audio), len(audio) / 2 / rate * 1000
@@ -160,6 +186,8 @@ class ElevenLabsStandIn(StandInServer):
             peer.speaking, peer.silence_ms = True, 0.0
             if busy and not peer.interrupted:
                 peer.interrupted = True
+                if peer.timeline is not None:
+                    peer.timeline["interruptions_at"].append(time.monotonic())
                 await self._send(peer, "interruption", event_id=peer.turn)
         elif peer.speaking and not loud:
             peer.silence_ms += ms
@@ -183,7 +211,7 @@ class ElevenLabsStandIn(StandInServer):
         peer.speaking_until = asyncio.get_running_loop().time() + ms / 1000
         turn = peer.turn
         await self._send(peer, "agent_response", agent_response=text, event_id=turn)
-        rate = int(b.output_format.split("_")[1])
+        rate = _rate(b.output_format)
         t = np.arange(rate * ms // 1000) / rate
         tone = (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
         audio = tone.astype("<i2").tobytes() if self._pcm(b.output_format) else ulaw_encode(tone)
@@ -194,10 +222,13 @@ class ElevenLabsStandIn(StandInServer):
                 if stale <= 0:
                     return
                 stale -= 1  # already in flight when the caller spoke
-            size = b.chunk_sizes[n % len(b.chunk_sizes)] * width
+            size = b.chunk_sizes[n % len(b.chunk_sizes)] * rate // 8000 * width
             chunk = audio[at : at + size]
             at, n = at + size, n + 1
             peer.chunks.append(chunk)
+            if peer.timeline is not None and not peer.interrupted:  # stale chunks: the bridge drops them
+                peer.timeline["tts_at"].append(time.monotonic())  # before the send, as the relay may beat it
+                peer.timeline["tts_ms"].append(len(chunk) / width / rate * 1000)
             await self._send(peer, "audio", audio_base_64=b64encode(chunk).decode(), event_id=turn)
             await asyncio.sleep(len(chunk) / width / rate / 5)  # faster than real time
         if b.tool_after_reply is not None and turn > 1:  # not on the greeting
@@ -210,6 +241,10 @@ class ElevenLabsStandIn(StandInServer):
             await peer.ws.send(json.dumps({"type": kind, (key or f"{kind}_event"): body}))
 
 
+def _rate(audio_format: str) -> int:
+    return int(audio_format.split("_")[1])
+
+
 def _tool_id() -> str:
     return f"toolu_{secrets.token_hex(8)}"
 
@@ -220,8 +255,23 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return Response(status, http.HTTPStatus(status).phrase, headers, data)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stand-in's own options; `run` also takes those `ivr-bridge stub-voice-api` defines
+    (NextEVI's), using what applies."""
+    parser.add_argument(
+        "--agent-format",
+        choices=AGENT_FORMATS,
+        default="ulaw_8000",
+        help="elevenlabs: the agent's audio format, both ways (ulaw_8000 passes through)",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """`ivr-bridge stub-voice-api --provider elevenlabs` (private with --api-key)."""
-    behaviour = AgentBehaviour(api_key=args.api_key or "", reply_ms=args.reply_ms)
+    audio = getattr(args, "agent_format", "ulaw_8000")
+    behaviour = AgentBehaviour(
+        api_key=args.api_key or "", reply_ms=args.reply_ms, input_format=audio, output_format=audio
+    )
     banner = f"ElevenLabs agent stand-in at ws://{args.host}:{args.port}{PATH}?agent_id={behaviour.agent_id}"
-    return serve_until_signalled(ElevenLabsStandIn(behaviour), args.host, args.port, banner)
+    standin = ElevenLabsStandIn(behaviour, timeline_path=args.timeline)
+    return serve_until_signalled(standin, args.host, args.port, banner)
