@@ -177,7 +177,7 @@ class ElevenLabsStandIn(StandInServer):
             peer.timeline["audio_at"].append(time.monotonic())
             peer.timeline["audio_bytes"].append(len(peer.appended))
         if self._pcm(self.behaviour.input_format):
-            rate = int(self.behaviour.input_format.split("_")[1])
+            rate = _rate(self.behaviour.input_format)
             loud, ms = is_speech_pcm16(audio), len(audio) / 2 / rate * 1000
         else:
             loud, ms = is_speech_ulaw(audio), len(audio) / 8
