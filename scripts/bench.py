@@ -538,32 +538,29 @@ def side_by_side(levels: list[Level]) -> str:
     return "\n".join(rows)
 
 
-def paths_side_by_side(levels: list[Level]) -> str:
-    """One concurrency level on each path of a pair (PAIRS), and the pass-through path's CPU
+def paths_side_by_side(levels: list[Level], pair: tuple[str, str]) -> str:
+    """One concurrency level on each path of `pair` (PAIRS), and the pass-through path's CPU
     against the 24 kHz path's."""
     rows = [f"{levels[0].concurrency} calls: path  ok/fail  CPU s/call-min  in p50/p99 ms  out p50/p99 ms"]
-    first = {provider: place for pair in PAIRS.values() for place, provider in enumerate(pair)}
-    for lv in sorted(levels, key=lambda lv: first[lv.provider]):  # pass-through first
+    for lv in sorted(levels, key=lambda lv: pair.index(lv.provider)):  # pass-through first
         name = PROVIDERS[lv.provider][2]
         rows.append(
             f"  {name:>25}  {lv.calls_ok:3d}/{lv.calls_failed:<3d}  {lv.cpu_per_call_minute:14.3f}  "
             f"{p(lv.inbound_ms, 'p50'):>6}/{p(lv.inbound_ms, 'p99'):<6}  "
             f"{p(lv.outbound_ms, 'p50'):>7}/{p(lv.outbound_ms, 'p99'):<6}"
         )
-    ratio = path_ratio(levels)
+    ratio = path_ratio(levels, pair)
     if ratio is not None:
         rows.append(f"  pass-through / 24 kHz CPU: {ratio:.2f}x")
     return "\n".join(rows)
 
 
-def path_ratio(levels: list[Level]) -> float | None:
+def path_ratio(levels: list[Level], pair: tuple[str, str]) -> float | None:
     """The pass-through path's CPU per call-minute against the 24 kHz path's, one level each
-    of a pair (PAIRS)."""
+    of `pair`."""
     cpu = {lv.provider: lv.cpu_per_call_minute for lv in levels}
-    for passed_through, converted in PAIRS.values():
-        if cpu.get(passed_through) is not None and cpu.get(converted):
-            return cpu[passed_through] / cpu[converted]
-    return None
+    passed_through, converted = pair
+    return cpu[passed_through] / cpu[converted] if cpu[converted] else None
 
 
 def rss_slope(levels: list[Level]) -> float | None:
@@ -636,16 +633,16 @@ def main() -> int:
         for concurrency, round_ in itertools.product(map(int, args.levels.split(",")), range(args.rounds)):
             if args.provider in PAIRS:
                 pair = PAIRS[args.provider]
-                paths = list(pair) if round_ % 2 == 0 else list(pair)[::-1]  # which goes first turns
+                paths = pair if round_ % 2 == 0 else pair[::-1]  # which goes first turns
                 group = [
                     run_level(concurrency, argparse.Namespace(**{**vars(args), "provider": path}), workdir)
                     for path in paths
                 ]
                 levels.extend(group)
-                if (ratio := path_ratio(group)) is not None:
+                if (ratio := path_ratio(group, pair)) is not None:
                     ratios.append(ratio)
                 if not args.json:
-                    print(paths_side_by_side(group), flush=True)
+                    print(paths_side_by_side(group, pair), flush=True)
                 continue
             if len(bridges) > 1:
                 # The same callers and stand-in, one bridge after another; the order turns
